@@ -1,0 +1,258 @@
+"""Training records: loading (JSONL, JSON, CSV, Python lists), prompt rendering, tokenising, label masking, padding.
+
+A record is ``{"prompt": ..., "response": ...}`` (optionally ``"system"``) or chat ``{"messages": [...]}`` whose
+last message is the assistant's answer. Both are normalised to a message list. The loss covers the answer and the
+EOS token that ends it; everything before it (system, user and earlier turns) is context with label -100.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TEMPLATES = ("auto", "chat", "plain")
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Malformed training data; the message names the file and line at fault."""
+
+
+@dataclass
+class Record:
+    """One example as chat messages; ``where`` says where it came from (``file:line``) for error messages."""
+
+    messages: list[dict[str, str]]
+    where: str = "<list>"
+
+    @property
+    def context(self) -> list[dict[str, str]]:
+        return self.messages[:-1]
+
+    @property
+    def response(self) -> str:
+        return self.messages[-1]["content"]
+
+
+def to_record(obj: Any, where: str) -> Record:
+    """Validate one raw record and normalise it to messages."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected an object with 'prompt' and 'response' or 'messages', "
+                        f"got {type(obj).__name__}")
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's answer "
+                            f"(role 'assistant'), got role {messages[-1]['role']!r}")
+        return Record([{"role": m["role"], "content": m["content"]} for m in messages], where)
+    missing = [k for k in ("prompt", "response") if k not in obj]
+    if missing:
+        raise DataError(f"{where}: missing field {' and '.join(map(repr, missing))} "
+                        f"(a record needs 'prompt' and 'response', or 'messages'); has {sorted(obj)}")
+    for k in ("prompt", "response", "system"):
+        if k in obj and obj[k] is not None and not isinstance(obj[k], str):
+            raise DataError(f"{where}: field {k!r} must be a string, got {type(obj[k]).__name__}")
+    messages = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
+    messages += [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
+    return Record(messages, where)
+
+
+def _read_text_lines(path: Path) -> list[str]:
+    lines = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    return lines
+
+
+def _load_jsonl(path: Path) -> list[Record]:
+    records = []
+    for lineno, line in enumerate(_read_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        records.append(to_record(obj, f"{path}:{lineno}"))
+    return records
+
+
+def _load_json(path: Path) -> list[Record]:
+    text = "".join(_read_text_lines(path))
+    decoder = json.JSONDecoder()
+
+    def line_of(pos: int) -> int:
+        return text.count("\n", 0, pos) + 1
+
+    try:
+        top = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(top, list):
+        raise DataError(f"{path}:1: expected a JSON array of records, got {type(top).__name__}")
+    # Walk the array again element by element to know on which line each record starts.
+    records, pos = [], text.index("[") + 1
+    for _ in top:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        obj, end = decoder.raw_decode(text, pos)
+        records.append(to_record(obj, f"{path}:{line_of(pos)}"))
+        pos = end
+    return records
+
+
+def _load_csv(path: Path) -> list[Record]:
+    lines = _read_text_lines(path)
+    reader = csv.DictReader(lines)
+    if reader.fieldnames is None or not {"prompt", "response"} <= set(reader.fieldnames):
+        raise DataError(f"{path}:1: the CSV header must name columns 'prompt' and 'response', "
+                        f"got {reader.fieldnames}")
+    records = []
+    for row in reader:
+        lineno = reader.line_num
+        if None in row or any(v is None for v in row.values()):
+            raise DataError(f"{path}:{lineno}: row has {len(row)} fields, header has {len(reader.fieldnames)}")
+        records.append(to_record({k: v for k, v in row.items() if k in ("prompt", "response", "system")},
+                                 f"{path}:{lineno}"))
+    return records
+
+
+LOADERS = {".jsonl": _load_jsonl, ".json": _load_json, ".csv": _load_csv}
+
+
+def load_records(source: str | Path | Sequence[dict]) -> list[Record]:
+    """Load and validate records from a ``.jsonl``, ``.json`` or ``.csv`` file or a list of dicts."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix not in LOADERS:
+            raise DataError(f"{path}: unknown data format {path.suffix!r}; use one of {sorted(LOADERS)}")
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        records = LOADERS[path.suffix](path)
+        origin = str(path)
+    else:
+        records = [r if isinstance(r, Record) else to_record(r, f"<list>[{i}]") for i, r in enumerate(source)]
+        origin = "the given list"
+    if not records:
+        raise DataError(f"{origin}: the dataset is empty")
+    return records
+
+
+def resolve_template(tokenizer: PreTrainedTokenizerBase, template: str) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    has_chat = getattr(tokenizer, "chat_template", None) is not None
+    if template == "chat" and not has_chat:
+        raise ValueError("template 'chat' asked for, but the tokenizer has no chat template; use 'plain'")
+    if template == "auto":
+        return "chat" if has_chat else "plain"
+    return template
+
+
+@dataclass
+class PromptFormat:
+    """How a prompt becomes text: the model's chat template, or a plain format string around the prompt."""
+
+    template: str = "auto"
+    plain_format: str = "{prompt}\n"
+    system_prompt: str | None = None
+
+    def render(self, tokenizer: PreTrainedTokenizerBase, context: str | list[dict[str, str]]) -> str:
+        """Text of the context up to where the answer starts (chat: with the assistant header)."""
+        messages = [{"role": "user", "content": context}] if isinstance(context, str) else list(context)
+        if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        if resolve_template(tokenizer, self.template) == "chat":
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.plain_format.format(prompt="\n\n".join(m["content"] for m in messages))
+
+    def encode_prompt(self, tokenizer: PreTrainedTokenizerBase, context: str | list[dict[str, str]]) -> list[int]:
+        # A chat template writes the BOS token itself (if any); plain text needs the tokenizer to add it.
+        plain = resolve_template(tokenizer, self.template) == "plain"
+        return tokenizer(self.render(tokenizer, context), add_special_tokens=plain)["input_ids"]
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+    tokens: int = 0
+    longest: int = 0
+
+
+def encode(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat | None = None,
+           max_length: int = 1024) -> tuple[list[dict[str, list[int]]], EncodeStats]:
+    """Tokenise records into ``input_ids``/``attention_mask``/``labels`` with the context masked out.
+
+    Over-long examples lose the left of their prompt so the answer is kept whole; only an answer longer than
+    ``max_length`` itself is cut (at its end).
+    """
+    fmt = fmt or PromptFormat()
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
+    features, stats = [], EncodeStats()
+    for rec in records:
+        prompt = fmt.encode_prompt(tokenizer, rec.context)
+        response = tokenizer(rec.response, add_special_tokens=False)["input_ids"] + [eos]
+        if len(response) > max_length:
+            response = response[:max_length]
+            stats.responses_truncated += 1
+        room = max_length - len(response)
+        if len(prompt) > room:
+            prompt = prompt[len(prompt) - room:] if room > 0 else []
+            stats.prompts_truncated += 1
+        ids = prompt + response
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                         "labels": [IGNORE_INDEX] * len(prompt) + response})
+        stats.examples += 1
+        stats.tokens += len(ids)
+        stats.longest = max(stats.longest, len(ids))
+    if stats.prompts_truncated or stats.responses_truncated:
+        log.warning("max_length=%d: truncated %d prompts (from the left) and %d responses (at the end) of %d",
+                    max_length, stats.prompts_truncated, stats.responses_truncated, stats.examples)
+    return features, stats
+
+
+@dataclass
+class Collator:
+    """Pads a list of features into a batch; ``padding_side`` is the side the method needs."""
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad_values = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        batch = {}
+        for key in (k for k in pad_values if k in features[0]):
+            rows = []
+            for f in features:
+                pad = [pad_values[key]] * (length - len(f[key]))
+                rows.append(pad + f[key] if self.padding_side == "left" else f[key] + pad)
+            batch[key] = torch.tensor(rows, dtype=torch.long)
+        return batch

@@ -1,0 +1,42 @@
+"""Batched generation from prompts rendered exactly as in training (same template, same system prompt)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from peftlab.data import Collator, PromptFormat
+
+Prompt = str | list[dict[str, str]]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
+             fmt: PromptFormat | None = None, max_new_tokens: int = 128, batch_size: int = 8,
+             progress: bool | None = None, **generate_kwargs) -> list[str]:
+    """Answer each prompt; greedy unless ``do_sample=True`` is passed. Returns only the new text."""
+    fmt = fmt or PromptFormat()
+    collate = Collator(tokenizer.pad_token_id, padding_side="left")
+    device = next(model.parameters()).device
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
+                "eos_token_id": tokenizer.eos_token_id, **generate_kwargs}
+    if not settings["do_sample"]:
+        settings.update(temperature=None, top_p=None, top_k=None)
+    was_training = model.training
+    model.eval()
+    answers = []
+    batches = range(0, len(prompts), batch_size)
+    show = progress if progress is not None else len(batches) > 1
+    for start in tqdm(batches, desc="generating", unit="batch", disable=not show):
+        features = [{"input_ids": ids, "attention_mask": [1] * len(ids)}
+                    for ids in (fmt.encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size])]
+        batch = {k: v.to(device) for k, v in collate(features).items()}
+        out = model.generate(**batch, **settings)
+        new = out[:, batch["input_ids"].shape[1]:]
+        answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    model.train(was_training)
+    return answers

@@ -1,0 +1,49 @@
+"""Atomic folder writes: a save is built in a hidden sibling folder and renamed into place only when complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+INCOMPLETE_MARKER = ".peftlab-incomplete"
+
+
+@contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``target`` in one rename, on failure it is removed.
+
+    The temporary folder carries a marker file until the very end, so a save killed mid-way (even by SIGKILL,
+    when no cleanup runs) leaves only a hidden ``.NAME.*.incomplete`` folder that loaders refuse.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".incomplete", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the saved folder should not be
+    (tmp / INCOMPLETE_MARKER).touch()
+    try:
+        yield tmp
+        (tmp / INCOMPLETE_MARKER).unlink()
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_incomplete(folder: str | Path) -> bool:
+    """True for a folder an interrupted save left behind."""
+    folder = Path(folder)
+    return (folder / INCOMPLETE_MARKER).exists() or folder.name.endswith(".incomplete")

@@ -1,0 +1,69 @@
+"""The method registry: every tuning method is a config dataclass plus a ``Method`` that attaches, saves and loads.
+
+A method plugs into training, saving, ``info`` and the CLI by subclassing ``Method`` and calling ``register``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from peftlab.config import from_dict
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Base of every method's settings; JSON-serialisable, every field has a default."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, where: str = "config") -> MethodConfig:
+        return from_dict(cls, values, where)
+
+
+class Method(ABC):
+    """How one method attaches to a base model and how its trained part is saved and restored."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    padding_side: ClassVar[str] = "right"
+
+    @abstractmethod
+    def attach(self, model: PreTrainedModel, config: MethodConfig) -> nn.Module:
+        """Wrap ``model`` with fresh trainable parts; only they require grad."""
+
+    @abstractmethod
+    def save_weights(self, model: nn.Module, folder: Path) -> None:
+        """Write the trained parts into ``folder`` (open formats only)."""
+
+    @abstractmethod
+    def load(self, model: PreTrainedModel, folder: Path, config: MethodConfig, trainable: bool) -> nn.Module:
+        """Attach the parts saved in ``folder`` to ``model``."""
+
+    def merge(self, model: nn.Module) -> PreTrainedModel:
+        """Fold the trained parts into the base weights, where the method allows it."""
+        raise NotImplementedError(f"method {self.name!r} cannot be folded into the base weights")
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+from peftlab.methods import lora  # noqa: E402,F401  (registers lora and ia3)

@@ -1,0 +1,172 @@
+"""One training function for every method, on ``transformers.Trainer``.
+
+Everything under ``training:`` in a config goes to ``TrainingArguments`` unchanged, so learning rate, epochs,
+accumulation, warmup, logging (``report_to``), checkpoints, multi-GPU launchers and resuming work as in Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+
+from peftlab.config import ConfigError, from_dict, load_yaml
+from peftlab.data import Collator, EncodeStats, PromptFormat, Record, encode, load_records
+from peftlab.methods import get_method
+from peftlab.models import DEFAULT_MODEL, load_model
+from peftlab.module import attach, save
+
+log = logging.getLogger(__name__)
+
+TRAINING_DEFAULTS: dict[str, Any] = {"output_dir": "runs/peftlab", "report_to": "none", "logging_steps": 10,
+                                     "save_strategy": "no", "per_device_train_batch_size": 8}
+
+
+@dataclass
+class DataConfig:
+    """Where the examples are and how a prompt is rendered (see ``peftlab.data.PromptFormat``)."""
+
+    train: str | None = None
+    eval: str | None = None
+    template: str = "auto"
+    plain_format: str = "{prompt}\n"
+    system_prompt: str | None = None
+    max_length: int = 1024
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(self.template, self.plain_format, self.system_prompt)
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. ``method`` is ``{name: lora, r: 8, ...}`` (or just the name); ``training`` goes to Trainer."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
+    data: DataConfig = field(default_factory=DataConfig)
+    training: dict[str, Any] = field(default_factory=dict)
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, str):
+            self.method = {"name": self.method}
+        if "name" not in self.method:
+            raise ConfigError(f"method: needs a 'name' (e.g. lora, ia3); got {self.method}")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training.get("output_dir", TRAINING_DEFAULTS["output_dir"]))
+
+    @property
+    def module_dir(self) -> Path:
+        return Path(self.output) if self.output else self.output_dir / "module"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+        return from_dict(cls, load_yaml(path, overrides), str(path or "config"))
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    module_dir: Path
+    metrics: dict[str, float]
+    data_stats: EncodeStats
+    log_history: list[dict[str, float]]
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint-N`` that Trainer finished writing (its ``trainer_state.json`` is written last)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.iterdir() if _CHECKPOINT.match(p.name) and (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)), default=None)
+
+
+def train(config: TrainConfig, model: PreTrainedModel | None = None,
+          tokenizer: PreTrainedTokenizerBase | None = None, train_data: list[dict | Record] | None = None,
+          eval_data: list[dict | Record] | None = None) -> TrainResult:
+    """Train ``config.method`` on the data with Trainer, save the module atomically, and return it.
+
+    ``model``/``tokenizer`` and ``train_data``/``eval_data`` override what the config names, for use from Python.
+    """
+    method = get_method(config.method["name"])
+    settings = {k: v for k, v in config.method.items() if k != "name"}
+    method_config = method.config_class.from_dict(settings, where=f"method ({method.name})")
+    if config.module_dir.exists() and not config.overwrite:
+        raise FileExistsError(f"{config.module_dir} already exists; set overwrite: true (--set overwrite=true) "
+                              f"or choose another output")
+    args_dict = {**TRAINING_DEFAULTS, **config.training}
+    resume = args_dict.pop("resume_from_checkpoint", None)
+    args = TrainingArguments(**args_dict)
+    if resume is True:
+        resume = last_complete_checkpoint(args.output_dir)
+        if resume is None:
+            log.warning("resume_from_checkpoint: no complete checkpoint in %s; starting fresh", args.output_dir)
+    resume = str(resume) if resume else None
+
+    if model is None:
+        model, tokenizer = load_model(config.model, dtype=config.dtype)
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer together with the model")
+    fmt = config.data.prompt_format
+    train_source = train_data if train_data is not None else config.data.train
+    if train_source is None:
+        raise ConfigError("data.train: no training data given")
+    train_features, stats = encode(load_records(train_source), tokenizer, fmt, config.data.max_length)
+    eval_source = eval_data if eval_data is not None else config.data.eval
+    eval_features = encode(load_records(eval_source), tokenizer, fmt, config.data.max_length)[0] \
+        if eval_source is not None else None
+
+    set_seed(args.seed)  # the method's fresh weights are drawn here, before Trainer seeds again
+    wrapped = attach(model, method.name, method_config)
+    trainer = Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
+                      data_collator=Collator(tokenizer.pad_token_id, method.padding_side),
+                      processing_class=tokenizer)
+    output = trainer.train(resume_from_checkpoint=resume)
+    wrapped.eval()
+    module_dir = save(wrapped, config.module_dir, overwrite=config.overwrite, prompt_format=fmt)
+    history = trainer.state.log_history
+    write_training_report(Path(args.output_dir), history, output.metrics, stats)
+    return TrainResult(wrapped, module_dir, output.metrics, stats, history)
+
+
+def write_training_report(folder: Path, history: list[dict[str, float]], metrics: dict[str, float],
+                          stats: EncodeStats) -> None:
+    """``train_log.json`` (for scripts) and ``loss.png`` (for people) beside the checkpoints."""
+    folder.mkdir(parents=True, exist_ok=True)
+    report = {"metrics": metrics, "data": asdict(stats), "log_history": history}
+    (folder / "train_log.json").write_text(json.dumps(report, indent=2) + "\n")
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if not points:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label="train")
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="s", markersize=3, label="eval")
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "loss.png", dpi=120)
+    plt.close(fig)
