@@ -66,7 +66,7 @@ def to_record(obj: Any, where: str) -> Record:
         raise DataError(f"{where}: missing field {' and '.join(map(repr, missing))} "
                         f"(a record needs 'prompt' and 'response', or 'messages'); has {sorted(obj)}")
     for k in ("prompt", "response", "system"):
-        if k in obj and obj[k] is not None and not isinstance(obj[k], str):
+        if k in obj and not (k == "system" and obj[k] is None) and not isinstance(obj[k], str):
             raise DataError(f"{where}: field {k!r} must be a string, got {type(obj[k]).__name__}")
     messages = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
     messages += [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
@@ -78,7 +78,7 @@ def _read_text_lines(path: Path) -> list[str]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                lines.append(raw.decode("utf-8"))
+                lines.append(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM (Excel CSV) is no data
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     return lines
@@ -131,7 +131,9 @@ def _load_csv(path: Path) -> list[Record]:
     for row in reader:
         lineno = reader.line_num
         if None in row or any(v is None for v in row.values()):
-            raise DataError(f"{path}:{lineno}: row has {len(row)} fields, header has {len(reader.fieldnames)}")
+            # DictReader puts extra fields in a list under the key None and fills missing ones with None
+            count = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+            raise DataError(f"{path}:{lineno}: row has {count} fields, header has {len(reader.fieldnames)}")
         records.append(to_record({k: v for k, v in row.items() if k in ("prompt", "response", "system")},
                                  f"{path}:{lineno}"))
     return records
@@ -237,13 +239,23 @@ def encode(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, fmt: P
 
 @dataclass
 class Collator:
-    """Pads a list of features into a batch; ``padding_side`` is the side the method needs."""
+    """Makes a batch from features: padded on the side the method needs, or packed into one row.
+
+    Packing (``pack=True``) concatenates the examples into a single row with ``position_ids`` restarting at 0 for
+    each, and no attention mask; transformers then builds a block-diagonal causal mask, so each example sees only
+    itself and no compute is spent on padding. The first label of each example is masked: in a padded batch the
+    first token is never a target either.
+    """
 
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
+    pack: bool = False
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        return self._pack(features) if self.pack else self._pad(features)
+
+    def _pad(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         length = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -255,4 +267,17 @@ class Collator:
                 pad = [pad_values[key]] * (length - len(f[key]))
                 rows.append(pad + f[key] if self.padding_side == "left" else f[key] + pad)
             batch[key] = torch.tensor(rows, dtype=torch.long)
+        return batch
+
+    def _pack(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        ids, positions, labels = [], [], []
+        for f in features:
+            ids += f["input_ids"]
+            positions += range(len(f["input_ids"]))
+            if "labels" in f:
+                labels += [IGNORE_INDEX] + f["labels"][1:]
+        # use_cache=False: with a cache object present transformers would not detect the packing.
+        batch = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]), "use_cache": False}
+        if labels:
+            batch["labels"] = torch.tensor([labels])
         return batch

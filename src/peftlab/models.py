@@ -153,7 +153,8 @@ def tiny_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False,
+                         initializer_range=0.2)  # large enough that a frozen head can express a learned answer
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.config.name_or_path = "tiny-llama"

@@ -148,3 +148,13 @@ def load_with_base(folder: str | Path, base_model: str | None = None, dtype: str
         raise ModuleError(f"{info.folder}: the module does not name its base model; pass base_model")
     model, tokenizer = load_model(name, dtype=dtype, device=device)
     return load(folder, model), tokenizer
+
+
+def merge(folder: str | Path, out: str | Path, base_model: str | None = None, overwrite: bool = False) -> Path:
+    """Fold a module into its base weights and save a full model folder (with tokenizer) atomically."""
+    model, tokenizer = load_with_base(folder, base_model)
+    merged = get_method(read_info(folder).method).merge(model)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out)

@@ -38,6 +38,7 @@ class DataConfig:
     plain_format: str = "{prompt}\n"
     system_prompt: str | None = None
     max_length: int = 1024
+    pack: bool | None = None  # None: pack examples into one row when the method allows it (no padding compute)
 
     @property
     def prompt_format(self) -> PromptFormat:
@@ -133,9 +134,12 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
 
     set_seed(args.seed)  # the method's fresh weights are drawn here, before Trainer seeds again
     wrapped = attach(model, method.name, method_config)
+    pack = method.supports_packing if config.data.pack is None else config.data.pack
+    if pack and not method.supports_packing:
+        raise ConfigError(f"data.pack: method {method.name!r} needs one example per row; set pack: false")
+    collator = Collator(tokenizer.pad_token_id, method.padding_side, pack=pack)
     trainer = Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
-                      data_collator=Collator(tokenizer.pad_token_id, method.padding_side),
-                      processing_class=tokenizer)
+                      data_collator=collator, processing_class=tokenizer)
     output = trainer.train(resume_from_checkpoint=resume)
     wrapped.eval()
     module_dir = save(wrapped, config.module_dir, overwrite=config.overwrite, prompt_format=fmt)

@@ -34,6 +34,7 @@ class Method(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     padding_side: ClassVar[str] = "right"
+    supports_packing: ClassVar[bool] = False  # True if examples may share one row (see data.Collator)
 
     @abstractmethod
     def attach(self, model: PreTrainedModel, config: MethodConfig) -> nn.Module:

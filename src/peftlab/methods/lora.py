@@ -49,6 +49,8 @@ class IA3Config(MethodConfig):
 class PeftAdapterMethod(Method):
     """Shared by every method that is a single peft adapter: peft does the work, peftlab keeps the format."""
 
+    supports_packing = True
+
     def attach(self, model: PreTrainedModel, config: MethodConfig) -> peft.PeftModel:
         try:
             return peft.get_peft_model(model, config.to_peft())
