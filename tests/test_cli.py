@@ -1,0 +1,78 @@
+"""The peftlab command, end to end on the tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from peftlab import PromptFormat, generate, load_model
+from peftlab.cli import build_parser, main
+
+
+def _write_config(tmp_path, tiny_dir, train_file, steps=3):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {tiny_dir}\n"
+        "method: {name: lora, r: 2}\n"
+        f"data: {{train: {train_file}, max_length: 64}}\n"
+        f"training: {{output_dir: {tmp_path / 'run'}, max_steps: {steps}, learning_rate: 0.01}}\n"
+    )
+    return config
+
+
+def test_help_everywhere(capsys):
+    parser = build_parser()
+    for command in ("train", "generate", "chat", "merge", "info"):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: peftlab " + command in capsys.readouterr().out
+
+
+def test_train_info_generate(tmp_path, tiny_dir, pairs, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    config = _write_config(tmp_path, tiny_dir, data)
+    assert main(["train", str(config), "--set", "training.max_steps=2", "--set", "method.r=3"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{\n"):])
+    module = tmp_path / "run" / "module"
+    assert summary["module"] == str(module) and summary["data"]["examples"] == len(pairs)
+
+    assert main(["info", str(module), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "lora" and info["config"]["r"] == 3 and info["base_model"] == str(tiny_dir)
+    # all-linear on 2 layers of width 64: q, o (64->64), k, v (64->32), gate, up (64->128), down (128->64); r=3
+    per_layer = sum(3 * (i + o) for i, o in [(64, 64), (64, 64), (64, 32), (64, 32), (64, 128), (64, 128), (128, 64)])
+    assert info["trainable_parameters"] == 2 * per_layer
+
+    assert main(["generate", "--adapter", str(module), "--max-new-tokens", "3", "--json", "repeat red"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert answers[0]["prompt"] == "repeat red" and isinstance(answers[0]["answer"], str)
+
+
+def test_bad_data_line_is_reported_with_exit_code_2(tmp_path, tiny_dir, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
+    config = _write_config(tmp_path, tiny_dir, data)
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2: missing field 'response'" in err
+    assert not (tmp_path / "run" / "module").exists()
+
+
+def test_unknown_config_key_is_reported(tmp_path, tiny_dir, capsys):
+    config = _write_config(tmp_path, tiny_dir, tmp_path / "x.jsonl")
+    assert main(["train", str(config), "--set", "trainig.max_steps=3"]) == 2
+    assert "unknown key(s) ['trainig']" in capsys.readouterr().err
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_dir):
+    model, tokenizer = load_model(str(tiny_dir))
+    prompts = ["hi", "a much longer prompt than the first one", "mid length"]
+    fmt = PromptFormat()
+    batched = generate(model, tokenizer, prompts, fmt, max_new_tokens=6, batch_size=3)
+    single = [generate(model, tokenizer, [p], fmt, max_new_tokens=6)[0] for p in prompts]
+    assert batched == single
+    torch.manual_seed(0)
+    assert len(generate(model, tokenizer, prompts, fmt, max_new_tokens=4, do_sample=True, top_p=0.9)) == 3
