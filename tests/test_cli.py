@@ -76,3 +76,22 @@ def test_batched_generation_equals_one_at_a_time(tiny_dir):
     assert batched == single
     torch.manual_seed(0)
     assert len(generate(model, tokenizer, prompts, fmt, max_new_tokens=4, do_sample=True, top_p=0.9)) == 3
+
+
+def test_chat_keeps_the_conversation(tiny_dir, monkeypatch, capsys):
+    seen = []
+    import peftlab.generation
+
+    real = peftlab.generation.generate
+
+    def spy(model, tokenizer, prompts, *args, **kwargs):
+        seen.append(list(prompts[0]))  # a copy: chat appends the answer to its history afterwards
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(peftlab.generation, "generate", spy)
+    lines = iter(["hello", "/reset", "again", "more", ""])
+    monkeypatch.setattr("builtins.input", lambda _prompt: next(lines))
+    assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.count("bot> ") == 3
+    assert [len(history) for history in seen] == [1, 1, 3]  # /reset forgot the first exchange
+    assert seen[2][0] == {"role": "user", "content": "again"} and seen[2][1]["role"] == "assistant"

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
@@ -25,7 +26,8 @@ from peftlab.module import attach, save
 log = logging.getLogger(__name__)
 
 TRAINING_DEFAULTS: dict[str, Any] = {"output_dir": "runs/peftlab", "report_to": "none", "logging_steps": 10,
-                                     "save_strategy": "no", "per_device_train_batch_size": 8}
+                                     "save_strategy": "no", "per_device_train_batch_size": 8,
+                                     "dataloader_pin_memory": torch.cuda.is_available()}
 
 
 @dataclass
@@ -140,7 +142,11 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     collator = Collator(tokenizer.pad_token_id, method.padding_side, pack=pack)
     trainer = Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
                       data_collator=collator, processing_class=tokenizer)
-    output = trainer.train(resume_from_checkpoint=resume)
+    use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache is only waste in training
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        model.config.use_cache = use_cache
     wrapped.eval()
     module_dir = save(wrapped, config.module_dir, overwrite=config.overwrite, prompt_format=fmt)
     history = trainer.state.log_history

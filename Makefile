@@ -1,0 +1,30 @@
+# make demo  — create .venv, install, fetch the default model, train the emoji chatbot, show before/after
+# make test  — create .venv, install, run the test suite
+# On these machines `pip install torch==2.13.0` takes the CPU build lying on disk; a plain `torch` pulls a CUDA
+# build of several GB. With a GPU, choose your own: `make test TORCH=torch`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint clean
+
+$(BIN)/peftlab: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+install: $(BIN)/peftlab
+
+demo: install
+	$(BIN)/python examples/emoji_chatbot.py
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests examples
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache
