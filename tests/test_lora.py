@@ -106,3 +106,26 @@ def test_existing_output_is_not_overwritten_unless_asked(tiny_dir, tmp_path, pai
 def test_unknown_method_setting_names_the_key(tiny_dir, tmp_path, pairs):
     with pytest.raises(ValueError, match="rank"):
         _train(tiny_dir, tmp_path, pairs, {"name": "lora", "rank": 4}, steps=1)
+
+
+def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny_dir, pairs):
+    from peftlab import attach, load_records
+    from peftlab.data import Collator, encode
+
+    model, tokenizer = load_model(str(tiny_dir))
+    wrapped = attach(model, "lora", {"r": 4})
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    features, _ = encode(load_records(pairs), tokenizer)
+    results = []
+    for pack in (False, True):
+        wrapped.zero_grad()
+        loss = wrapped(**Collator(tokenizer.pad_token_id, pack=pack)(features)).loss
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in wrapped.parameters() if p.requires_grad])
+        results.append((loss.detach(), grads))
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = results
+    assert abs(padded_loss - packed_loss) < 1e-5
+    assert (padded_grads - packed_grads).abs().max() < 1e-5
