@@ -152,8 +152,12 @@ def load_with_base(folder: str | Path, base_model: str | None = None, dtype: str
 
 def merge(folder: str | Path, out: str | Path, base_model: str | None = None, overwrite: bool = False) -> Path:
     """Fold a module into its base weights and save a full model folder (with tokenizer) atomically."""
+    method = get_method(read_info(folder).method)
+    if not method.mergeable:
+        raise NotImplementedError(f"{folder}: method {method.name!r} cannot be folded into the base weights "
+                                  f"(it is not a weight update); serve it with its base model instead")
     model, tokenizer = load_with_base(folder, base_model)
-    merged = get_method(read_info(folder).method).merge(model)
+    merged = method.merge(model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from peftlab.config import ConfigError, from_dict, load_yaml
 from peftlab.data import Collator, EncodeStats, PromptFormat, Record, encode, load_records
-from peftlab.methods import get_method
+from peftlab.methods import Method, get_method
 from peftlab.models import DEFAULT_MODEL, load_model
 from peftlab.module import attach, save
 
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 TRAINING_DEFAULTS: dict[str, Any] = {"output_dir": "runs/peftlab", "report_to": "none", "logging_steps": 10,
                                      "save_strategy": "no", "per_device_train_batch_size": 8,
-                                     "dataloader_pin_memory": torch.cuda.is_available()}
+                                     "dataloader_pin_memory": torch.cuda.is_available(),
+                                     "remove_unused_columns": False}  # features hold only what the model takes
 
 
 @dataclass
@@ -99,6 +100,26 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)), default=None)
 
 
+class _Trainer(Trainer):
+    """Trainer whose checkpoints hold only what the method trains, for methods peft does not save."""
+
+    def __init__(self, *args, method: Method, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.method = method
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.method.trainer_checkpoints:
+            return super()._save(output_dir, state_dict)
+        folder = Path(output_dir or self.args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.method.save_weights(self.model, folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self.method.trainer_checkpoints:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.method.load_weights(model or self.model, Path(resume_from_checkpoint))
+
+
 def train(config: TrainConfig, model: PreTrainedModel | None = None,
           tokenizer: PreTrainedTokenizerBase | None = None, train_data: list[dict | Record] | None = None,
           eval_data: list[dict | Record] | None = None) -> TrainResult:
@@ -140,8 +161,8 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     if pack and not method.supports_packing:
         raise ConfigError(f"data.pack: method {method.name!r} needs one example per row; set pack: false")
     collator = Collator(tokenizer.pad_token_id, method.padding_side, pack=pack)
-    trainer = Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
-                      data_collator=collator, processing_class=tokenizer)
+    trainer = _Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
+                       data_collator=collator, processing_class=tokenizer, method=method)
     use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache is only waste in training
     try:
         output = trainer.train(resume_from_checkpoint=resume)

@@ -35,6 +35,8 @@ class Method(ABC):
     config_class: ClassVar[type[MethodConfig]]
     padding_side: ClassVar[str] = "right"
     supports_packing: ClassVar[bool] = False  # True if examples may share one row (see data.Collator)
+    trainer_checkpoints: ClassVar[bool] = True  # Trainer saves/restores checkpoints itself (peft models)
+    mergeable: ClassVar[bool] = False  # whether ``merge`` can fold the trained parts into the base weights
 
     @abstractmethod
     def attach(self, model: PreTrainedModel, config: MethodConfig) -> nn.Module:
@@ -48,8 +50,12 @@ class Method(ABC):
     def load(self, model: PreTrainedModel, folder: Path, config: MethodConfig, trainable: bool) -> nn.Module:
         """Attach the parts saved in ``folder`` to ``model``."""
 
+    def load_weights(self, model: nn.Module, folder: Path) -> None:
+        """Restore ``save_weights`` output into an attached model in place (resuming from a checkpoint)."""
+        raise NotImplementedError(f"method {self.name!r} relies on Trainer's own checkpoints")
+
     def merge(self, model: nn.Module) -> PreTrainedModel:
-        """Fold the trained parts into the base weights, where the method allows it."""
+        """Fold the trained parts into the base weights (only where ``mergeable``)."""
         raise NotImplementedError(f"method {self.name!r} cannot be folded into the base weights")
 
 
@@ -67,4 +73,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from peftlab.methods import lora  # noqa: E402,F401  (registers lora and ia3)
+from peftlab.methods import lora, reft  # noqa: E402,F401  (registers lora, ia3 and the ReFT family)

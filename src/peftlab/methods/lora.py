@@ -50,6 +50,7 @@ class PeftAdapterMethod(Method):
     """Shared by every method that is a single peft adapter: peft does the work, peftlab keeps the format."""
 
     supports_packing = True
+    mergeable = True
 
     def attach(self, model: PreTrainedModel, config: MethodConfig) -> peft.PeftModel:
         try:
