@@ -20,14 +20,15 @@ HERE = Path(__file__).parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(HERE / "emoji-lora.yaml"))
+    parser.add_argument("--config", default=str(HERE / "emoji-loreft.yaml"))
     parser.add_argument("--heldout", default=str(HERE / "data" / "emoji-heldout.txt"),
                         help="unseen prompts, one per line")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--out", default=str(HERE / "results" / "emoji-lora.json"))
+    parser.add_argument("--out", default=None, help="JSON report (default: examples/results/<config name>.json)")
     args = parser.parse_args()
 
+    args.out = args.out or str(HERE / "results" / f"{Path(args.config).stem}.json")
     start = time.perf_counter()
     config = TrainConfig.from_yaml(args.config, args.set)
     config.overwrite = True  # the demo is rerun often; its own output folder is replaced

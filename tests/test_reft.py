@@ -5,7 +5,7 @@ import torch
 
 from peftlab import TrainConfig, attach, load, load_model, save, tiny_model, train
 from peftlab.methods.reft.interventions import INTERVENTIONS
-from peftlab.methods.reft.model import parse_positions, position_masks
+from peftlab.methods.reft.model import parse_positions, position_masks, prompt_spans
 
 D, R = 64, 4
 
@@ -63,15 +63,15 @@ def test_positions_parse_and_masks():
     labels = torch.full_like(mask, -100)
     labels[0, 6:8] = 5
     labels[1, 8:10] = 5
-    m = position_masks(mask, labels, first=2, last=2, every_token=False)
+    m = position_masks(*prompt_spans(mask, labels, None, mask.shape), first=2, last=2, every_token=False)
     assert m["first"][0].nonzero().flatten().tolist() == [0, 1]
     assert m["last"][0].nonzero().flatten().tolist() == [4, 5]
     assert m["first"][1].nonzero().flatten().tolist() == [5]  # n=3 < 4: first=min(2, 1), last=min(2, 2)
     assert m["last"][1].nonzero().flatten().tolist() == [6, 7]
-    every = position_masks(mask, labels, first=0, last=1, every_token=True)
+    every = position_masks(*prompt_spans(mask, labels, None, mask.shape), first=0, last=1, every_token=True)
     assert every["last"][0].nonzero().flatten().tolist() == [5, 6, 7]
     assert every["all"][1].nonzero().flatten().tolist() == [7, 8, 9]
-    no_labels = position_masks(mask, None, first=0, last=1, every_token=False)
+    no_labels = position_masks(*prompt_spans(mask, None, None, mask.shape), first=0, last=1, every_token=False)
     assert no_labels["all"].nonzero().tolist() == [[0, 7], [1, 9]]
 
 
@@ -269,3 +269,20 @@ def test_resume_from_a_small_checkpoint(tiny_dir, tmp_path, pairs):
     logged = [(h["step"], h["loss"]) for h in second.log_history if "loss" in h]
     assert [s for s, _ in logged] == list(range(1, 7))
     assert logged[:4] == [(h["step"], h["loss"]) for h in first.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("mode", ["prompt", "every_token"])
+def test_packed_rows_give_the_padded_loss_and_gradients(pairs, mode):
+    from peftlab import load_records
+    from peftlab.data import Collator, encode
+
+    wrapped, tokenizer = _reft(generation=mode, positions="f2+l3")
+    features, _ = encode(load_records(pairs), tokenizer)
+    results = []
+    for pack in (False, True):
+        wrapped.zero_grad()
+        loss = wrapped(**Collator(tokenizer.pad_token_id, pack=pack)(features)).loss
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in wrapped.parameters() if p.requires_grad])))
+    assert abs(results[0][0] - results[1][0]) < 1e-5
+    assert (results[0][1] - results[1][1]).abs().max() < 1e-5

@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: train, generate, chat, merge, info."""
+"""The ``peftlab`` command: train, generate, chat, merge, info, eval, data."""
 
 from __future__ import annotations
 
@@ -124,6 +124,96 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from peftlab.evals.runner import format_table, load_candidate, run, write_report
+    from peftlab.evals.suite import get_suite
+
+    if args.lm_eval_task:
+        return _cmd_lm_eval(args)
+    if args.adapter and args.compare:
+        raise SystemExit("peftlab eval: give --adapter or --compare, not both")
+    suite = get_suite(args.suite)
+    load = partial(load_candidate, dtype=args.dtype, device=args.device)
+    if args.compare:
+        from peftlab.module import read_info
+
+        base = args.model or read_info(args.compare[0]).base_model or DEFAULT_MODEL
+        candidates = [] if args.no_base else [partial(load, None, base)]
+        candidates += [partial(load, folder, args.model) for folder in args.compare]
+    else:
+        candidates = [partial(load, args.adapter, args.model)]
+    report = run(candidates, suite, split=args.split, n=args.n, seeds=args.seeds, batch_size=args.batch_size,
+                 families=args.families, keep_examples=args.keep_examples, progress=not args.no_progress)
+    print(format_table(report))
+    if args.out:
+        out = write_report(report, args.out, chart=True)
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    from peftlab.evals.lm_eval_bridge import run_lm_eval
+
+    results = run_lm_eval(args.lm_eval_task, include_path=args.lm_eval_include, adapter=args.adapter,
+                          model=args.model, dtype=args.dtype, device=args.device, limit=args.lm_eval_limit,
+                          batch_size=args.batch_size, use_prompt_format=args.lm_eval_chat)
+    text = json.dumps(results, indent=2, default=str)
+    print(text)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def cmd_data_make(args: argparse.Namespace) -> int:
+    from peftlab.evals.suite import get_suite, make_split, training_records, write_jsonl
+
+    suite = get_suite(args.suite)
+    if args.split == "train":
+        records = training_records(suite, args.n, seed=args.seed)
+    else:  # evaluation splits: every family of the suite, with the family kept for reference
+        records = [{"prompt": i.prompt, "response": i.answer, "family": f}
+                   for f, insts in make_split(suite, args.split, args.n, args.seed).items() for i in insts]
+    write_jsonl(records, args.output)
+    families = sorted({r["family"] for r in records})
+    print(f"wrote {len(records)} records ({args.n} per family: {', '.join(families)}) to {args.output}")
+    return 0
+
+
+def cmd_data_families(args: argparse.Namespace) -> int:
+    from peftlab.evals.suite import SUITES
+    from peftlab.evals.tasks import FAMILIES
+
+    for fam in FAMILIES.values():
+        sets = ", ".join(f"{s.name}:{'trained' if fam.name in s.trained else 'held out'}" for s in SUITES.values()
+                         if fam.name in s.families)
+        print(f"{fam.name:<17} {fam.description} [max_new_tokens {fam.max_new_tokens}; {sets}]\n"
+              f"{'':<17} accepts: {fam.accepts}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from peftlab.methods.reft.pyreft_format import is_pyreft_folder, load_pyreft, save_pyreft
+    from peftlab.models import load_model
+    from peftlab.module import load_with_base, save
+
+    if is_pyreft_folder(args.source):
+        model, _ = load_model(args.model or DEFAULT_MODEL, args.dtype)
+        wrapped = load_pyreft(args.source, model, positions=args.positions)
+        wrapped.peftlab_spec = (wrapped.kind, wrapped.reft_config)
+        save(wrapped, args.output, overwrite=args.overwrite)
+        print(f"pyreft interventions {args.source} -> peftlab module {args.output}")
+    else:
+        model, _ = load_with_base(args.source, args.model, args.dtype)
+        save_pyreft(model, args.output, overwrite=args.overwrite)
+        print(f"peftlab module {args.source} -> pyreft layout {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description=__doc__.split("\n")[0] + " See README.md.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -158,10 +248,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser("convert", help="convert ReFT interventions between pyreft's layout and a peftlab module",
+                       description="A pyreft folder (config.json + intkey_*.bin) becomes a peftlab module, and a "
+                                   "peftlab ReFT module becomes a pyreft folder. pyreft does not record positions, "
+                                   "so give --positions when importing.")
+    p.add_argument("source", help="a pyreft folder or a peftlab ReFT module folder")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write")
+    p.add_argument("--model", default=None, help="base model (importing: the one the interventions were trained "
+                                                 f"on, default {DEFAULT_MODEL}; exporting: the module's)")
+    p.add_argument("--positions", default="l1", help="positions the pyreft interventions use (default: l1)")
+    p.add_argument("--dtype", default="float32", help="base model dtype (default: float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("info", help="describe a saved module", description="Method, base model, parameters.")
     p.add_argument("folder", help="module folder")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", help="evaluate base models and modules on a generated task suite",
+                       description="Evaluate a base model, a module (--adapter) or several modules side by side "
+                                   "(--compare, with their base model) on a generated suite: accuracy per task "
+                                   "family, greedy decoding, a table on stdout, JSON (+ a PNG chart) with --out. "
+                                   "With --lm-eval-task: run an lm-eval-harness task instead (pip install "
+                                   "'peftlab[evals]').")
+    p.add_argument("--model", default=None,
+                   help=f"base model (default: the module's base model, else {DEFAULT_MODEL})")
+    p.add_argument("--adapter", metavar="DIR", help="a saved module folder of any method")
+    p.add_argument("--compare", nargs="+", metavar="DIR", help="several module folders, evaluated beside the base")
+    p.add_argument("--no-base", action="store_true", help="with --compare: leave the base model out")
+    p.add_argument("--suite", default="core", help="built-in suite (core, all, heldout-only) or a suite YAML file")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="default: test")
+    p.add_argument("--n", type=int, default=100, help="instances per family and seed (default: 100)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="seeds of the instance sampling; several give mean ± std (default: 0)")
+    p.add_argument("--families", nargs="+", default=None, help="only these families (default: all of the split)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
+    p.add_argument("--keep-examples", type=int, default=5, help="outputs kept per family in the JSON (default: 5)")
+    p.add_argument("--out", metavar="FILE.json", help="write the report here (and a bar chart FILE.png)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default: float32)")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--lm-eval-task", metavar="NAME", help="run this lm-eval-harness task on the model/module")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="folder with local lm-eval task YAMLs")
+    p.add_argument("--lm-eval-limit", type=float, default=None, help="lm-eval: at most this many documents")
+    p.add_argument("--lm-eval-chat", action="store_true",
+                   help="lm-eval: render contexts with the module's prompt format (chat template)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="make training/evaluation data from the eval suite's generators",
+                       description="Data from the same generators the evaluation uses, so every method trains on "
+                                   "the same data and never on evaluation instances.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = data_sub.add_parser("make", help="write {prompt, response} JSONL for a suite split",
+                            description="Write JSONL records for `peftlab train` (train split: trained families "
+                                        "only) or for inspection (validation/test: every family).")
+    q.add_argument("--suite", default="core", help="built-in suite or suite YAML file (default: core)")
+    q.add_argument("--split", default="train", choices=["train", "validation", "test"], help="default: train")
+    q.add_argument("--n", type=int, default=200, help="records per family (default: 200)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the instance sampling (default: 0)")
+    q.add_argument("-o", "--output", required=True, metavar="FILE.jsonl", help="where to write")
+    q.set_defaults(func=cmd_data_make)
+    q = data_sub.add_parser("families", help="list the task families and what their scorers accept",
+                            description="The task families, their suites, caps and scoring rules.")
+    q.set_defaults(func=cmd_data_families)
     return parser
 
 
@@ -173,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModuleError, FileExistsError) as e:
+    except (ConfigError, DataError, ModuleError, FileExistsError, NotImplementedError) as e:
         print(f"peftlab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -27,6 +27,7 @@ class ReftMethod(Method):
 
     config_class = ReftConfig
     trainer_checkpoints = False
+    supports_packing = True  # positions are found per example inside a packed row (see model.prompt_spans)
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -82,27 +82,50 @@ def parse_positions(text: str) -> tuple[int, int]:
     return int(m.group(1) or 0), int(m.group(2) or 0)
 
 
-def prompt_spans(attention_mask: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """[start, end) of each row's prompt: after left padding, up to the first labelled token or the last real one."""
-    real = attention_mask.bool()
-    width = real.shape[1]
+def prompt_spans(attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                 position_ids: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+    """Per token: [start, end) of the prompt of the example it belongs to, and whether it is a real token.
+
+    Padded batches (either side): an example is a row; its prompt runs from the first real token up to the first
+    labelled token (training) or to the last real token (inference). Packed rows (position_ids, no attention mask,
+    as transformers reads them): an example starts wherever position_ids is 0.
+    """
+    width = shape[1]
+    idx = torch.arange(width, device=_device_of(attention_mask, labels, position_ids))[None].expand(shape)
+    labelled = labels != IGNORE_INDEX if labels is not None else None
+    if attention_mask is None and position_ids is not None:
+        seg = (position_ids == 0).long().cumsum(-1) - 1  # example index of each token within its row
+        start = torch.zeros(shape, dtype=torch.long, device=idx.device).scatter_reduce(
+            1, seg, idx, "amin", include_self=False).gather(1, seg)
+        seg_end = torch.zeros(shape, dtype=torch.long, device=idx.device).scatter_reduce(
+            1, seg, idx + 1, "amax", include_self=False).gather(1, seg)
+        end = seg_end
+        if labelled is not None:
+            first_label = torch.full(shape, width, device=idx.device).scatter_reduce(
+                1, seg, torch.where(labelled, idx, width), "amin", include_self=True).gather(1, seg)
+            end = torch.minimum(first_label, seg_end)
+        return start, end, torch.ones(shape, dtype=torch.bool, device=idx.device)
+    real = attention_mask.bool() if attention_mask is not None else torch.ones(shape, dtype=torch.bool,
+                                                                                 device=idx.device)
     start = (real.cumsum(-1) == 0).sum(-1)
     end = width - (real.flip(-1).cumsum(-1) == 0).sum(-1)
-    if labels is not None:
-        labelled = labels != IGNORE_INDEX
+    if labelled is not None:
         end = torch.where(labelled.any(-1), labelled.int().argmax(-1), end)
-    return start, end
+    return start[:, None].expand(shape), end[:, None].expand(shape), real
 
 
-def position_masks(attention_mask: torch.Tensor, labels: torch.Tensor | None, first: int, last: int,
+def _device_of(*tensors: torch.Tensor | None) -> torch.device:
+    return next(t.device for t in tensors if t is not None)
+
+
+def position_masks(start: torch.Tensor, end: torch.Tensor, real: torch.Tensor, first: int, last: int,
                    every_token: bool) -> dict[str, torch.Tensor]:
     """Boolean masks [B, T] for the groups "first", "last" and "all" (= both) of the ReFT positions.
 
-    When a prompt of n tokens is shorter than first + last, the paper's rule applies: first <- min(first, n // 2)
-    and last <- min(last, ceil(n / 2)), so the two never overlap. With ``every_token`` the tokens after the prompt
-    join the "last" group.
+    ``start``/``end`` give each token's prompt span (see ``prompt_spans``). When a prompt of n tokens is shorter
+    than first + last, the paper's rule applies: first <- min(first, n // 2) and last <- min(last, ceil(n / 2)),
+    so the two never overlap. With ``every_token`` the tokens after the prompt join the "last" group.
     """
-    start, end = prompt_spans(attention_mask, labels)
     n = end - start
     if first and last:
         short = n < first + last
@@ -110,11 +133,11 @@ def position_masks(attention_mask: torch.Tensor, labels: torch.Tensor | None, fi
         s = torch.where(short, ((n + 1) // 2).clamp(max=last), torch.full_like(n, last))
     else:
         p, s = n.clamp(max=first), n.clamp(max=last)
-    idx = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None]
-    first_mask = (idx >= start[:, None]) & (idx < (start + p)[:, None])
-    last_mask = (idx >= (end - s)[:, None]) & (idx < end[:, None])
+    idx = torch.arange(start.shape[1], device=start.device)[None]
+    first_mask = (idx >= start) & (idx < start + p)
+    last_mask = (idx >= end - s) & (idx < end)
     if every_token:
-        last_mask = last_mask | (attention_mask.bool() & (idx >= end[:, None]))
+        last_mask = last_mask | (real & (idx >= end))
     return {"first": first_mask, "last": last_mask, "all": first_mask | last_mask}
 
 
@@ -189,9 +212,12 @@ class ReftModel(nn.Module):
             self._masks = {"first": None, "last": new, "all": new}
             return
         mask = kwargs.get("attention_mask")
-        if mask is None or mask.dim() != 2:
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(f"ReFT needs a 2-D attention mask [batch, tokens], got shape {tuple(mask.shape)}")
+        if mask is None and kwargs.get("position_ids") is None:
             mask = torch.ones(shape, dtype=torch.long, device=self._device())
-        self._masks = position_masks(mask, kwargs.get("labels"), self.reft_config.first, self.reft_config.last,
+        spans = prompt_spans(mask, kwargs.get("labels"), kwargs.get("position_ids"), shape)
+        self._masks = position_masks(*spans, self.reft_config.first, self.reft_config.last,
                                      self.reft_config.generation == "every_token")
 
     def _intervene(self, keys: list[str], h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""pyreft's checkpoint layout: written and read back, old key names, rotations stored as torch parametrisations."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from peftlab import attach, tiny_model
+from peftlab.methods.reft.pyreft_format import load_pyreft, read_pyreft_config, save_pyreft
+
+IDS = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+
+
+def _trained(kind, **settings):
+    model, _ = tiny_model()
+    wrapped = attach(model, kind, {"layers": [0, 1], "rank": 4, **settings}).eval()
+    with torch.no_grad():
+        for name, p in wrapped.interventions.named_parameters():
+            if "rotate_layer" not in name:
+                p.normal_()
+    return wrapped
+
+
+@pytest.mark.parametrize("kind", ["loreft", "noreft", "direft"])
+def test_round_trip_through_pyreft_layout(tmp_path, kind):
+    wrapped = _trained(kind, positions="f1+l2", share_weights=False)
+    save_pyreft(wrapped, tmp_path / "p")
+    names = sorted(p.name for p in (tmp_path / "p").iterdir())
+    assert names == ["config.json"] + sorted(f"intkey_layer_{layer}_comp_block_output_unit_pos_nunit_1#{k}.bin"
+                                             for layer in (0, 1) for k in (0, 1))
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["representations"][0][:5] == [0, "block_output", "pos", 1, 4]
+    saved = torch.load(tmp_path / "p" / names[1], weights_only=True)
+    if kind == "loreft":
+        assert set(saved) == {"weight", "bias", "rotate_layer"} and saved["rotate_layer"].shape == (64, 4)
+    assert read_pyreft_config(tmp_path / "p", "f1+l2")[0] == kind
+    restored = load_pyreft(tmp_path / "p", tiny_model()[0], positions="f1+l2")
+    with torch.no_grad():
+        assert (restored(input_ids=IDS).logits - wrapped(input_ids=IDS).logits).abs().max() < 1e-5
+
+
+def test_old_dotted_key_names_are_read(tmp_path):
+    wrapped = _trained("loreft")
+    save_pyreft(wrapped, tmp_path / "p")
+    for f in (tmp_path / "p").glob("intkey_*.bin"):
+        f.rename(f.with_name(f.name.replace("_", ".").replace("intkey.", "intkey_")))
+    assert any("layer.0.comp.block.output" in p.name for p in (tmp_path / "p").iterdir())
+    restored = load_pyreft(tmp_path / "p", tiny_model()[0])
+    with torch.no_grad():
+        assert (restored(input_ids=IDS).logits - wrapped(input_ids=IDS).logits).abs().max() < 1e-5
+
+
+def test_rotation_saved_as_torch_parametrisation_is_recovered(tmp_path):
+    """pyreft's Consreft/Lobireft/Direft save torch's orthogonal parametrisation state, not R itself."""
+    wrapped = _trained("consreft", layers=[1])
+    (key, iv), = wrapped.interventions.items()
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.empty(64, 4))
+    holder = torch.nn.utils.parametrizations.orthogonal(holder)
+    with torch.no_grad():
+        holder.weight = iv.rotate_layer.weight.detach()
+    state = {f"rotate_layer.{k}": v for k, v in holder.state_dict().items()}
+    state |= {"learned_source": iv.learned_source.detach(), "embed_dim": torch.tensor(64),
+              "interchange_dim": torch.tensor(64)}
+    folder = tmp_path / "p"
+    folder.mkdir()
+    torch.save(state, folder / f"intkey_{key}.bin")
+    row = [1, "block_output", "pos", 1, 4] + [None] * 9
+    (folder / "config.json").write_text(json.dumps({
+        "representations": [row], "intervention_types": ["<class 'pyreft.interventions.ConsreftIntervention'>"]}))
+    restored = load_pyreft(folder, tiny_model()[0])
+    with torch.no_grad():
+        assert (restored(input_ids=IDS).logits - wrapped(input_ids=IDS).logits).abs().max() < 1e-5
+    with pytest.raises(NotImplementedError, match="pyreft's layout"):
+        save_pyreft(restored, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_rank_names_both_shapes(tmp_path):
+    save_pyreft(_trained("loreft"), tmp_path / "p")
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    for row in config["representations"]:
+        row[4] = 8
+    (tmp_path / "p" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"intkey_layer_0.*\(64, 4\).*do not fit this LoReFT \(rank 8.*\(64, 8\)"):
+        load_pyreft(tmp_path / "p", tiny_model()[0])
+
+
+def test_convert_command_both_ways(tmp_path, tiny_dir):
+    from peftlab import load, load_model, save
+    from peftlab.cli import main
+
+    model, _ = load_model(str(tiny_dir))
+    wrapped = attach(model, "loreft", {"layers": [1], "rank": 4, "positions": "f1+l1"}).eval()
+    save(wrapped, tmp_path / "module")
+    assert main(["convert", str(tmp_path / "module"), "-o", str(tmp_path / "pyreft")]) == 0
+    assert (tmp_path / "pyreft" / "config.json").exists()
+    assert main(["convert", str(tmp_path / "pyreft"), "-o", str(tmp_path / "back"), "--model", str(tiny_dir),
+                 "--positions", "f1+l1"]) == 0
+    back = load(tmp_path / "back", load_model(str(tiny_dir))[0])
+    assert back.reft_config == wrapped.reft_config
+    with torch.no_grad():
+        assert (back(input_ids=IDS).logits - wrapped(input_ids=IDS).logits).abs().max() < 1e-5
