@@ -6,6 +6,7 @@ import torch
 from peftlab import TrainConfig, attach, load, load_model, save, tiny_model, train
 from peftlab.methods.reft.interventions import INTERVENTIONS
 from peftlab.methods.reft.model import parse_positions, position_masks, prompt_spans
+from peftlab.module import parameter_report
 
 D, R = 64, 4
 
@@ -45,7 +46,7 @@ def test_each_intervention_equals_its_formula(kind, act):
 def test_trainable_parameters_in_the_papers_terms():
     model, _ = tiny_model()
     wrapped = attach(model, "loreft", {"layers": [0, 1], "rank": R, "positions": "f1+l1", "share_weights": False})
-    report = wrapped.parameter_report()
+    report = parameter_report(wrapped)
     assert report["interventions"] == 4
     assert report["trainable_parameters"] == 4 * (2 * D * R + R)
     assert report["trainable_parameters"] == sum(p.numel() for p in wrapped.parameters() if p.requires_grad)

@@ -54,7 +54,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.overwrite:
         config.overwrite = True
     result = train(config)
-    summary = {"module": str(result.module_dir), "metrics": result.metrics, "data": asdict(result.data_stats)}
+    params = {k: v for k, v in result.parameters.items() if k != "per_intervention"}
+    summary = {"module": str(result.module_dir), "metrics": result.metrics, "data": asdict(result.data_stats),
+               "parameters": params}
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -56,6 +56,22 @@ def attach(model: PreTrainedModel, method: str, config: MethodConfig | dict | No
     return wrapped
 
 
+def parameter_report(model: nn.Module) -> dict[str, Any]:
+    """Trainable parameters and their share of the frozen base model (the papers' denominator).
+
+    For ReFT this counts 2dr + r per LoReFT intervention (R counted as its d·r entries, as pyreft does).
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    report = {"trainable_parameters": trainable, "base_parameters": base,
+              "trainable_percent": 100 * trainable / base if base else float("nan")}
+    interventions = getattr(model, "interventions", None)
+    if isinstance(interventions, nn.ModuleDict):
+        report["interventions"] = len(interventions)
+        report["per_intervention"] = {k: sum(p.numel() for p in iv.parameters()) for k, iv in interventions.items()}
+    return report
+
+
 def base_name(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "name_or_path", None) or None

@@ -21,7 +21,7 @@ from peftlab.config import ConfigError, from_dict, load_yaml
 from peftlab.data import Collator, EncodeStats, PromptFormat, Record, encode, load_records
 from peftlab.methods import Method, get_method
 from peftlab.models import DEFAULT_MODEL, load_model
-from peftlab.module import attach, save
+from peftlab.module import attach, parameter_report, save
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class TrainResult:
     metrics: dict[str, float]
     data_stats: EncodeStats
     log_history: list[dict[str, float]]
+    parameters: dict[str, Any]
 
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -157,6 +158,9 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
 
     set_seed(args.seed)  # the method's fresh weights are drawn here, before Trainer seeds again
     wrapped = attach(model, method.name, method_config)
+    params = parameter_report(wrapped)
+    log.info("%s: %s trainable parameters (%.4f%% of %s)", method.name, f"{params['trainable_parameters']:,}",
+             params["trainable_percent"], f"{params['base_parameters']:,}")
     pack = method.supports_packing if config.data.pack is None else config.data.pack
     if pack and not method.supports_packing:
         raise ConfigError(f"data.pack: method {method.name!r} needs one example per row; set pack: false")
@@ -171,15 +175,15 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     wrapped.eval()
     module_dir = save(wrapped, config.module_dir, overwrite=config.overwrite, prompt_format=fmt)
     history = trainer.state.log_history
-    write_training_report(Path(args.output_dir), history, output.metrics, stats)
-    return TrainResult(wrapped, module_dir, output.metrics, stats, history)
+    write_training_report(Path(args.output_dir), history, output.metrics, stats, params)
+    return TrainResult(wrapped, module_dir, output.metrics, stats, history, params)
 
 
 def write_training_report(folder: Path, history: list[dict[str, float]], metrics: dict[str, float],
-                          stats: EncodeStats) -> None:
+                          stats: EncodeStats, params: dict[str, Any]) -> None:
     """``train_log.json`` (for scripts) and ``loss.png`` (for people) beside the checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
-    report = {"metrics": metrics, "data": asdict(stats), "log_history": history}
+    report = {"metrics": metrics, "data": asdict(stats), "parameters": params, "log_history": history}
     (folder / "train_log.json").write_text(json.dumps(report, indent=2) + "\n")
     points = [(h["step"], h["loss"]) for h in history if "loss" in h]
     if not points:

@@ -268,14 +268,3 @@ class ReftModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
-
-    def parameter_report(self) -> dict[str, Any]:
-        """Trainable parameters in the paper's terms (2dr + r per LoReFT intervention), % of the base model."""
-        per = {k: sum(p.numel() for p in iv.parameters()) for k, iv in self.interventions.items()}
-        base_total = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" not in n)
-        other = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        trainable = sum(per.values()) + other
-        return {"interventions": len(per), "intervention_parameters": sum(per.values()),
-                "other_trainable_parameters": other, "trainable_parameters": trainable,
-                "base_parameters": base_total, "trainable_percent": 100 * trainable / base_total,
-                "per_intervention": per}
