@@ -129,3 +129,22 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny_dir, pairs)
     (padded_loss, padded_grads), (packed_loss, packed_grads) = results
     assert abs(padded_loss - packed_loss) < 1e-5
     assert (padded_grads - packed_grads).abs().max() < 1e-5
+
+
+def test_example_mean_loss_weighs_every_example_the_same(tiny_dir, pairs):
+    from peftlab import load_records
+    from peftlab.data import Collator, encode
+    from peftlab.training import example_mean_loss
+
+    model, tokenizer = load_model(str(tiny_dir))
+    records = pairs[:2] + [{"prompt": "long", "response": "x" * 40}]
+    features, _ = encode(load_records(records), tokenizer)
+    with torch.no_grad():
+        per_example = [model(**Collator(tokenizer.pad_token_id)([f])).loss for f in features]
+        padded = Collator(tokenizer.pad_token_id)(features)
+        packed = Collator(tokenizer.pad_token_id, pack=True)(features)
+        expected = torch.stack(per_example).mean()
+        assert abs(example_mean_loss(model(**padded).logits, padded["labels"]) - expected) < 1e-5
+        packed_loss = example_mean_loss(model(**packed).logits, packed["labels"], packed["position_ids"])
+        assert abs(packed_loss - expected) < 1e-5
+        assert abs(model(**padded).loss - expected) > 1e-3  # the token mean is a different number

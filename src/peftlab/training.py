@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
 from peftlab.config import ConfigError, from_dict, load_yaml
-from peftlab.data import Collator, EncodeStats, PromptFormat, Record, encode, load_records
+from peftlab.data import IGNORE_INDEX, Collator, EncodeStats, PromptFormat, Record, encode, load_records
 from peftlab.methods import Method, get_method
 from peftlab.models import DEFAULT_MODEL, load_model
 from peftlab.module import attach, parameter_report, save
@@ -42,6 +42,11 @@ class DataConfig:
     system_prompt: str | None = None
     max_length: int = 1024
     pack: bool | None = None  # None: pack examples into one row when the method allows it (no padding compute)
+    loss: str = "token"  # "token": mean over answer tokens; "example": mean per example, then over examples
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("token", "example"):
+            raise ConfigError(f"data.loss must be 'token' or 'example', got {self.loss!r}")
 
     @property
     def prompt_format(self) -> PromptFormat:
@@ -101,12 +106,47 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)), default=None)
 
 
-class _Trainer(Trainer):
-    """Trainer whose checkpoints hold only what the method trains, for methods peft does not save."""
+def example_mean_loss(logits: torch.Tensor, labels: torch.Tensor,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy averaged over each example's answer tokens, then over examples.
 
-    def __init__(self, *args, method: Method, **kwargs) -> None:
+    With the token mean, one long answer outweighs many short ones; here every example counts the same. Examples
+    are rows, or, in packed rows (``position_ids`` restarting at 0), the spans between restarts.
+    """
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
+                                                  ignore_index=IGNORE_INDEX, reduction="none")
+    rows, width = shift_labels.shape
+    if position_ids is not None:
+        segment = (position_ids == 0).long().cumsum(-1)[:, 1:]  # the example each predicted token belongs to
+    else:
+        segment = torch.zeros_like(shift_labels)
+    example = (torch.arange(rows, device=labels.device)[:, None] * (width + 1) + segment).flatten()
+    valid = (shift_labels != IGNORE_INDEX).flatten().float()
+    size = rows * (width + 1)
+    sums = torch.zeros(size, device=logits.device).index_add(0, example, per_token.flatten() * valid)
+    counts = torch.zeros(size, device=logits.device).index_add(0, example, valid)
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()
+
+
+class _Trainer(Trainer):
+    """Trainer whose checkpoints hold only what the method trains (for methods peft does not save), with the
+    per-example loss as an option."""
+
+    def __init__(self, *args, method: Method, loss: str = "token", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.method = method
+        self.loss = loss
+        if loss == "example":
+            self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the accumulation steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss == "token":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**inputs)
+        loss = example_mean_loss(outputs.logits, inputs["labels"], inputs.get("position_ids"))
+        return (loss, outputs) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.method.trainer_checkpoints:
@@ -166,7 +206,7 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
         raise ConfigError(f"data.pack: method {method.name!r} needs one example per row; set pack: false")
     collator = Collator(tokenizer.pad_token_id, method.padding_side, pack=pack)
     trainer = _Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
-                       data_collator=collator, processing_class=tokenizer, method=method)
+                       data_collator=collator, processing_class=tokenizer, method=method, loss=config.data.loss)
     use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache is only waste in training
     try:
         output = trainer.train(resume_from_checkpoint=resume)
