@@ -15,4 +15,6 @@ def is_emoji_only(text: str) -> bool:
     rest = "".join(ch for ch in _KEYCAP.sub("", text) if ch not in _JOINERS and not ch.isspace())
     if not rest and not _KEYCAP.search(text):
         return False
-    return all(unicodedata.category(ch) in ("So", "Sk") or ch in _EMOJI_PUNCTUATION for ch in rest)
+    # U+FFFD (a broken byte sequence) is filed as a symbol too, but it is no emoji
+    return all((unicodedata.category(ch) in ("So", "Sk") and ch != "\ufffd") or ch in _EMOJI_PUNCTUATION
+               for ch in rest)
