@@ -95,3 +95,15 @@ def test_chat_keeps_the_conversation(tiny_dir, monkeypatch, capsys):
     assert capsys.readouterr().out.count("bot> ") == 3
     assert [len(history) for history in seen] == [1, 1, 3]  # /reset forgot the first exchange
     assert seen[2][0] == {"role": "user", "content": "again"} and seen[2][1]["role"] == "assistant"
+
+
+def test_a_character_cut_by_the_token_cap_is_dropped(tiny_dir):
+    model, tokenizer = load_model(str(tiny_dir))
+    torch.manual_seed(0)
+    with torch.no_grad():  # make the model emit the first byte of "🤖" and then stop at the cap
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tokenizer)))
+        model.lm_head.bias[tokenizer("🤖", add_special_tokens=False)["input_ids"][0]] = 1e4
+    (answer,) = generate(model, tokenizer, ["hi"], max_new_tokens=1)
+    assert answer == ""
+    (answer,) = generate(model, tokenizer, ["hi"], max_new_tokens=2)
+    assert answer == ""  # two first bytes are still no character

@@ -26,6 +26,8 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
                 "eos_token_id": tokenizer.eos_token_id, **generate_kwargs}
     if not settings["do_sample"]:
         settings.update(temperature=None, top_p=None, top_k=None)
+    ends = (settings["eos_token_id"], settings["pad_token_id"])
+    stops = [t for end in ends for t in (end if isinstance(end, list) else [end]) if t is not None]
     was_training = model.training
     model.eval()
     answers = []
@@ -37,6 +39,9 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
         batch = {k: v.to(device) for k, v in collate(features).items()}
         out = model.generate(**batch, **settings)
         new = out[:, batch["input_ids"].shape[1]:]
-        answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        capped = ~torch.isin(new[:, -1].cpu(), torch.tensor(stops, dtype=torch.long))
+        # a multi-byte character cut by max_new_tokens decodes to a trailing U+FFFD: an artifact, not model output
+        answers += [t.strip().rstrip("\ufffd") if cut else t.strip() for t, cut in zip(texts, capped, strict=True)]
     model.train(was_training)
     return answers
