@@ -51,8 +51,6 @@ def rotation(d: int, r: int) -> nn.Module:
 class Intervention(nn.Module):
     """Base: holds rank, dropout and activation; subclasses define ``delta`` (Φ(h) = h + Δ(h))."""
 
-    orthogonal: bool = False
-
     def __init__(self, d: int, r: int, dropout: float = 0.0, act: str | None = "linear") -> None:
         super().__init__()
         self.d, self.r = d, r
@@ -95,87 +93,82 @@ class Intervention(nn.Module):
                 target.copy_(tensor.to(target.dtype))
 
 
-class LoReFT(Intervention):
-    """h + Rᵀ(act(Wh + b) − Rh): edit h only inside the r-dim subspace spanned by R (the paper's eq. 2)."""
+class _Linear(Intervention):
+    """Φ built from the learned source act(Wh + b) (``learned_source``) and either an orthonormal R
+    (``rotate_layer``) or a free projection W₂ (``proj_layer``)."""
 
-    orthogonal = True
-
-    def __init__(self, d: int, r: int, dtype: torch.dtype = torch.float32, **kw) -> None:
+    def __init__(self, d: int, r: int, dtype: torch.dtype = torch.float32, orthonormal: bool = True,
+                 add_bias: bool = False, **kw) -> None:
         super().__init__(d, r, **kw)
-        self.rotate_layer = rotation(d, r)
+        if orthonormal:
+            self.rotate_layer = rotation(d, r)
+        else:
+            self.proj_layer = nn.Linear(d, r, bias=add_bias).to(dtype)
         self.learned_source = nn.Linear(d, r).to(dtype)
+
+    def source(self, h: torch.Tensor) -> torch.Tensor:
+        return self.act(self.learned_source(h.to(self.learned_source.weight.dtype))).float()
+
+
+class LoReFT(_Linear):
+    """h + Rᵀ(act(Wh + b) − Rh): edit h only inside the r-dim subspace spanned by R (the paper's eq. 2)."""
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         rt = self.rotate_layer.weight  # computed once per call: [d, r]
-        return (self.act(self.learned_source(h.to(self.learned_source.weight.dtype)).float()) - h @ rt) @ rt.T
+        return (self.source(h) - h @ rt) @ rt.T
 
 
-class NoReFT(Intervention):
-    """h + W₂ᵀ(act(W₁h + b) − W₂h): LoReFT without the orthogonality constraint."""
-
-    def __init__(self, d: int, r: int, dtype: torch.dtype = torch.float32, add_bias: bool = False, **kw) -> None:
-        super().__init__(d, r, **kw)
-        self.proj_layer = nn.Linear(d, r, bias=add_bias).to(dtype)
-        self.learned_source = nn.Linear(d, r).to(dtype)
-
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
-        x = h.to(self.learned_source.weight.dtype)
-        return ((self.act(self.learned_source(x)) - self.proj_layer(x)) @ self.proj_layer.weight).float()
-
-
-class DiReFT(Intervention):
-    """h + W₂ᵀ act(W₁h + b): the paper's DiReFT (eq. 3), pyreft's ``NodireftIntervention``."""
-
-    def __init__(self, d: int, r: int, dtype: torch.dtype = torch.float32, add_bias: bool = False, **kw) -> None:
-        super().__init__(d, r, **kw)
-        self.proj_layer = nn.Linear(d, r, bias=add_bias).to(dtype)
-        self.learned_source = nn.Linear(d, r).to(dtype)
-
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
-        x = h.to(self.learned_source.weight.dtype)
-        return (self.act(self.learned_source(x)) @ self.proj_layer.weight).float()
-
-
-class OrthDiReFT(Intervention):
+class OrthDiReFT(_Linear):
     """h + Rᵀ act(Wh + b) with R orthonormal: pyreft's ``DireftIntervention`` (an ablation in the paper)."""
 
-    orthogonal = True
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        return self.source(h) @ self.rotate_layer.weight.T
 
-    def __init__(self, d: int, r: int, dtype: torch.dtype = torch.float32, **kw) -> None:
-        super().__init__(d, r, **kw)
-        self.rotate_layer = rotation(d, r)
-        self.learned_source = nn.Linear(d, r).to(dtype)
+
+class NoReFT(_Linear):
+    """h + W₂ᵀ(act(W₁h + b) − W₂h): LoReFT without the orthogonality constraint."""
+
+    def __init__(self, d: int, r: int, **kw) -> None:
+        super().__init__(d, r, orthonormal=False, **kw)
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
-        source = self.act(self.learned_source(h.to(self.learned_source.weight.dtype)).float())
-        return source @ self.rotate_layer.weight.T
+        w2 = self.proj_layer
+        return (self.source(h) - w2(h.to(w2.weight.dtype)).float()) @ w2.weight.float()
 
 
-class ConsReFT(Intervention):
-    """h + Rᵀ(b − Rh): set the subspace coordinates to a learned constant b (no dropout, as in pyreft)."""
+class DiReFT(_Linear):
+    """h + W₂ᵀ act(W₁h + b): the paper's DiReFT (eq. 3), pyreft's ``NodireftIntervention``."""
 
-    orthogonal = True
+    def __init__(self, d: int, r: int, **kw) -> None:
+        super().__init__(d, r, orthonormal=False, **kw)
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        return self.source(h) @ self.proj_layer.weight.float()
+
+
+class _Constant(Intervention):
+    """Φ built from a learned constant b (``learned_source``, U[0, 1) at init as in pyreft) and an orthonormal R."""
 
     def __init__(self, d: int, r: int, dtype: torch.dtype = torch.float32, **kw) -> None:
         super().__init__(d, r, **kw)
-        self.dropout = nn.Identity()
         self.rotate_layer = rotation(d, r)
         self.learned_source = nn.Parameter(torch.rand(r))
+
+
+class ConsReFT(_Constant):
+    """h + Rᵀ(b − Rh): set the subspace coordinates to a learned constant b (no dropout, as in pyreft)."""
+
+    def __init__(self, d: int, r: int, **kw) -> None:
+        super().__init__(d, r, **kw)
+        self.dropout = nn.Identity()
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         rt = self.rotate_layer.weight
         return (self.learned_source - h @ rt) @ rt.T
 
 
-class LobiReFT(Intervention):
+class LobiReFT(_Constant):
     """h + Rᵀb: a learned constant shift inside the subspace (BitFit-like)."""
-
-    orthogonal = True
-
-    def __init__(self, d: int, r: int, dtype: torch.dtype = torch.float32, **kw) -> None:
-        super().__init__(d, r, **kw)
-        self.rotate_layer = rotation(d, r)
-        self.learned_source = nn.Parameter(torch.rand(r))
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         return (self.learned_source @ self.rotate_layer.weight.T).expand_as(h)
