@@ -287,3 +287,21 @@ def test_packed_rows_give_the_padded_loss_and_gradients(pairs, mode):
         results.append((loss.detach(), torch.cat([p.grad.flatten() for p in wrapped.parameters() if p.requires_grad])))
     assert abs(results[0][0] - results[1][0]) < 1e-5
     assert (results[0][1] - results[1][1]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    def grads(checkpointing):
+        model, _ = tiny_model()
+        wrapped = attach(model, "loreft", {"layers": [0, 1], "positions": "f1+l1", "rank": R}).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+        labels = ids.clone()
+        labels[:, :3] = -100
+        wrapped(input_ids=ids, labels=labels).loss.backward()
+        return torch.cat([p.grad.flatten() for p in wrapped.interventions.parameters()])
+
+    plain = grads(False)
+    assert plain.abs().max() > 1e-3
+    assert (grads(True) - plain).abs().max() < 1e-6
