@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers import (PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments,
+                          set_seed)
 
 from peftlab.config import ConfigError, from_dict, load_yaml
 from peftlab.data import IGNORE_INDEX, Collator, EncodeStats, PromptFormat, Record, encode, load_records
@@ -163,10 +164,12 @@ class _Trainer(Trainer):
 
 def train(config: TrainConfig, model: PreTrainedModel | None = None,
           tokenizer: PreTrainedTokenizerBase | None = None, train_data: list[dict | Record] | None = None,
-          eval_data: list[dict | Record] | None = None) -> TrainResult:
+          eval_data: list[dict | Record] | None = None,
+          callbacks: list[TrainerCallback] | None = None) -> TrainResult:
     """Train ``config.method`` on the data with Trainer, save the module atomically, and return it.
 
-    ``model``/``tokenizer`` and ``train_data``/``eval_data`` override what the config names, for use from Python.
+    ``model``/``tokenizer`` and ``train_data``/``eval_data`` override what the config names, for use from Python;
+    ``callbacks`` go to Trainer (e.g. to evaluate generations during training).
     """
     method = get_method(config.method["name"])
     settings = {k: v for k, v in config.method.items() if k != "name"}
@@ -206,7 +209,8 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
         raise ConfigError(f"data.pack: method {method.name!r} needs one example per row; set pack: false")
     collator = Collator(tokenizer.pad_token_id, method.padding_side, pack=pack)
     trainer = _Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
-                       data_collator=collator, processing_class=tokenizer, method=method, loss=config.data.loss)
+                       data_collator=collator, processing_class=tokenizer, method=method, loss=config.data.loss,
+                       callbacks=callbacks)
     use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache is only waste in training
     try:
         output = trainer.train(resume_from_checkpoint=resume)
