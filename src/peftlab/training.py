@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import (PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments,
-                          set_seed)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from peftlab.config import ConfigError, from_dict, load_yaml
 from peftlab.data import IGNORE_INDEX, Collator, EncodeStats, PromptFormat, Record, encode, load_records
