@@ -43,21 +43,30 @@ def main() -> None:
                      batch_size=len(prompts))
     wall = time.perf_counter() - start
 
+    def ran_to_cap(text: str) -> bool:  # (approximately: a cut character may have been dropped)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= args.max_new_tokens - 3
+
     rows = [{"prompt": p, "before": b, "after": a, "emoji_only_before": is_emoji_only(b),
-             "emoji_only_after": is_emoji_only(a)} for p, b, a in zip(prompts, before, after, strict=True)]
+             "emoji_only_after": is_emoji_only(a), "after_ran_to_token_cap": ran_to_cap(a),
+             "after_distinct_symbols": len(set(a) - {" ", "\n", "\ufe0f", "\u200d"})}
+            for p, b, a in zip(prompts, before, after, strict=True)]
     for r in rows:
         print(f"\n>>> {r['prompt']}\n  before: {r['before'][:100]!r}\n  after:  {r['after'][:100]!r}")
     n_before = sum(r["emoji_only_before"] for r in rows)
     n_after = sum(r["emoji_only_after"] for r in rows)
     losses = [h["loss"] for h in result.log_history if "loss" in h]
+    capped = sum(r["after_ran_to_token_cap"] for r in rows)
     report = {"config": args.config, "overrides": args.set, "module": str(result.module_dir),
               "prompts": len(rows), "emoji_only_before": n_before, "emoji_only_after": n_after,
+              "after_ran_to_token_cap": capped, "max_new_tokens": args.max_new_tokens,
+              "trainable_parameters": result.parameters["trainable_parameters"],
               "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
               "train_seconds": round(train_seconds, 1), "wall_seconds": round(wall, 1), "answers": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(f"\nemoji-only answers on {len(rows)} unseen prompts: before {n_before}/{len(rows)}, "
-          f"after {n_after}/{len(rows)}; training {train_seconds:.0f} s, total {wall:.0f} s -> {args.out}")
+          f"after {n_after}/{len(rows)} ({capped} ran to the {args.max_new_tokens}-token cap instead of stopping); "
+          f"training {train_seconds:.0f} s, total {wall:.0f} s -> {args.out}")
 
 
 if __name__ == "__main__":
