@@ -64,7 +64,7 @@ def train_step_time(model, batch) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "reft.json"))
     args = parser.parse_args()
@@ -82,6 +82,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, model in (("bare", bare), ("loreft", reft)):
             f, w = generation_times(model, gen_batch, args.new_tokens)
+            print(f"  {name}: first token {f:.2f} s, {args.new_tokens} tokens {w:.2f} s", flush=True)
             first[name].append(f)
             whole[name].append(w)
     tokens = len(PROMPTS) * (args.new_tokens - 1)
