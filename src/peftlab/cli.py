@@ -135,7 +135,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.lm_eval_task:
         return _cmd_lm_eval(args)
     if args.adapter and args.compare:
-        raise SystemExit("peftlab eval: give --adapter or --compare, not both")
+        from peftlab.config import ConfigError
+
+        raise ConfigError("give --adapter or --compare, not both")
     suite = get_suite(args.suite)
     load = partial(load_candidate, dtype=args.dtype, device=args.device)
     if args.compare:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 
-_CUE = re.compile(r"(?:final answer|the answer|answer|result)\s*(?:is|:|=)\s*", re.I)
+_CUE = re.compile(r"(?:final answer|the answer|answer|result)\s*(?:is\s*:?|:|=)\s*", re.I)
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|(?<![\w.])[-+]?\d*\.?\d+")
 _STRIP = " \t\r\n\"'`*_"
 

@@ -156,7 +156,7 @@ def _choice(output: str, inst: Instance) -> bool:
     text = S.after_cue(output)
     text = text if text is not None else output
     t = S.norm(text)
-    m = re.match(r"^(?:option\s+)?\(?([a-z])\)?(?:[).:\s]|$)", t)
+    m = re.match(r"^(?:option\s+)?\(?([a-z])(?:[).:]|$)", t)  # "B", "(B)", "B) Oslo"; not "A rabbit"
     if m and m.group(1).upper() in letters:
         return m.group(1).upper() == inst.answer
     named = [letter for letter, opt in zip(letters, options, strict=True)

@@ -1,0 +1,231 @@
+"""Evaluate base models and saved modules on a suite: batched greedy generation, scoring, tables, JSON and a chart.
+
+Every model goes through ``peftlab.generation.generate`` with its own prompt format (a module's ``prompt_format``
+from its ``peftlab.json``), so any method's module is evaluated through the same interface. Prompts of a family are
+generated together, sorted by length (less padding), with the family's ``max_new_tokens`` cap.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+import peftlab
+from peftlab.data import PromptFormat
+from peftlab.evals.suite import Suite, make_split
+from peftlab.evals.tasks import get_family
+from peftlab.generation import generate
+
+
+@dataclass
+class Candidate:
+    """Something to evaluate: a label, the model with its tokenizer and the prompt format it expects."""
+
+    label: str
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_candidate(adapter: str | None = None, model: str | None = None, dtype: str = "float32",
+                   device: str | None = None, label: str | None = None) -> Candidate:
+    """A base model (``adapter=None``) or a saved module of any method on its base model, with its prompt format."""
+    from peftlab.models import DEFAULT_MODEL, load_model
+    from peftlab.module import load_with_base, read_info
+
+    if adapter is None:
+        name = model or DEFAULT_MODEL
+        m, tok = load_model(name, dtype=dtype, device=device)
+        return Candidate(label or f"base ({Path(name).name})", m, tok, PromptFormat(),
+                         {"model": name, "adapter": None, "method": None})
+    info = read_info(adapter)
+    m, tok = load_with_base(adapter, base_model=model, dtype=dtype, device=device)
+    folder = Path(adapter)
+    label = label or (folder.parent.name if folder.name == "module" else folder.name)
+    return Candidate(label, m, tok, info.prompt_format,
+                     {"model": model or info.base_model, "adapter": str(adapter), "method": info.method,
+                      "trainable_parameters": info.trainable_parameters})
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def evaluate(candidate: Candidate, suite: Suite, split: str = "test", n: int = 100, seeds: Sequence[int] = (0,),
+             batch_size: int = 16, families: Sequence[str] | None = None, keep_examples: int = 5,
+             progress: bool = True) -> dict[str, Any]:
+    """Accuracy per family (mean ± std over seeds of the instance sampling) for one candidate."""
+    families = list(families or suite.families_for(split))
+    missing = sorted(set(families) - set(suite.families_for(split)))
+    if missing:
+        from peftlab.config import ConfigError
+
+        raise ConfigError(f"families {missing} are not in the {split} split of suite {suite.name!r} "
+                          f"({', '.join(suite.families_for(split))})")
+    per_seed: dict[str, list[float]] = {f: [] for f in families}
+    examples: dict[str, list[dict[str, Any]]] = {f: [] for f in families}
+    start = time.perf_counter()
+    bar = tqdm(total=len(families) * len(seeds) * n, desc=f"eval {candidate.label}", unit="q", disable=not progress)
+    for seed in seeds:
+        split_data = {f: inst for f, inst in make_split(suite, split, n, seed).items() if f in families}
+        for fam_name in families:
+            fam, instances = get_family(fam_name), split_data[fam_name]
+            order = sorted(range(len(instances)), key=lambda i: len(instances[i].prompt))
+            outputs: list[str] = [""] * len(instances)
+            for b in range(0, len(order), batch_size):
+                idx = order[b:b + batch_size]
+                bar.set_postfix_str(f"{fam_name} seed {seed}")
+                answers = generate(candidate.model, candidate.tokenizer, [instances[i].prompt for i in idx],
+                                   candidate.prompt_format, max_new_tokens=fam.max_new_tokens,
+                                   batch_size=batch_size, progress=False)
+                for i, a in zip(idx, answers, strict=True):
+                    outputs[i] = a
+                bar.update(len(idx))
+            correct = [bool(fam.score(o, inst)) for o, inst in zip(outputs, instances, strict=True)]
+            per_seed[fam_name].append(sum(correct) / len(correct))
+            if seed == seeds[0]:
+                examples[fam_name] = [{"prompt": inst.prompt, "gold": inst.answer, "output": o, "correct": c}
+                                      for inst, o, c in zip(instances, outputs, correct, strict=True)][:keep_examples]
+    bar.close()
+    result_families = {}
+    for f in families:
+        mean, std = _mean_std(per_seed[f])
+        result_families[f] = {"accuracy": mean, "std": std, "n": n, "per_seed": per_seed[f],
+                              "trained": f in suite.trained}
+    summary = {}
+    for group, members in (("all", families), ("trained", [f for f in families if f in suite.trained]),
+                           ("held_out", [f for f in families if f in suite.held_out])):
+        if members:  # macro average over families, per seed, then mean ± std over seeds
+            per = [statistics.fmean(per_seed[f][s] for f in members) for s in range(len(seeds))]
+            mean, std = _mean_std(per)
+            summary[group] = {"accuracy": mean, "std": std, "families": len(members)}
+    return {"label": candidate.label, **candidate.info, "prompt_format": vars(candidate.prompt_format),
+            "families": result_families, "summary": summary, "seconds": round(time.perf_counter() - start, 1),
+            "examples": examples}
+
+
+def run(candidates: Sequence[Candidate] | Sequence[Any], suite: Suite, split: str = "test", n: int = 100,
+        seeds: Sequence[int] = (0,), batch_size: int = 16, families: Sequence[str] | None = None,
+        keep_examples: int = 5, progress: bool = True) -> dict[str, Any]:
+    """Evaluate several candidates (or zero-argument callables returning one, loaded one at a time)."""
+    results = []
+    for c in candidates:
+        cand = c() if callable(c) else c
+        results.append(evaluate(cand, suite, split, n, seeds, batch_size, families, keep_examples, progress))
+        del cand
+    return {"suite": suite.name, "trained_families": suite.trained, "held_out_families": suite.held_out,
+            "split": split, "n": n, "seeds": list(seeds), "decoding": "greedy",
+            "max_new_tokens": {f: get_family(f).max_new_tokens for f in (families or suite.families_for(split))},
+            "peftlab_version": peftlab.__version__, "models": results}
+
+
+def _cell(fam: dict[str, Any], seeds: int) -> str:
+    return f"{fam['accuracy']:.3f} ± {fam['std']:.3f}" if seeds > 1 else f"{fam['accuracy']:.3f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table: one row per family (accuracy, n), one column per model, then the averages."""
+    models = report["models"]
+    seeds = len(report["seeds"])
+    families = list(models[0]["families"])
+    headers = ["family", "set", "n"] + [m["label"] for m in models]
+    rows = [[f, "trained" if models[0]["families"][f]["trained"] else "held out",
+             str(models[0]["families"][f]["n"] * seeds)] + [_cell(m["families"][f], seeds) for m in models]
+            for f in families]
+    for group in ("trained", "held_out", "all"):
+        if group in models[0]["summary"]:
+            rows.append([f"mean ({group.replace('_', ' ')})", "", ""] +
+                        [_cell(m["summary"][group], seeds) for m in models])
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    line = "  ".join("-" * w for w in widths)
+    fmt_row = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+    out = [f"suite {report['suite']}, split {report['split']}, n={report['n']} per family and seed, "
+           f"seeds {report['seeds']}, greedy", fmt_row(headers), line]
+    out += [fmt_row(r) for r in rows[:len(families)]] + [line] + [fmt_row(r) for r in rows[len(families):]]
+    return "\n".join(out)
+
+
+def write_report(report: dict[str, Any], out: str | Path, chart: bool = True) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if chart:
+        plot(report, out.with_suffix(".png"))
+    return out
+
+
+def plot(report: dict[str, Any], path: str | Path) -> Path:
+    """Grouped bars: accuracy per family (error bars: std over seeds), one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    families = list(models[0]["families"])
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(families) + 2), 4.2))
+    for k, m in enumerate(models):
+        xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(families))]
+        ys = [m["families"][f]["accuracy"] for f in families]
+        errs = [m["families"][f]["std"] for f in families]
+        ax.bar(xs, ys, width, yerr=errs if len(report["seeds"]) > 1 else None, capsize=2, label=m["label"])
+    labels = [f + ("" if models[0]["families"][f]["trained"] else "\n(held out)") for f in families]
+    ax.set_xticks(range(len(families)), labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"peftlab eval: suite {report['suite']}, {report['split']} split, n={report['n']}"
+                 f"{' x ' + str(len(report['seeds'])) + ' seeds' if len(report['seeds']) > 1 else ''}")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+
+def rescore(report: dict[str, Any]) -> dict[str, Any]:
+    """Score a report's kept outputs again with the current scorers (after a scorer fix), without generating.
+
+    Needs every output of the first seed kept (``keep_examples >= n``) and a single seed; the instances are drawn
+    again from the same seed, so their order matches the kept outputs.
+    """
+    from peftlab.evals.suite import get_suite, sample
+
+    if len(report["seeds"]) != 1:
+        raise ValueError("rescore works on single-seed reports")
+    seed, n = report["seeds"][0], report["n"]
+    suite = get_suite(report["suite"])
+    for model in report["models"]:
+        for fam_name, entry in model["families"].items():
+            kept = model["examples"][fam_name]
+            if len(kept) != n:
+                raise ValueError(f"{model['label']}/{fam_name}: {len(kept)} outputs kept, need all {n}")
+            fam = get_family(fam_name)
+            instances = sample(fam_name, report["split"], n, seed)
+            for inst, ex in zip(instances, kept, strict=True):
+                if inst.prompt != ex["prompt"]:
+                    raise ValueError(f"{fam_name}: the instances drawn again differ from the report's")
+                ex["correct"] = bool(fam.score(ex["output"], inst))
+            acc = sum(ex["correct"] for ex in kept) / n
+            entry.update(accuracy=acc, std=0.0, per_seed=[acc])
+        for group, members in (("all", list(model["families"])),
+                               ("trained", [f for f in model["families"] if f in suite.trained]),
+                               ("held_out", [f for f in model["families"] if f in suite.held_out])):
+            if members:
+                model["summary"][group] = {"accuracy": statistics.fmean(model["families"][f]["accuracy"]
+                                                                         for f in members),
+                                           "std": 0.0, "families": len(members)}
+    return report
