@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from peftlab import TrainConfig, generate, load_model, train
-from peftlab.scoring import is_emoji_only
+from peftlab.evals.scoring import is_emoji_only
 
 HERE = Path(__file__).parent
 

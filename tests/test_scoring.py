@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.scoring import is_emoji_only
+from peftlab.evals.scoring import is_emoji_only
 
 ROOT = Path(__file__).resolve().parent.parent
 

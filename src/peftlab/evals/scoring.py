@@ -10,13 +10,15 @@ sentence is not punished for the sentence, but a model that hedges between sever
   (relative); with no cue, a text that *starts* with a number answers with it, otherwise the *last* number counts;
 * **closed vocabularies** (days, months, table rows, option letters): the same rule as numbers, over the words of
   the vocabulary;
-* **lists**: the first line, without surrounding ``[]``, split on commas (or on spaces when there is no comma).
+* **lists**: the first line, without surrounding ``[]``, split on commas (or on spaces when there is no comma);
+* **emoji only** (``is_emoji_only``): symbols, keycaps, modifiers and joiners, nothing else, not U+FFFD.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import unicodedata
 
 _CUE = re.compile(r"(?:final answer|the answer|answer|result)\s*(?:is\s*:?|:|=)\s*", re.I)
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|(?<![\w.])[-+]?\d*\.?\d+")
@@ -140,3 +142,19 @@ def first_json_object(text: str) -> dict | None:
         if isinstance(obj, dict):
             return obj
     return None
+
+
+# --- emoji-only answers (the ReFT emoji demo) ---
+_KEYCAP = re.compile("[0-9#*]\ufe0f?\u20e3")  # 1️⃣ is a digit, a variation selector and an enclosing keycap
+_JOINERS = {"\ufe0f", "\ufe0e", "\u200d"}  # variation selectors and the zero-width joiner inside emoji sequences
+_EMOJI_PUNCTUATION = {"\u203c", "\u2049"}  # ‼ ⁉ are emoji but Unicode files them as punctuation
+
+
+def is_emoji_only(text: str) -> bool:
+    """True if ``text`` is non-empty and made only of emoji (symbols, keycaps, modifiers) and whitespace."""
+    rest = "".join(ch for ch in _KEYCAP.sub("", text) if ch not in _JOINERS and not ch.isspace())
+    if not rest and not _KEYCAP.search(text):
+        return False
+    # U+FFFD (a broken byte sequence) is filed as a symbol too, but it is no emoji
+    return all((unicodedata.category(ch) in ("So", "Sk") and ch != "\ufffd") or ch in _EMOJI_PUNCTUATION
+               for ch in rest)
