@@ -21,3 +21,25 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture
 def pairs():
     return list(PAIRS)
+
+
+@pytest.fixture
+def assert_packed_equals_padded():
+    return _assert_packed_equals_padded
+
+
+def _assert_packed_equals_padded(model, tokenizer, records):
+    """Loss and gradients of ``model`` on ``records`` are the same packed into one row as padded (< 1e-5)."""
+    from peftlab import load_records
+    from peftlab.data import Collator, encode
+
+    features, _ = encode(load_records(records), tokenizer)
+    results = []
+    for pack in (False, True):
+        model.zero_grad()
+        loss = model(**Collator(tokenizer.pad_token_id, pack=pack)(features)).loss
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = results
+    assert abs(padded_loss - packed_loss) < 1e-5
+    assert (padded_grads - packed_grads).abs().max() < 1e-5

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from peftlab import TrainConfig, load, load_model, read_info, train
+from peftlab import TrainConfig, attach, load, load_model, read_info, train
 from peftlab.cli import main
 from peftlab.module import merge
 
@@ -108,27 +108,14 @@ def test_unknown_method_setting_names_the_key(tiny_dir, tmp_path, pairs):
         _train(tiny_dir, tmp_path, pairs, {"name": "lora", "rank": 4}, steps=1)
 
 
-def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny_dir, pairs):
-    from peftlab import attach, load_records
-    from peftlab.data import Collator, encode
-
+def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny_dir, pairs, assert_packed_equals_padded):
     model, tokenizer = load_model(str(tiny_dir))
     wrapped = attach(model, "lora", {"r": 4})
     with torch.no_grad():
         for name, p in wrapped.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.1)
-    features, _ = encode(load_records(pairs), tokenizer)
-    results = []
-    for pack in (False, True):
-        wrapped.zero_grad()
-        loss = wrapped(**Collator(tokenizer.pad_token_id, pack=pack)(features)).loss
-        loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in wrapped.parameters() if p.requires_grad])
-        results.append((loss.detach(), grads))
-    (padded_loss, padded_grads), (packed_loss, packed_grads) = results
-    assert abs(padded_loss - packed_loss) < 1e-5
-    assert (padded_grads - packed_grads).abs().max() < 1e-5
+    assert_packed_equals_padded(wrapped, tokenizer, pairs)
 
 
 def test_example_mean_loss_weighs_every_example_the_same(tiny_dir, pairs):
