@@ -207,9 +207,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if is_pyreft_folder(args.source):
         model, _ = load_model(args.model or DEFAULT_MODEL, args.dtype)
-        wrapped = load_pyreft(args.source, model, positions=args.positions)
-        wrapped.peftlab_spec = (wrapped.kind, wrapped.reft_config)
-        save(wrapped, args.output, overwrite=args.overwrite)
+        save(load_pyreft(args.source, model, positions=args.positions), args.output, overwrite=args.overwrite)
         print(f"pyreft interventions {args.source} -> peftlab module {args.output}")
     else:
         model, _ = load_with_base(args.source, args.model, args.dtype)

@@ -57,7 +57,7 @@ class ReftMethod(Method):
             if not state:
                 raise ValueError(f"{path}: no tensors for intervention {key}; has {sorted(tensors)[:4]}...")
             iv.import_state(state, f"{path}:{key}")
-        unknown = {name.rsplit(".", 1)[0].split(".")[0] for name in tensors} - set(model.interventions)
+        unknown = {name.split(".", 1)[0] for name in tensors} - set(model.interventions)
         if unknown:
             raise ValueError(f"{path}: interventions {sorted(unknown)} are not in this config")
 

@@ -119,6 +119,7 @@ def load_pyreft(folder: str | Path, model: nn.Module, positions: str = "l1", **s
             raise ValueError(f"{folder}: no intkey file for intervention {key}; found {sorted(files)}")
         saved = torch.load(files[key], map_location="cpu", weights_only=True)
         iv.import_state(_from_pyreft_state(kind, saved, str(files[key])), str(files[key]))
+    wrapped.peftlab_spec = (kind, config)  # so peftlab.save writes it as a module
     return wrapped.eval()
 
 
