@@ -101,10 +101,10 @@ def save(model: nn.Module, folder: str | Path, overwrite: bool = False,
 
 def _tensor_shapes(folder: Path) -> dict[str, list[int]]:
     shapes = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in sorted(folder.rglob("*.safetensors")):  # with sub-adapters (ReFT's lora/, Bitune's bidir/)
         with safe_open(f, framework="pt") as st:
             for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
-                shapes[f"{f.name}:{key}"] = list(st.get_slice(key).get_shape())
+                shapes[f"{f.relative_to(folder).as_posix()}:{key}"] = list(st.get_slice(key).get_shape())
     return shapes
 
 

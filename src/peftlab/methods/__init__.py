@@ -73,4 +73,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from peftlab.methods import lora, reft  # noqa: E402,F401  (registers lora, ia3 and the ReFT family)
+from peftlab.methods import bitune, lora, reft  # noqa: E402,F401  (registers every method)
