@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import generation_times, train_step_time  # bench/timing.py
 
 from peftlab import attach, load_model, load_records
 from peftlab.data import Collator, PromptFormat, encode
@@ -29,37 +29,6 @@ PROMPTS = ["Plan a family road trip to Austin", "Why is the sky blue?", "Write a
            "Explain how a rainbow forms.", "What should I pack for a beach holiday?"]
 LOREFT = {"layers": [15], "positions": "l1", "rank": 4}
 LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-@torch.no_grad()
-def generation_times(model, batch, new_tokens: int) -> tuple[float, float]:
-    """(seconds to the first token, seconds for the whole generation) with exactly ``new_tokens`` tokens."""
-    settings = {"do_sample": False, "eos_token_id": None, "pad_token_id": batch["pad"]}
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    first = timed(lambda: model.generate(**inputs, max_new_tokens=1, **settings))
-    whole = timed(lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                         **settings))
-    return first, whole
-
-
-def train_step_time(model, batch) -> float:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-
-    def step():
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    step()  # warm-up
-    return timed(step)
 
 
 def main() -> None:

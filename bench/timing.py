@@ -1,0 +1,39 @@
+"""Timing helpers shared by the benchmarks: wall time of generation and of one training step."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def generation_times(model, batch: dict, new_tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, seconds for the whole generation) with exactly ``new_tokens`` tokens."""
+    settings = {"do_sample": False, "eos_token_id": None, "pad_token_id": batch["pad"]}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    first = timed(lambda: model.generate(**inputs, max_new_tokens=1, **settings))
+    whole = timed(lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                         **settings))
+    return first, whole
+
+
+def train_step_time(model, batch: dict) -> float:
+    """One forward + backward + AdamW step, after a warm-up step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    return timed(step)
