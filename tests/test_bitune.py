@@ -1,9 +1,13 @@
+import json
+
 import pytest
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from peftlab import load_records
+from peftlab.cli import main
 from peftlab.data import Collator, encode
+from peftlab.generation import generate
 from peftlab.methods.bitune.model import VARIANTS, BituneConfig, bidirectional_mask
 from peftlab.models import load_model, tiny_model, tiny_tokenizer
 from peftlab.module import attach, load, read_info, save
@@ -231,7 +235,7 @@ def _train(tiny_dir, tmp_path, pairs, steps, name="run", method=None, **training
     return train(config, model, tokenizer, train_data=pairs)
 
 
-def test_training_lowers_the_loss_and_the_module_round_trips(tiny_dir, tmp_path, pairs):
+def test_training_lowers_the_loss_and_the_module_round_trips(tiny_dir, tmp_path, pairs, capsys):
     result = _train(tiny_dir, tmp_path, pairs, steps=40)
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
@@ -249,6 +253,10 @@ def test_training_lowers_the_loss_and_the_module_round_trips(tiny_dir, tmp_path,
     ids = torch.tensor([[5, 6, 7, 8]])
     settings = {"max_new_tokens": 5, "do_sample": False, "eos_token_id": None}
     assert restored.generate(input_ids=ids, **settings).equal(result.model.generate(input_ids=ids, **settings))
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(folder), "--max-new-tokens", "4", "--json", "repeat red"]) == 0
+    answer = json.loads(capsys.readouterr().out)[0]["answer"]
+    assert answer == generate(restored, tokenizer, ["repeat red"], info.prompt_format, max_new_tokens=4)[0]
 
 
 def test_resume_restores_both_adapters_and_the_mix(tiny_dir, tmp_path, pairs):
