@@ -292,3 +292,22 @@ def test_save_refuses_a_mixer_that_does_not_fit(tmp_path):
 
     with pytest.raises(ValueError, match="do not fit"):
         get_method("bitune")._load_mixer(bigger, tmp_path / "m")
+
+
+def test_lm_eval_loglikelihood_reads_the_context_as_the_prompt():
+    pytest.importorskip("lm_eval")
+    from peftlab.evals.lm_eval_bridge import PeftlabLM
+
+    wrapped, tokenizer = _bitune()
+    lm = PeftlabLM(wrapped, tokenizer, batch_size=2)
+
+    class Request:
+        def __init__(self, *args):
+            self.args = args
+
+    (lp, _), (other, _) = lm.loglikelihood([Request("abc", "de"), Request("a much longer context", "x")])
+    ids = tokenizer("abcde", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = wrapped(input_ids=torch.tensor([ids]), prompt_lengths=torch.tensor([3])).logits[0].log_softmax(-1)
+    assert lp == pytest.approx((logits[2, ids[3]] + logits[3, ids[4]]).item(), abs=1e-4)
+    assert lm.loglikelihood([Request("a much longer context", "x")])[0][0] == pytest.approx(other, abs=1e-4)

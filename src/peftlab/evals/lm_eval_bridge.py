@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peftlab.data import PromptFormat
+from peftlab.data import IGNORE_INDEX, PromptFormat
 from peftlab.generation import generate
 
 try:
@@ -86,10 +86,15 @@ class PeftlabLM(LM):
             width = max(len(ids) for ids, _ in rows)
             input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, (ids, _) in enumerate(rows):
+            labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+            for r, (ids, n_cont) in enumerate(rows):
                 input_ids[r, :len(ids)] = torch.tensor(ids)
                 mask[r, :len(ids)] = 1
-            logits = self.model(input_ids=input_ids.to(self._device), attention_mask=mask.to(self._device)).logits
+                answer = len(ids) - n_cont + 1  # where the continuation starts: the context is the prompt
+                labels[r, answer:len(ids)] = input_ids[r, answer:len(ids)]
+            # labels tell prompt-aware methods (ReFT positions, Bitune's prompt passes) where the prompt ends
+            logits = self.model(input_ids=input_ids.to(self._device), attention_mask=mask.to(self._device),
+                                labels=labels.to(self._device)).logits
             logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
             for r, i in enumerate(idx):
                 ids, n_cont = rows[r]
