@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from timing import generation_times, train_step_time  # bench/timing.py
+from common import generation_times, print_trainable, train_step_time  # bench/common.py
 
 from peftlab import attach, load_model, load_records
 from peftlab.data import IGNORE_INDEX, Collator, PromptFormat, encode
@@ -88,9 +88,7 @@ def main() -> None:
           f"{result['generation']['ttft_ratio_bitune_over_lora']:.2f}")
     print(f"decode tokens/s  lora {decode_tps['lora']:.1f}  bitune {decode_tps['bitune']:.1f}  ratio "
           f"{result['generation']['decode_ratio_bitune_over_lora']:.3f} (target >= 0.97)")
-    for name, report in result["trainable"].items():
-        print(f"trainable        {name:<6} {report['trainable_parameters']:>9,} "
-              f"({report['trainable_percent']:.4f}% of {report['base_parameters']:,})")
+    print_trainable(result["trainable"])
     print(f"-> {args.out}")
 
 

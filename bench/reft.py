@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from timing import generation_times, train_step_time  # bench/timing.py
+from common import generation_times, print_trainable, train_step_time  # bench/common.py
 
 from peftlab import attach, load_model, load_records
 from peftlab.data import Collator, PromptFormat, encode
@@ -90,9 +90,7 @@ def main() -> None:
           f"loreft {result['decode']['time_to_first_token_s']['loreft']:.3f}")
     print(f"train step s     lora {step['lora']:.2f}  loreft {step['loreft']:.2f}  "
           f"ratio {result['train_step']['ratio_loreft_over_lora']:.3f}")
-    for name, report in result["trainable"].items():
-        print(f"trainable        {name:<6} {report['trainable_parameters']:>9,} "
-              f"({report['trainable_percent']:.4f}% of {report['base_parameters']:,})")
+    print_trainable(result["trainable"])
     print(f"-> {args.out}")
 
 

@@ -59,6 +59,19 @@ class Method(ABC):
         raise NotImplementedError(f"method {self.name!r} cannot be folded into the base weights")
 
 
+class ModelWrapper(nn.Module):
+    """Base of methods that wrap a model (``self.model``) and add parts of their own: everything the wrapper does
+    not define is the wrapped model's, so Trainer, generation and user code see the model they know."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
 METHODS: dict[str, Method] = {}
 
 

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from peftlab.data import IGNORE_INDEX
-from peftlab.methods import MethodConfig
+from peftlab.methods import MethodConfig, ModelWrapper
 
 CAUSAL, BIDIR = "default", "bidir"  # peft adapter names: the answer/causal adapter and the bidirectional one
 
@@ -153,7 +153,7 @@ def bidirectional_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-class BituneModel(nn.Module):
+class BituneModel(ModelWrapper):
     """A peft model with Bitune's adapters and mixer; ``forward`` trains and scores, ``generate`` decodes."""
 
     def __init__(self, model: peft.PeftModel, config: BituneConfig) -> None:
@@ -283,14 +283,6 @@ class BituneModel(nn.Module):
 
     def remove_hooks(self) -> None:
         self._handle.remove()
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
 
 
 _NO_CHECKPOINTING = ("Bitune cannot use transformers' gradient checkpointing: in training it turns the KV cache "

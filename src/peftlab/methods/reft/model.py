@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from peftlab.methods import MethodConfig
+from peftlab.methods import MethodConfig, ModelWrapper
 from peftlab.methods.reft.interventions import INTERVENTIONS
 
 COMPONENTS = ("block_output", "block_input", "attention_output", "mlp_output")
@@ -165,7 +165,7 @@ def _unwrap(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-class ReftModel(nn.Module):
+class ReftModel(ModelWrapper):
     """A causal LM (optionally with a LoRA) plus ReFT interventions; forward and generate are the model's own."""
 
     def __init__(self, model: nn.Module, config: ReftConfig, kind: str) -> None:
@@ -260,11 +260,3 @@ class ReftModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)

@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: wall time of generation and of one training step."""
+"""Shared by the benchmarks: wall time of generation and of one training step, the trainable-parameter lines."""
 
 from __future__ import annotations
 
@@ -37,3 +37,10 @@ def train_step_time(model, batch: dict) -> float:
 
     step()
     return timed(step)
+
+
+def print_trainable(reports: dict) -> None:
+    """One line per contender: trainable parameters and their share of the frozen base model."""
+    for name, report in reports.items():
+        print(f"trainable        {name:<6} {report['trainable_parameters']:>9,} "
+              f"({report['trainable_percent']:.4f}% of {report['base_parameters']:,})")
