@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache, Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from peftlab import load_records
 from peftlab.cli import main
@@ -24,7 +24,18 @@ def _tiny_qwen2():
     return Qwen2ForCausalLM(config).eval(), tokenizer
 
 
-ARCHITECTURES = {"llama": tiny_model, "qwen2": _tiny_qwen2}
+def _tiny_gemma2(window=128):
+    """Gemma-2 alternates sliding-window and full attention layers."""
+    tokenizer = tiny_tokenizer()
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
+                          max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(config).eval(), tokenizer
+
+
+ARCHITECTURES = {"llama": tiny_model, "qwen2": _tiny_qwen2, "gemma2": _tiny_gemma2}
 
 
 def _bitune(arch="llama", adapter=None, randomise=True, **settings):
@@ -116,6 +127,14 @@ def test_generate_equals_a_manual_greedy_loop(arch):
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
     for i, r in enumerate(rows):
         assert out[i, width:].tolist() == _manual_greedy(wrapped, r, 6)
+
+
+def test_inputs_that_reach_a_sliding_window_are_refused():
+    model, tokenizer = _tiny_gemma2(window=6)
+    wrapped = attach(model, "bitune", {"adapter": {"r": 4}})
+    wrapped.generate(input_ids=torch.tensor([[3, 4, 5]]), max_new_tokens=2)  # inside the window: fine
+    with pytest.raises(ValueError, match="sliding attention window"):
+        wrapped.generate(input_ids=torch.tensor([[3, 4, 5, 6, 7, 8, 9]]), max_new_tokens=2)
 
 
 def test_beams_and_sampling_in_batches():

@@ -165,6 +165,9 @@ class BituneModel(ModelWrapper):
         self.mixer = KVMixer(base.config.num_hidden_layers, config.gate, config.eps, config.init) if mixed else None
         if self.mixer is not None:
             self.mixer.to(next(base.parameters()).device)
+        windows = [layer.sliding_window for layer in DynamicCache(config=base.config).layers
+                   if getattr(layer, "sliding_window", None)]
+        self._window = min(windows, default=None)  # the smallest sliding attention window, if any
         self._generating = False
         self._handle = base.register_forward_pre_hook(self._on_generate_call, with_kwargs=True)
         self.train(model.training)
@@ -198,6 +201,7 @@ class BituneModel(ModelWrapper):
         """
         if self.training and getattr(self.causal_lm, "is_activation_checkpointing", False):
             raise ValueError(_NO_CHECKPOINTING)
+        self._check_window(ids.shape[1])
         caches = [self._prompt_pass(ids, mask, pos, adapter, bidir) for adapter, bidir in self.bitune_config.passes]
         if self.mixer is not None:
             layers = self.mixer(causal=caches[1], other=caches[0])
@@ -208,6 +212,14 @@ class BituneModel(ModelWrapper):
             into.update(k, v, i)
         self._use(CAUSAL)
         return into
+
+    def _check_window(self, tokens: int) -> None:
+        """Sliding-window layers keep only their window in the cache, and the bidirectional mask has no window:
+        Bitune is exact only while everything it reads at once fits in the smallest window."""
+        if self._window is not None and tokens >= self._window - 1:
+            raise ValueError(f"Bitune: {tokens} tokens reach the sliding attention window ({self._window}) of this "
+                             f"{self.causal_lm.config.model_type} model; prompt passes with sliding windows are "
+                             f"not supported. Use shorter inputs (max_length) or a model without sliding windows.")
 
     # --- training and scoring ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -226,6 +238,7 @@ class BituneModel(ModelWrapper):
                                  "or prompt_lengths")
             prompt_lengths = prompt_lengths_from_labels(labels, attention_mask)
         split = split_prompt(input_ids, attention_mask, prompt_lengths)
+        self._check_window(split.prefix_ids.shape[1] + split.suffix_ids.shape[1])
         cache = None
         if split.prefix_ids.shape[1] > 0:
             cache = self.encode_prompt(split.prefix_ids, split.prefix_mask, split.prefix_pos)
