@@ -103,7 +103,8 @@ def main() -> None:
     runs_dir = Path(args.runs)
     runs_dir.mkdir(parents=True, exist_ok=True)
     if not (runs_dir / "train.jsonl").exists():
-        from peftlab.evals.suite import get_suite, training_records, write_jsonl
+        from peftlab.evals.suite import get_suite, training_records
+        from peftlab.io import write_jsonl
 
         write_jsonl(training_records(get_suite(str(SUITE)), 200, seed=0), runs_dir / "train.jsonl")
     base = evaluate_run("untuned", None, args.n, runs_dir / f"eval-base-n{args.n}.json")

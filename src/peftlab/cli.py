@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: train, generate, chat, merge, info, eval, data."""
+"""The ``peftlab`` command: train, generate, chat, merge, info, eval, data, convert, retune."""
 
 from __future__ import annotations
 
@@ -174,7 +174,8 @@ def _cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data_make(args: argparse.Namespace) -> int:
-    from peftlab.evals.suite import get_suite, make_split, training_records, write_jsonl
+    from peftlab.evals.suite import get_suite, make_split, training_records
+    from peftlab.io import write_jsonl
 
     suite = get_suite(args.suite)
     if args.split == "train":
@@ -314,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("families", help="list the task families and what their scorers accept",
                             description="The task families, their suites, caps and scoring rules.")
     q.set_defaults(func=cmd_data_families)
+
+    from peftlab.retune.cli import add_commands as add_retune_commands
+
+    add_retune_commands(sub)
     return parser
 
 

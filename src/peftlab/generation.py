@@ -17,8 +17,9 @@ Prompt = str | list[dict[str, str]]
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
              fmt: PromptFormat | None = None, max_new_tokens: int = 128, batch_size: int = 8,
-             progress: bool | None = None, **generate_kwargs) -> list[str]:
-    """Answer each prompt; greedy unless ``do_sample=True`` is passed. Returns only the new text."""
+             progress: bool | None = None, strip: bool = True, **generate_kwargs) -> list[str]:
+    """Answer each prompt; greedy unless ``do_sample=True`` is passed. Returns only the new text, without
+    surrounding whitespace unless ``strip=False`` (the recursion engine needs a call's closing newline)."""
     fmt = fmt or PromptFormat()
     collate = Collator(tokenizer.pad_token_id, padding_side="left")
     device = next(model.parameters()).device
@@ -42,6 +43,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         capped = ~torch.isin(new[:, -1].cpu(), torch.tensor(stops, dtype=torch.long))
         # a multi-byte character cut by max_new_tokens decodes to a trailing U+FFFD: an artifact, not model output
-        answers += [t.strip().rstrip("\ufffd") if cut else t.strip() for t, cut in zip(texts, capped, strict=True)]
+        texts = [t.strip() for t in texts] if strip else texts
+        answers += [t.rstrip("\ufffd") if cut else t for t, cut in zip(texts, capped, strict=True)]
     model.train(was_training)
     return answers

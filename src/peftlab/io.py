@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -47,3 +48,18 @@ def is_incomplete(folder: str | Path) -> bool:
     """True for a folder an interrupted save left behind."""
     folder = Path(folder)
     return (folder / INCOMPLETE_MARKER).exists() or folder.name.endswith(".incomplete")
+
+
+def write_jsonl(records: list[dict], path: str | Path) -> Path:
+    """One JSON object per line, written to a temporary sibling and renamed: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".incomplete", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

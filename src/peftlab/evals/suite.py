@@ -15,7 +15,6 @@ suite name does.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,10 +132,3 @@ def training_records(suite: Suite, n: int, seed: int = 0, split: str = "train") 
     return records
 
 
-def write_jsonl(records: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return path

@@ -1,0 +1,90 @@
+"""Training data for Re-Tuning and its two baselines: every (prompt, response) of every problem, deduplicated,
+filtered and oversampled by sub-problem size, as JSONL records ``peftlab train`` reads.
+
+The research note's tables (drop most mid-size prompts, repeat the base cases hundreds of times) are config here:
+``keep`` and ``repeat`` map a sub-problem size to a fraction kept or a repeat factor.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftlab.config import ConfigError
+from peftlab.data import PromptFormat
+from peftlab.retune.tasks import METHODS, get_task
+
+# Prompts are raw text: the task templates already end in "\nSolution: " / "\nAnswer: ".
+PROMPT_FORMAT = PromptFormat("plain", "{prompt}")
+
+
+def parse_lengths(spec: str | int | list[int]) -> list[int]:
+    """``"1-8"``, ``"2,4,8"``, ``8`` or a list -> sorted lengths."""
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, list):
+        return sorted(int(x) for x in spec)
+    lengths: set[int] = set()
+    try:
+        for part in str(spec).split(","):
+            lo, _, hi = part.strip().partition("-")
+            lengths.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ConfigError(f"lengths: expected e.g. '1-8' or '2,4,8', got {spec!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise ConfigError(f"lengths: need positive lengths, got {spec!r}")
+    return sorted(lengths)
+
+
+@dataclass
+class RetuneData:
+    """Which problems become training data and how."""
+
+    task: str = "addition"
+    method: str = "retune"  # baseline | scratchpad | retune
+    lengths: str | list[int] = "1-8"
+    problems_per_length: int = 200
+    seed: int = 0
+    dedup: bool = True  # one example per distinct prompt (sub-problems repeat across problems)
+    keep: dict[int, float] = field(default_factory=dict)  # sub-problem size -> fraction of its examples kept
+    repeat: dict[int, int] = field(default_factory=dict)  # sub-problem size -> times each example is repeated
+
+    def __post_init__(self) -> None:
+        get_task(self.task)
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        self.keep = {int(k): float(v) for k, v in self.keep.items()}
+        self.repeat = {int(k): int(v) for k, v in self.repeat.items()}
+
+
+def sample_problems(task_name: str, lengths: list[int], per_length: int, seed: int) -> list[Any]:
+    """Distinct random problems per length (fewer where a length has fewer distinct problems)."""
+    task, rng = get_task(task_name), random.Random(seed)
+    problems = []
+    for length in lengths:
+        found: dict[Any, None] = {}
+        for _ in range(per_length * 20):
+            if len(found) == per_length:
+                break
+            found[task.sample(length, rng)] = None
+        problems += list(found)
+    return problems
+
+
+def build(config: RetuneData) -> list[dict[str, Any]]:
+    task, rng = get_task(config.task), random.Random(config.seed + 1)
+    records, seen = [], set()
+    for problem in sample_problems(config.task, parse_lengths(config.lengths), config.problems_per_length,
+                                   config.seed):
+        for prompt, response, size in task.examples(problem, config.method):
+            if config.dedup and prompt in seen:
+                continue
+            seen.add(prompt)
+            if rng.random() >= config.keep.get(size, 1.0):
+                continue
+            record = {"prompt": prompt, "response": response, "task": task.name, "method": config.method,
+                      "size": size}
+            records += [record] * config.repeat.get(size, 1)
+    rng.shuffle(records)
+    return records

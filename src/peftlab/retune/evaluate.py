@@ -1,0 +1,93 @@
+"""Accuracy per problem length for each method: the baseline and scratchpad answer in one generation, Re-Tuning
+through the recursive engine. Writes JSON (accuracy, failures, model calls, example call trees) and a PNG of
+accuracy against length, the paper's figure."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftlab.retune.engine import Engine, EngineConfig, Generator
+from peftlab.retune.tasks import get_task
+
+
+@dataclass
+class EvalConfig:
+    task: str = "addition"
+    lengths: list[int] | None = None
+    n: int = 50  # problems per length
+    seed: int = 1234  # problems are drawn from this seed, the same for every method
+    train_lengths: list[int] | None = None  # marked on the plot (in distribution)
+
+
+def problems_for(task_name: str, length: int, n: int, seed: int) -> list[Any]:
+    rng = random.Random(f"{task_name}/{length}/{seed}")  # the same problems whatever other lengths are asked
+    task = get_task(task_name)
+    return [task.sample(length, rng) for _ in range(n)]
+
+
+def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine: EngineConfig | None = None,
+                    keep_trees: int = 2) -> dict[str, Any]:
+    """``{length: {accuracy, n, failures, calls_per_problem, seconds, examples}}`` for one method."""
+    task = get_task(config.task)
+    per_length = {}
+    for length in config.lengths or [1]:
+        problems = problems_for(config.task, length, config.n, config.seed)
+        start = time.perf_counter()
+        if method == "retune":
+            results = Engine(generate, engine).run([task.root(p).text for p in problems])
+            outputs = [r.output or "" for r in results]
+            errors = Counter(r.kind for r in results if r.kind)
+            calls = sum(r.calls for r in results) / len(results)
+            trees = [r.tree.to_dict() for r in results[:keep_trees]]
+        else:
+            outputs = generate([task.prompt(p, method) for p in problems])
+            errors, calls, trees = Counter(), 1.0, []
+        correct = [task.correct(o, p, method) for o, p in zip(outputs, problems, strict=True)]
+        per_length[length] = {
+            "accuracy": sum(correct) / len(correct), "n": len(correct), "failures": dict(errors),
+            "calls_per_problem": calls, "seconds": round(time.perf_counter() - start, 2),
+            "examples": [{"problem": str(p), "output": o, "correct": c}
+                         for p, o, c in list(zip(problems, outputs, correct, strict=True))[:3]],
+            **({"call_trees": trees} if trees else {}),
+        }
+    return per_length
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> Path:
+    """``out`` (JSON) and the plot beside it (same name, .png)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    plot(report, out.with_suffix(".png"))
+    return out
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, run in report["runs"].items():
+        lengths = sorted(run["lengths"], key=int)
+        ax.plot([int(n) for n in lengths], [run["lengths"][n]["accuracy"] for n in lengths], marker="o",
+                markersize=3, label=label)
+    train = report.get("train_lengths")
+    if train:
+        ax.axvspan(min(train) - 0.5, max(train) + 0.5, color="grey", alpha=0.12, label="training lengths")
+    ax.set_xlabel("problem length")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"Re-Tuning: {report['task']}, n={report['n']} per length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

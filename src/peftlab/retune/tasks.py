@@ -1,0 +1,345 @@
+"""Re-Tuning tasks: each problem rendered for the three methods (baseline, scratchpad, Re-Tuning).
+
+A Re-Tuning solution is a tree of *procedures*. A procedure has a text (``"73199 + 21439"``) and, given the values
+its calls returned so far, takes one step: either a call of a smaller procedure (the model writes
+``Call: <text>\\n`` and stops) or its answer. ``trace`` walks the tree and yields every (prompt, response) pair
+the model must learn; the engine (``peftlab.retune.engine``) runs the same protocol with a model.
+
+Adding a task is one class: ``sample`` a problem of a given length, its ``root`` procedure, ``baseline`` and
+``scratchpad`` examples and ``correct`` (is a final output right?). Register it in ``TASKS``.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+# One template for training and inference (the released code had two that disagreed, see research note 4.4).
+SOLUTION = "\nSolution: "
+RETURN = "Return: {value}\nAnswer: "
+CALL = "Call: "
+METHODS = ("baseline", "scratchpad", "retune")
+
+
+def sub_prompt(text: str) -> str:
+    return text + SOLUTION
+
+
+def returned_value(output: str) -> str:
+    """What a finished procedure hands back to its caller: the text after its last ``Answer: `` or all of it."""
+    return output.rsplit("Answer: ", 1)[-1].strip()
+
+
+@dataclass(frozen=True)
+class Call:
+    procedure: Procedure
+    before: str = ""  # text the model writes before ``Call: `` (DP explains its step)
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+
+
+@dataclass(frozen=True)
+class Procedure:
+    """A (sub-)problem as the model sees it: its text, and how it steps given what its calls returned."""
+
+    text: str
+    size: int  # the length of this sub-problem (what data filters and oversampling look at)
+    step: Callable[[list[str]], Call | Answer]
+
+
+def trace(procedure: Procedure) -> tuple[list[tuple[str, str, int]], str]:
+    """All (prompt, response, size) of solving ``procedure`` recursively, and its final output."""
+    examples: list[tuple[str, str, int]] = []
+    context, returns = sub_prompt(procedure.text), []
+    while True:
+        step = procedure.step(returns)
+        if isinstance(step, Answer):
+            examples.append((context, step.text, procedure.size))
+            return examples, step.text
+        output = f"{step.before}{CALL}{step.procedure.text}\n"
+        examples.append((context, output, procedure.size))
+        child_examples, child_output = trace(step.procedure)
+        examples += child_examples
+        value = returned_value(child_output)
+        returns.append(value)
+        context += output + RETURN.format(value=value)
+
+
+class Task(ABC):
+    """One problem family; ``length`` is the size the paper varies (digits, list length)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    @abstractmethod
+    def sample(self, length: int, rng: random.Random) -> Any:
+        """A random problem of this length."""
+
+    @abstractmethod
+    def root(self, problem: Any) -> Procedure:
+        """The Re-Tuning procedure that solves ``problem``."""
+
+    @abstractmethod
+    def baseline(self, problem: Any) -> tuple[str, str]:
+        """(prompt, response) answering directly."""
+
+    @abstractmethod
+    def scratchpad(self, problem: Any) -> tuple[str, str]:
+        """(prompt, response) with every intermediate step written out in one context."""
+
+    @abstractmethod
+    def correct(self, output: str, problem: Any, method: str) -> bool:
+        """Whether a method's final output answers ``problem``."""
+
+    def length(self, problem: Any) -> int:
+        return len(problem)
+
+    def examples(self, problem: Any, method: str) -> list[tuple[str, str, int]]:
+        """Every (prompt, response, sub-problem size) a method trains on for ``problem``."""
+        if method == "retune":
+            return trace(self.root(problem))[0]
+        if method in ("baseline", "scratchpad"):
+            return [(*getattr(self, method)(problem), self.length(problem))]
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+    def prompt(self, problem: Any, method: str) -> str:
+        """The top-level prompt a method is evaluated on (the first training prompt)."""
+        if method == "retune":
+            return sub_prompt(self.root(problem).text)
+        return self.examples(problem, method)[0][0]
+
+
+def _digits(length: int, rng: random.Random) -> str:
+    return str(rng.randint(10 ** (length - 1), 10 ** length - 1)) if length > 1 else str(rng.randint(0, 9))
+
+
+class Addition(Task):
+    """a + b with both operands ``length`` digits. Re-Tuning drops the leading digit of both and prepends one."""
+
+    name = "addition"
+    description = "integer addition; Re-Tuning recurses on the operands without their leading digit"
+
+    def sample(self, length: int, rng: random.Random) -> tuple[str, str]:
+        return _digits(length, rng), _digits(length, rng)
+
+    def length(self, problem: tuple[str, str]) -> int:
+        return len(problem[0])
+
+    def root(self, problem: tuple[str, str]) -> Procedure:
+        a, b = problem
+        if len(a) != len(b):
+            width = max(len(a), len(b))
+            a, b = a.zfill(width), b.zfill(width)
+
+        def step(returns: list[str]) -> Call | Answer:
+            if len(a) == 1:
+                total = int(a) + int(b)
+                return Answer(f"Carry {total // 10}, Output {total % 10}")
+            if not returns:
+                return Call(self.root((a[1:], b[1:])))
+            carry, output = _parse_carry(returns[0])
+            total = int(a[0]) + int(b[0]) + carry
+            return Answer(f"Carry {total // 10}, Output {total % 10}{output}")
+
+        return Procedure(f"{a} + {b}", len(a), step)
+
+    def baseline(self, problem: tuple[str, str]) -> tuple[str, str]:
+        a, b = problem
+        return f"{a} + {b}\nAnswer: ", str(int(a) + int(b))
+
+    def scratchpad(self, problem: tuple[str, str]) -> tuple[str, str]:
+        a, b = problem
+        width = max(len(a), len(b))
+        a, b = a.zfill(width), b.zfill(width)
+        lines, carry, output = [], 0, ""
+        for x, y in zip(reversed(a), reversed(b), strict=True):
+            total = int(x) + int(y) + carry
+            carry, output = total // 10, str(total % 10) + output
+            lines.append(f"Carry {carry}, Output {output}")
+        return sub_prompt(f"{a} + {b}"), "\n".join(lines)
+
+    def correct(self, output: str, problem: tuple[str, str], method: str) -> bool:
+        expected = str(int(problem[0]) + int(problem[1]))
+        if method == "baseline":
+            return output.strip() == expected
+        last = returned_value(output).strip().splitlines()[-1] if output.strip() else ""
+        try:
+            carry, digits = _parse_carry(last)
+        except ValueError:
+            return False
+        return (("1" if carry else "") + digits).lstrip("0") == expected.lstrip("0")
+
+
+def _parse_carry(text: str) -> tuple[int, str]:
+    """``"Carry 1, Output 38"`` -> (1, "38")."""
+    head, _, output = text.partition(", Output ")
+    if not head.startswith("Carry ") or not output.isdigit() or head[6:] not in ("0", "1"):
+        raise ValueError(f"not 'Carry c, Output d': {text!r}")
+    return int(head[6:]), output
+
+
+def _bits(values) -> str:
+    return "[" + ", ".join(str(v) for v in values) + "]"
+
+
+class Parity(Task):
+    """Parity of a 0/1 list; Re-Tuning recurses on the list without its first element."""
+
+    name = "parity"
+    description = "parity of a binary list; Re-Tuning recurses on the tail"
+
+    def sample(self, length: int, rng: random.Random) -> tuple[int, ...]:
+        return tuple(rng.randint(0, 1) for _ in range(length))
+
+    def _question(self, bits: tuple[int, ...]) -> str:
+        return f"What is the parity of {_bits(bits)}?"
+
+    def root(self, problem: tuple[int, ...]) -> Procedure:
+        def step(returns: list[str]) -> Call | Answer:
+            if len(problem) == 1:
+                return Answer(str(problem[0]))
+            if not returns:
+                return Call(self.root(problem[1:]))
+            return Answer(str((problem[0] + int(returns[0])) % 2))
+
+        return Procedure(self._question(problem), len(problem), step)
+
+    def baseline(self, problem: tuple[int, ...]) -> tuple[str, str]:
+        return f"{self._question(problem)}\nAnswer: ", str(sum(problem) % 2)
+
+    def scratchpad(self, problem: tuple[int, ...]) -> tuple[str, str]:
+        running = [sum(problem[:i + 1]) % 2 for i in range(len(problem))]
+        return sub_prompt(self._question(problem)), "Compute one element at a time. " + " ".join(map(str, running))
+
+    def correct(self, output: str, problem: tuple[int, ...], method: str) -> bool:
+        words = output.split()
+        return bool(words) and words[-1] == str(sum(problem) % 2)
+
+
+def max_sum_nonadjacent(values: list[int]) -> tuple[list[int], list[int]]:
+    """The dp array (best sum from i on) and the lexicographically smallest choice (1 chosen, 2 not)."""
+    n = len(values)
+    dp = [0] * n
+    for i in reversed(range(n)):
+        dp[i] = max(dp[i + 1] if i + 1 < n else 0, values[i] + (dp[i + 2] if i + 2 < n else 0), 0)
+    chosen, can_use = [], True
+    for i in range(n):
+        take = can_use and dp[i] == values[i] + (dp[i + 2] if i + 2 < n else 0)
+        chosen.append(1 if take else 2)
+        can_use = not take
+    return dp, chosen
+
+
+DP_INSTRUCTION = ("Given a sequence of integers, find a subsequence with the highest sum, such that no two numbers "
+                  "in the subsequence are adjacent in the original sequence.\n\nOutput a list with \"1\" for chosen "
+                  "numbers and \"2\" for unchosen ones. If multiple solutions exist, select the lexicographically "
+                  "smallest. Input = {values}.\nAnswer: ")
+INDICES_RULE = "If there is only 1 item, return 1 if we should use it else 2."
+
+
+class MaxSumNonAdjacent(Task):
+    """The DP task of Dziri et al. (values in [-5, 5]): two sub-procedures, the dp array and the chosen items."""
+
+    name = "dp"
+    description = "maximum-sum non-adjacent subsequence; Re-Tuning calls a dp-array and a chosen-items procedure"
+
+    def sample(self, length: int, rng: random.Random) -> tuple[int, ...]:
+        return tuple(rng.randint(-5, 5) for _ in range(length))
+
+    def _dp_array(self, values: tuple[int, ...]) -> Procedure:
+        def step(returns: list[str]) -> Call | Answer:
+            if len(values) == 1:
+                return Answer(f"Return [0] if negative else element.\nAnswer: {_bits([max(values[0], 0)])}")
+            if not returns:
+                return Call(self._dp_array(values[1:]), "Call with array minus first element. ")
+            rest = _parse_list(returns[0])
+            head = max(rest[0], values[0] + (rest[1] if len(rest) > 1 else 0), 0)
+            return Answer(f"Append max(return[0], array[0] + return[1]) to return.\nAnswer: {_bits([head, *rest])}")
+
+        return Procedure(f"Create dp array {_bits(values)}", len(values), step)
+
+    def _chosen(self, sums: tuple[int, ...], values: tuple[int, ...], can_use: bool) -> Procedure:
+        take = can_use and sums[0] == values[0] + (sums[2] if len(sums) > 2 else 0)
+
+        def step(returns: list[str]) -> Call | Answer:
+            if len(values) == 1:
+                return Answer(f"{INDICES_RULE}\nAnswer: {_bits([1 if take else 2])}")
+            if not returns:
+                return Call(self._chosen(sums[1:], values[1:], not take),
+                            f"{INDICES_RULE} If we should use the first item to get the sum, call False else True. ")
+            return Answer(f"Append 1 if False else 2.\nAnswer: {_bits([1 if take else 2, *_parse_list(returns[0])])}")
+
+        return Procedure(f"Create chosen indices array: sum array {_bits(sums)}, item array {_bits(values)}, "
+                         f"can use item {can_use}", len(values), step)
+
+    def root(self, problem: tuple[int, ...]) -> Procedure:
+        def step(returns: list[str]) -> Call | Answer:
+            if not returns:
+                return Call(self._dp_array(problem))
+            if len(returns) == 1:
+                return Call(self._chosen(tuple(_parse_list(returns[0])), problem, True))
+            return Answer(returns[1])  # the paper stops after the second return; we train the copy, so the
+            # top level ends like every other procedure (research note, pitfall 13)
+
+        return Procedure(f"Compute the maximum sum of nonadjacent subsequences of {_bits(problem)}", len(problem),
+                         step)
+
+    def baseline(self, problem: tuple[int, ...]) -> tuple[str, str]:
+        return DP_INSTRUCTION.format(values=_bits(problem)), _bits(max_sum_nonadjacent(list(problem))[1])
+
+    def scratchpad(self, problem: tuple[int, ...]) -> tuple[str, str]:
+        a, n = list(problem), len(problem)
+        dp, chosen = max_sum_nonadjacent(a)
+        lines = []
+        for i in reversed(range(n)):
+            if i == n - 1:
+                lines.append(f"dp[{i}] = max(input[{i}], 0) = max({a[i]}, 0) = {dp[i]}")
+            elif i == n - 2:
+                lines.append(f"dp[{i}] = max(input[{i}], input[{i + 1}], 0) = max({a[i]}, {a[i + 1]}, 0) = {dp[i]}")
+            else:
+                lines.append(f"dp[{i}] = max(dp[{i + 1}], input[{i}] + dp[{i + 2}], 0) = "
+                             f"max({dp[i + 1]}, {a[i]} + {dp[i + 2]}, 0) = {dp[i]}")
+        text = "Scratchpad: " + "\n".join(lines) + (
+            "\n\nFinally, we reconstruct the lexicographically smallest subsequence that fulfills the task objective "
+            "by selecting numbers as follows. We store the result on a list named \"output\".\n\n"
+            "Let can_use_next_item = True.\n")
+        for i in range(n):
+            after = dp[i + 2] if i + 2 < n else 0
+            rhs, shown = (f"input[{i}] + dp[{i + 2}]", f"{a[i]} + {after}") if i + 2 < n else (f"input[{i}]", f"{a[i]}")
+            update = "" if i == n - 1 else f" We update can_use_next_item = {chosen[i] != 1}."
+            if chosen[i] == 1:
+                text += (f"Since dp[{i}] == {rhs} ({dp[i]} == {shown}) and can_use_next_item == True, we store "
+                         f"output[{i}] = 1.{update}\n")
+            else:
+                text += (f"Since dp[{i}] != {rhs} ({dp[i]} != {shown}) or can_use_next_item == False, we store "
+                         f"output[{i}] = 2.{update}\n")
+        text += f"\nReconstructing all together, output={_bits(chosen)}."
+        return f"Question: Let's solve input = {_bits(a)}.", text
+
+    def correct(self, output: str, problem: tuple[int, ...], method: str) -> bool:
+        expected = _bits(max_sum_nonadjacent(list(problem))[1])
+        if method == "scratchpad":
+            return output.rsplit("output=", 1)[-1].strip().rstrip(".") == expected
+        return returned_value(output) == expected
+
+
+def _parse_list(text: str) -> list[int]:
+    inner = text.strip()
+    if not (inner.startswith("[") and inner.endswith("]")):
+        raise ValueError(f"not a list: {text!r}")
+    return [int(v) for v in inner[1:-1].split(",") if v.strip()]
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (Addition(), Parity(), MaxSumNonAdjacent())}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown Re-Tuning task {name!r}; available: {sorted(TASKS)}")
+    return TASKS[name]
