@@ -1,0 +1,210 @@
+import json
+import random
+
+import pytest
+
+from peftlab import load_records
+from peftlab.cli import main
+from peftlab.config import ConfigError
+from peftlab.data import encode
+from peftlab.retune.data import PROMPT_FORMAT, RetuneData, build, parse_lengths
+from peftlab.retune.engine import Engine, EngineConfig, Oracle
+from peftlab.retune.evaluate import problems_for
+from peftlab.retune.tasks import METHODS, TASKS, max_sum_nonadjacent, trace
+
+
+def test_golden_examples_of_the_paper_format():
+    examples, output = trace(TASKS["addition"].root(("73199", "21439")))
+    pairs = [(p, r) for p, r, _ in examples]
+    assert pairs[0] == ("73199 + 21439\nSolution: ", "Call: 3199 + 1439\n")
+    assert ("9 + 9\nSolution: ", "Carry 1, Output 8") in pairs
+    assert pairs[-1] == ("73199 + 21439\nSolution: Call: 3199 + 1439\nReturn: Carry 0, Output 4638\nAnswer: ",
+                         "Carry 0, Output 94638")
+    assert len(pairs) == 2 * 5 - 1 and output == "Carry 0, Output 94638"
+    assert TASKS["addition"].scratchpad(("99", "01"))[1] == "Carry 1, Output 0\nCarry 1, Output 00"
+    assert TASKS["addition"].root(("9999", "1")).text == "9999 + 0001"  # the shorter operand is zero-padded
+
+    dp = [(p, r) for p, r, _ in trace(TASKS["dp"].root((3, -1, 2)))[0]]
+    assert len(dp) == 4 * 3 + 1  # the paper's 4n, plus the top level's final copy of its second return
+    assert ("Create dp array [2]\nSolution: ", "Return [0] if negative else element.\nAnswer: [2]") in dp
+    assert dp[-1][1] == "[1, 2, 1]" and dp[-2][1] == "Append 1 if False else 2.\nAnswer: [1, 2, 1]"
+    assert "\nReturn: [2, 1]\nAnswer: " in dp[-2][0]  # one Return template for every task (the release had two)
+    scratch = TASKS["dp"].scratchpad((3, -1, 2))[1]
+    assert scratch.startswith("Scratchpad: dp[2] = max(input[2], 0) = max(2, 0) = 2\n")
+    assert scratch.endswith("output[2] = 1.\n\nReconstructing all together, output=[1, 2, 1].")
+
+    parity = [(p, r) for p, r, _ in trace(TASKS["parity"].root((1, 0, 1, 1)))[0]]
+    assert parity[0] == ("What is the parity of [1, 0, 1, 1]?\nSolution: ", "Call: What is the parity of [0, 1, 1]?\n")
+    assert parity[-1] == ("What is the parity of [1, 0, 1, 1]?\nSolution: Call: What is the parity of [0, 1, 1]?\n"
+                          "Return: 0\nAnswer: ", "1")
+
+
+def test_dp_solver_matches_brute_force():
+    import itertools
+
+    rng = random.Random(0)
+    for _ in range(200):
+        values = [rng.randint(-5, 5) for _ in range(rng.randint(1, 7))]
+        best = None
+        for choice in itertools.product((1, 2), repeat=len(values)):
+            if any(a == b == 1 for a, b in itertools.pairwise(choice)):
+                continue
+            total = sum(v for v, c in zip(values, choice, strict=True) if c == 1)
+            if best is None or total > best[0] or (total == best[0] and list(choice) < best[1]):
+                best = (total, list(choice))
+        dp, chosen = max_sum_nonadjacent(values)
+        assert chosen == best[1] and dp[0] == max(best[0], 0)
+
+
+def _oracle_run(task_name, lengths, n, config):
+    task = TASKS[task_name]
+    problems = [p for length in lengths for p in problems_for(task_name, length, n, seed=7)]
+    table = [(p, r) for q in problems for p, r, _ in task.examples(q, "retune")]
+    engine = Engine(Oracle(table), config)
+    results = engine.run([task.root(q).text for q in problems])
+    return task, problems, results, engine
+
+
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+@pytest.mark.parametrize("batch", [True, False])
+@pytest.mark.parametrize("memoize", [True, False])
+def test_oracle_scores_everything_through_the_engine(task_name, batch, memoize):
+    lengths = [1, 2, 5, 12, 24] if task_name != "dp" else [1, 2, 5, 9]
+    task, problems, results, _ = _oracle_run(task_name, lengths, 6, EngineConfig(batch=batch, memoize=memoize))
+    assert all(r.error is None for r in results)
+    assert all(task.correct(r.output, q, "retune") for r, q in zip(results, problems, strict=True))
+    for method in ("baseline", "scratchpad"):
+        oracle = Oracle([(p, r) for q in problems for p, r, _ in task.examples(q, method)])
+        outputs = oracle([task.prompt(q, method) for q in problems])
+        assert all(task.correct(o, q, method) for o, q in zip(outputs, problems, strict=True))
+
+
+def test_wrong_answers_are_scored_wrong():
+    add, dp, parity = TASKS["addition"], TASKS["dp"], TASKS["parity"]
+    assert add.correct("Carry 1, Output 05", ("55", "50"), "retune")
+    assert not add.correct("Carry 0, Output 05", ("55", "50"), "retune")
+    assert not add.correct("Call: 5 + 0\n", ("55", "50"), "retune") and not add.correct("", ("5", "5"), "retune")
+    assert add.correct("105", ("55", "50"), "baseline") and not add.correct("10", ("55", "50"), "baseline")
+    assert not dp.correct("[1, 2, 2]", (3, -1, 2), "retune") and dp.correct("[1, 2, 1]", (3, -1, 2), "baseline")
+    assert not parity.correct("Compute one element at a time. 1 1 0 0", (1, 0, 1, 1), "scratchpad")
+
+
+def test_memoisation_saves_calls_and_changes_no_answer():
+    runs = {memo: _oracle_run("dp", [3, 4, 6], 20, EngineConfig(memoize=memo)) for memo in (True, False)}
+    (_, _, with_memo, e1), (_, _, without, e2) = runs[True], runs[False]
+    assert [r.output for r in with_memo] == [r.output for r in without]
+    assert e1.generations < e2.generations  # short dp/indices sub-problems repeat across problems
+    assert any(child.cached for r in with_memo for node in _walk(r.tree) for child in node.children)
+
+
+def _walk(node):
+    yield node
+    for child in node.children:
+        yield from _walk(child)
+
+
+def test_batching_sends_frames_of_all_problems_together():
+    sizes = []
+
+    def recording(table):
+        oracle = Oracle(table)
+
+        def generate(prompts):
+            sizes.append(len(prompts))
+            return oracle(prompts)
+        return generate
+
+    task = TASKS["addition"]
+    problems = problems_for("addition", 6, 10, seed=3)
+    table = [(p, r) for q in problems for p, r, _ in task.examples(q, "retune")]
+    Engine(recording(table), EngineConfig(memoize=False)).run([task.root(q).text for q in problems])
+    assert sizes == [10] * 11  # 6 digits: 11 steps per problem, all 10 problems in every model call
+    sizes.clear()
+    Engine(recording(table), EngineConfig(batch=False, memoize=False)).run([task.root(q).text for q in problems])
+    assert sizes == [1] * 110
+
+
+@pytest.mark.parametrize("behaviour, kind", [
+    (lambda p: "Call: " + p.split("\n")[0] + "\n", "cycle"),  # calls itself
+    (lambda p: "Call: " + p.split("\n")[0] + "+\n", "depth budget"),  # ever deeper, never answers
+    (lambda p: "Call: 1 + 1", "unterminated call"),  # cut before the newline
+    (lambda p: "Call: a\n" if p.count("Call") < 9 and p.startswith("q") else "done", "too many calls"),
+])
+def test_a_misbehaving_model_ends_with_a_recorded_failure(behaviour, kind):
+    engine = Engine(lambda prompts: [behaviour(p) for p in prompts], EngineConfig(max_depth=20))
+    results = engine.run(["q1", "q2"])
+    assert [r.kind for r in results] == [kind, kind]
+    assert all(r.output is None and kind in r.error for r in results)
+    assert engine.generations < 200
+
+
+def test_one_bad_sub_problem_fails_only_the_problems_that_need_it():
+    def model(prompts):
+        return ["Call: broken\n" if p.startswith("bad") else "Call: 1 + 1" if p.startswith("broken") else "ok"
+                for p in prompts]
+
+    results = Engine(model).run(["good", "bad one", "bad two"])
+    assert results[0].output == "ok" and results[0].error is None
+    assert [r.kind for r in results[1:]] == ["unterminated call", "unterminated call"]
+
+
+def test_data_builder_dedups_filters_and_repeats():
+    base = RetuneData(task="addition", method="retune", lengths="1-3", problems_per_length=30)
+    records = build(base)
+    prompts = [r["prompt"] for r in records]
+    assert len(prompts) == len(set(prompts))
+    without_dedup = build(RetuneData(**{**vars(base), "dedup": False}))
+    assert len(without_dedup) > len(records)
+    filtered = build(RetuneData(**{**vars(base), "keep": {2: 0.0}}))
+    assert {r["size"] for r in filtered} == {1, 3}
+    repeated = build(RetuneData(**{**vars(base), "repeat": {1: 5}}))
+    assert sum(r["size"] == 1 for r in repeated) == 5 * sum(r["size"] == 1 for r in records)
+    with pytest.raises(ConfigError, match="lengths"):
+        parse_lengths("three")
+    assert parse_lengths("1-3,8") == [1, 2, 3, 8]
+
+
+def test_training_tokens_are_the_inference_prompt_plus_the_target(tiny_dir):
+    """The tokenisation boundary of the research note's pitfall 1: what the model learns to continue is exactly
+    what the engine will send."""
+    from peftlab.models import load_model
+
+    _, tokenizer = load_model(str(tiny_dir))
+    prompt, response, _ = TASKS["addition"].examples(("73", "21"), "retune")[-1]
+    feature = encode(load_records([{"prompt": prompt, "response": response}]), tokenizer, PROMPT_FORMAT)[0][0]
+    prompt_ids = PROMPT_FORMAT.encode_prompt(tokenizer, prompt)
+    target = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert feature["input_ids"] == prompt_ids + target
+    assert feature["labels"] == [-100] * len(prompt_ids) + target
+
+
+def test_cli_gen_train_eval_on_the_tiny_model(tmp_path, tiny_dir, capsys):
+    data = tmp_path / "parity.jsonl"
+    assert main(["retune", "gen", "--task", "parity", "--lengths", "1-3", "--per-length", "4", "-o", str(data)]) == 0
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    assert lines and all(set(r) >= {"prompt", "response"} for r in lines)
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: {tiny_dir}\nmethod: {{name: lora, r: 4}}\n"
+                      f"training: {{output_dir: {tmp_path / 'run'}, max_steps: 3, learning_rate: 1.0e-3}}\n")
+    assert main(["retune", "train", str(config), "--task", "parity", "--lengths", "1-3", "--per-length", "4"]) == 0
+    module = tmp_path / "run" / "module"
+    info = json.loads((module / "peftlab.json").read_text())
+    assert info["prompt_format"]["template"] == "plain" and info["prompt_format"]["plain_format"] == "{prompt}"
+    out = tmp_path / "eval.json"
+    assert main(["retune", "eval", "--task", "parity", "--run", f"retune={module}", "--oracle", "retune",
+                 "--lengths", "2,4", "--n", "3", "--max-new-tokens", "8", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".png").exists()
+    assert report["runs"]["retune (oracle)"]["lengths"]["4"]["accuracy"] == 1.0
+    model_run = next(v for k, v in report["runs"].items() if "oracle" not in k)
+    assert set(model_run["lengths"]) == {"2", "4"} and model_run["lengths"]["2"]["n"] == 3
+    assert main(["retune", "eval", "--task", "parity", "--run", "nonsense=x"]) == 2
+
+
+def test_every_method_renders_every_task():
+    rng = random.Random(0)
+    for task in TASKS.values():
+        problem = task.sample(4, rng)
+        for method in METHODS:
+            prompt = task.prompt(problem, method)
+            assert prompt == task.examples(problem, method)[0][0]
