@@ -120,10 +120,26 @@ def _digits(length: int, rng: random.Random) -> str:
 
 
 class Addition(Task):
-    """a + b with both operands ``length`` digits. Re-Tuning drops the leading digit of both and prepends one."""
+    """a + b with both operands ``length`` digits. Re-Tuning drops the leading digit of both and prepends one.
+
+    ``show_digit_sum`` (the task ``addition-steps``, not in the paper) writes the one-digit sum before the carry
+    and output (``"7+8+1=16. Carry 1, Output 6..."``) in Re-Tuning and scratchpad steps: the digits are copied
+    where the model can see them and the sum is a fact a pretrained model already knows.
+    """
 
     name = "addition"
     description = "integer addition; Re-Tuning recurses on the operands without their leading digit"
+
+    def __init__(self, show_digit_sum: bool = False) -> None:
+        self.show_digit_sum = show_digit_sum
+        if show_digit_sum:
+            self.name = "addition-steps"
+            self.description = "integer addition, each step writing its one-digit sum (x+y+carry=s) first"
+
+    def _step(self, x: str, y: str, carry: int, output: str) -> tuple[int, str]:
+        total = int(x) + int(y) + carry
+        shown = f"{x}+{y}+{carry}={total}. " if self.show_digit_sum else ""
+        return total // 10, f"{shown}Carry {total // 10}, Output {total % 10}{output}"
 
     def sample(self, length: int, rng: random.Random) -> tuple[str, str]:
         return _digits(length, rng), _digits(length, rng)
@@ -139,13 +155,10 @@ class Addition(Task):
 
         def step(returns: list[str]) -> Call | Answer:
             if len(a) == 1:
-                total = int(a) + int(b)
-                return Answer(f"Carry {total // 10}, Output {total % 10}")
+                return Answer(self._step(a, b, 0, "")[1])
             if not returns:
                 return Call(self.root((a[1:], b[1:])))
-            carry, output = _parse_carry(returns[0])
-            total = int(a[0]) + int(b[0]) + carry
-            return Answer(f"Carry {total // 10}, Output {total % 10}{output}")
+            return Answer(self._step(a[0], b[0], *_parse_carry(returns[0]))[1])
 
         return Procedure(f"{a} + {b}", len(a), step)
 
@@ -159,9 +172,9 @@ class Addition(Task):
         a, b = a.zfill(width), b.zfill(width)
         lines, carry, output = [], 0, ""
         for x, y in zip(reversed(a), reversed(b), strict=True):
-            total = int(x) + int(y) + carry
-            carry, output = total // 10, str(total % 10) + output
-            lines.append(f"Carry {carry}, Output {output}")
+            carry, line = self._step(x, y, carry, output)
+            output = line.rsplit(" ", 1)[-1]
+            lines.append(line)
         return sub_prompt(f"{a} + {b}"), "\n".join(lines)
 
     def correct(self, output: str, problem: tuple[str, str], method: str) -> bool:
@@ -177,8 +190,8 @@ class Addition(Task):
 
 
 def _parse_carry(text: str) -> tuple[int, str]:
-    """``"Carry 1, Output 38"`` -> (1, "38")."""
-    head, _, output = text.partition(", Output ")
+    """``"Carry 1, Output 38"`` (or ``"5+2+1=8. Carry 0, Output 8"``) -> (1, "38")."""
+    head, _, output = text.rsplit(". ", 1)[-1].partition(", Output ")
     if not head.startswith("Carry ") or not output.isdigit() or head[6:] not in ("0", "1"):
         raise ValueError(f"not 'Carry c, Output d': {text!r}")
     return int(head[6:]), output
@@ -336,7 +349,8 @@ def _parse_list(text: str) -> list[int]:
     return [int(v) for v in inner[1:-1].split(",") if v.strip()]
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (Addition(), Parity(), MaxSumNonAdjacent())}
+TASKS: dict[str, Task] = {t.name: t for t in (Addition(), Addition(show_digit_sum=True), Parity(),
+                                                MaxSumNonAdjacent())}
 
 
 def get_task(name: str) -> Task:
