@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--train-max", type=int, default=6, help="longest training problem (default: 6 digits)")
     parser.add_argument("--eval-max", type=int, default=12, help="longest evaluated problem (default: 12)")
     parser.add_argument("--per-length", type=int, default=400, help="training problems per length (default: 400)")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per method (default: 200)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per method (default: 300)")
     parser.add_argument("--n", type=int, default=50, help="evaluation problems per length (default: 50)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "retune"), help="folder of the runs")
     parser.add_argument("--result", default=None, help="report (default: examples/results/retune-<task>.json)")
