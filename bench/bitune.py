@@ -23,6 +23,7 @@ from common import generation_times, print_trainable, train_step_time  # bench/c
 from peftlab import attach, load_model, load_records
 from peftlab.data import IGNORE_INDEX, Collator, PromptFormat, encode
 from peftlab.evals.suite import Suite, training_records
+from peftlab.models import DEFAULT_MODEL
 from peftlab.module import parameter_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +39,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    base, tokenizer = load_model(args.model)
+    name = args.model or DEFAULT_MODEL
+    base, tokenizer = load_model(name)
     models = {"lora": attach(base, "lora", ADAPTER).eval(),
-              "bitune": attach(load_model(args.model)[0], "bitune", {"adapter": {"name": "lora", **ADAPTER}}).eval()}
+              "bitune": attach(load_model(name)[0], "bitune", {"adapter": {"name": "lora", **ADAPTER}}).eval()}
     fmt = PromptFormat("chat")
     records = training_records(Suite("bench", trained=["fact_choice", "table_lookup"]), 4, seed=0)
     features, _ = encode(load_records(records), tokenizer, fmt)
