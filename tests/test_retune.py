@@ -175,6 +175,7 @@ def test_training_tokens_are_the_inference_prompt_plus_the_target(tiny_dir):
     prompt_ids = PROMPT_FORMAT.encode_prompt(tokenizer, prompt)
     target = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert feature["input_ids"] == prompt_ids + target
+    assert prompt_ids[0] != tokenizer("7", add_special_tokens=False)["input_ids"][0]  # not at the sink position
     assert feature["labels"] == [-100] * len(prompt_ids) + target
 
 
@@ -189,7 +190,8 @@ def test_cli_gen_train_eval_on_the_tiny_model(tmp_path, tiny_dir, capsys):
     assert main(["retune", "train", str(config), "--task", "parity", "--lengths", "1-3", "--per-length", "4"]) == 0
     module = tmp_path / "run" / "module"
     info = json.loads((module / "peftlab.json").read_text())
-    assert info["prompt_format"]["template"] == "plain" and info["prompt_format"]["plain_format"] == "{prompt}"
+    assert info["prompt_format"] == {**info["prompt_format"], "template": "plain",
+                                     "plain_format": PROMPT_FORMAT.plain_format}
     out = tmp_path / "eval.json"
     assert main(["retune", "eval", "--task", "parity", "--run", f"retune={module}", "--oracle", "retune",
                  "--lengths", "2,4", "--n", "3", "--max-new-tokens", "8", "--out", str(out)]) == 0

@@ -15,8 +15,11 @@ from peftlab.config import ConfigError
 from peftlab.data import PromptFormat
 from peftlab.retune.tasks import METHODS, get_task
 
-# Prompts are raw text: the task templates already end in "\nSolution: " / "\nAnswer: ".
-PROMPT_FORMAT = PromptFormat("plain", "{prompt}")
+# Prompts are raw text (the task templates already end in "\nSolution: " / "\nAnswer: ") behind one start token.
+# A model whose tokenizer adds no BOS (SmolLM2, Qwen2) would put the problem's first digit at position 0, where
+# attention sinks and copies it badly: the first Re-Tuning module here copied it right 11% of the time, and 41%
+# with a newline put in front at inference only. The paper's LLaMA always had a BOS there.
+PROMPT_FORMAT = PromptFormat("plain", "\n{prompt}")
 
 
 def parse_lengths(spec: str | int | list[int]) -> list[int]:

@@ -190,11 +190,11 @@ class ModelGenerator:
     """A peftlab model (base or module) as a generator: prompts as plain text, greedy, raw new text."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 64, batch_size: int = 64) -> None:
-        from peftlab.data import PromptFormat
+        from peftlab.retune.data import PROMPT_FORMAT
 
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.format = PromptFormat("plain", "{prompt}")
+        self.format = PROMPT_FORMAT  # what the Re-Tuning data trained on
 
     def __call__(self, prompts: list[str]) -> list[str]:
         from peftlab.generation import generate
