@@ -119,7 +119,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q = actions.add_parser("train", help="generate data and train on it",
                            description="Generate the data (as `gen`) into the run's output_dir and train with a "
                                        "normal peftlab training config (LoRA by default; any method works).")
-    q.add_argument("config", nargs="?", help="training YAML (see examples/retune-addition.yaml)")
+    q.add_argument("config", nargs="?", help="training YAML (see examples/retune.yaml)")
     _add_data_args(q)
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output module folder")

@@ -1,12 +1,13 @@
-"""Re-Tuning vs scratchpad vs baseline on integer addition, trained on short problems, evaluated beyond them.
+"""Re-Tuning vs scratchpad vs baseline, trained on short problems, evaluated beyond them (the paper's figure).
 
-Each method is trained with examples/retune-addition.yaml (LoRA r=16 on all linear layers, the same steps, batch
-and learning rate) on problems of 1..--train-max digits, then evaluated on --n fresh problems per length up to
---eval-max digits (greedy; Re-Tuning through the batched, memoising recursive engine). Steps are skipped when their
-output exists and training resumes from its last checkpoint, so an interrupted run continues where it stopped:
+Each method is trained with examples/retune.yaml (LoRA r=16 on all linear layers, the same steps, batch and
+learning rate) on problems of 1..--train-max, then evaluated on --n fresh problems per length up to --eval-max
+(greedy; Re-Tuning through the batched, memoising recursive engine). Steps are skipped when their output exists
+and training resumes from its last checkpoint, so an interrupted run continues where it stopped:
 
-    python examples/retune_addition.py                                  # addition-steps, train 1-6, eval 2-12
-    python examples/retune_addition.py --task addition --steps 400      # the paper's exact format
+    python examples/retune_experiment.py                          # addition-steps, train 1-6, eval 2-12
+    python examples/retune_experiment.py --task parity            # train 1-10, eval 2-20
+    python examples/retune_experiment.py --task addition --steps 400 --methods retune
 
 Writes examples/results/retune-<task>.json and .png (accuracy against length, one curve per method).
 On a shared 2-core CPU run it with OMP_NUM_THREADS=1.
@@ -21,7 +22,8 @@ from pathlib import Path
 from peftlab.retune.tasks import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "examples" / "retune-addition.yaml"
+CONFIG = ROOT / "examples" / "retune.yaml"
+LENGTHS = {"addition": (6, 12), "addition-steps": (6, 12), "parity": (10, 20), "dp": (5, 10)}  # train max, eval max
 
 
 def train_method(task: str, method: str, run: Path, args: argparse.Namespace) -> Path:
@@ -44,18 +46,29 @@ def train_method(task: str, method: str, run: Path, args: argparse.Namespace) ->
     return train(config).module_dir
 
 
+def longest_target(tokenizer, task: str, method: str, length: int) -> int:
+    """Tokens of the longest response a method must write at ``length`` (a scratchpad writes every step)."""
+    from peftlab.retune.evaluate import problems_for
+    from peftlab.retune.tasks import get_task
+
+    examples = [e for p in problems_for(task, length, 5, seed=0) for e in get_task(task).examples(p, method)]
+    return max(len(tokenizer(response, add_special_tokens=False)["input_ids"]) for _, response, _ in examples)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="addition-steps", choices=["addition", "addition-steps"])
+    parser.add_argument("--task", default="addition-steps", choices=sorted(LENGTHS))
     parser.add_argument("--methods", nargs="+", default=["retune", "scratchpad", "baseline"], choices=METHODS)
-    parser.add_argument("--train-max", type=int, default=6, help="longest training problem (default: 6 digits)")
-    parser.add_argument("--eval-max", type=int, default=12, help="longest evaluated problem (default: 12)")
+    parser.add_argument("--train-max", type=int, help="longest training problem (default: addition 6, parity 10, dp 5)")
+    parser.add_argument("--eval-max", type=int, help="longest evaluated problem (default: twice --train-max)")
     parser.add_argument("--per-length", type=int, default=400, help="training problems per length (default: 400)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per method (default: 300)")
     parser.add_argument("--n", type=int, default=50, help="evaluation problems per length (default: 50)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "retune"), help="folder of the runs")
     parser.add_argument("--result", default=None, help="report (default: examples/results/retune-<task>.json)")
     args = parser.parse_args()
+    args.train_max = args.train_max or LENGTHS[args.task][0]
+    args.eval_max = args.eval_max or 2 * args.train_max
     from peftlab.module import load_with_base
     from peftlab.retune.engine import ModelGenerator
     from peftlab.retune.evaluate import EvalConfig, evaluate_method, write_report
@@ -71,8 +84,8 @@ def main() -> None:
         evaluation = run / f"eval-n{args.n}-to{args.eval_max}.json"
         if not evaluation.exists():
             model, tokenizer = load_with_base(module)
-            longest = 28 * args.eval_max if method == "scratchpad" else 48  # a scratchpad writes every step
-            generator = ModelGenerator(model, tokenizer, max_new_tokens=longest)
+            generator = ModelGenerator(model, tokenizer, max_new_tokens=longest_target(
+                tokenizer, args.task, method, args.eval_max) + 16)
             evaluation.write_text(json.dumps(evaluate_method(config, method, generator), indent=2, default=str))
         log = json.loads((run / "train_log.json").read_text())
         report["runs"][method] = {"method": method, "module": str(module),
