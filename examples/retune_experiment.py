@@ -9,7 +9,8 @@ and training resumes from its last checkpoint, so an interrupted run continues w
     python examples/retune_experiment.py --task parity            # train 1-10, eval 2-20
     python examples/retune_experiment.py --task addition --steps 400 --methods retune
 
-Writes examples/results/retune-<task>.json and .png (accuracy against length, one curve per method).
+Writes examples/results/retune-<task>.json and .png (accuracy against length, one curve per method); methods run
+separately (e.g. one per core) are added to an existing report of the same setup.
 On a shared 2-core CPU run it with OMP_NUM_THREADS=1.
 """
 
@@ -34,9 +35,9 @@ def train_method(task: str, method: str, run: Path, args: argparse.Namespace) ->
     if (run / "module").exists():
         return run / "module"
     data = run / "train.jsonl"
-    if not data.exists():  # the base case and 2-digit steps are few after dedup: repeat them (the paper: x1000, x5)
+    if not data.exists():
         write_jsonl(build(RetuneData(task=task, method=method, lengths=f"1-{args.train_max}",
-                                     problems_per_length=args.per_length, repeat={1: 4, 2: 2})), data)
+                                     problems_per_length=args.per_length)), data)
     overrides = [f"training.output_dir={run}", f"training.max_steps={args.steps}", f"data.train={data}"]
     if last_complete_checkpoint(run):
         overrides.append("training.resume_from_checkpoint=true")
@@ -75,6 +76,7 @@ def main() -> None:
 
     lengths = list(range(2, args.eval_max + 1, 2))
     config = EvalConfig(args.task, lengths, args.n, train_lengths=list(range(1, args.train_max + 1)))
+    out = Path(args.result or ROOT / "examples" / "results" / f"retune-{args.task}.json")
     report = {"task": args.task, "n": args.n, "seed": config.seed, "train_lengths": config.train_lengths,
               "training": {"config": str(CONFIG.relative_to(ROOT)), "steps": args.steps,
                            "problems_per_length": args.per_length}, "runs": {}}
@@ -93,7 +95,10 @@ def main() -> None:
                                   "train_seconds": log["metrics"]["train_runtime"],
                                   "losses": [h["loss"] for h in log["log_history"] if "loss" in h]}
         print(method, {n: round(v["accuracy"], 2) for n, v in report["runs"][method]["lengths"].items()}, flush=True)
-    out = args.result or ROOT / "examples" / "results" / f"retune-{args.task}.json"
+    if out.exists():  # methods run separately (one per core) add to the report of the same setup
+        earlier = json.loads(out.read_text())
+        if {k: v for k, v in earlier.items() if k != "runs"} == {k: v for k, v in report.items() if k != "runs"}:
+            report["runs"] = {**earlier["runs"], **report["runs"]}
     write_report(report, out)
     print(f"wrote {out} and its .png")
 

@@ -149,10 +149,12 @@ def test_one_bad_sub_problem_fails_only_the_problems_that_need_it():
 
 
 def test_data_builder_dedups_filters_and_repeats():
-    base = RetuneData(task="addition", method="retune", lengths="1-3", problems_per_length=30)
+    base = RetuneData(task="addition", method="retune", lengths="1-3", problems_per_length=30, repeat={})
     records = build(base)
     prompts = [r["prompt"] for r in records]
     assert len(prompts) == len(set(prompts))
+    oversampled = build(RetuneData(**{**vars(base), "repeat": None}))  # the task's default: base case x4, size 2 x2
+    assert len(oversampled) == len(records) + sum({1: 3, 2: 1}.get(r["size"], 0) for r in records)
     without_dedup = build(RetuneData(**{**vars(base), "dedup": False}))
     assert len(without_dedup) > len(records)
     filtered = build(RetuneData(**{**vars(base), "keep": {2: 0.0}}))

@@ -26,7 +26,7 @@ def _data_config(args: argparse.Namespace):
 
     return RetuneData(task=args.task, method=args.method, lengths=args.lengths,
                       problems_per_length=args.per_length, seed=args.seed,
-                      keep=_pairs(args.keep, float, "--keep"), repeat=_pairs(args.repeat, int, "--repeat"))
+                      keep=_pairs(args.keep, float, "--keep"), repeat=_pairs(args.repeat, int, "--repeat") or None)
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
@@ -103,7 +103,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="append", default=[], metavar="SIZE=FRACTION",
                    help="keep this fraction of the examples whose sub-problem has SIZE (repeatable)")
     p.add_argument("--repeat", action="append", default=[], metavar="SIZE=TIMES",
-                   help="repeat the examples whose sub-problem has SIZE (repeatable), e.g. --repeat 1=100")
+                   help="repeat the examples whose sub-problem has SIZE (repeatable), e.g. --repeat 1=100; "
+                        "replaces the task's default oversampling of short sub-problems")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

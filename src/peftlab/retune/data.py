@@ -51,10 +51,11 @@ class RetuneData:
     seed: int = 0
     dedup: bool = True  # one example per distinct prompt (sub-problems repeat across problems)
     keep: dict[int, float] = field(default_factory=dict)  # sub-problem size -> fraction of its examples kept
-    repeat: dict[int, int] = field(default_factory=dict)  # sub-problem size -> times each example is repeated
+    repeat: dict[int, int] | None = None  # sub-problem size -> times each example is repeated (None: the task's)
 
     def __post_init__(self) -> None:
-        get_task(self.task)
+        if self.repeat is None:
+            self.repeat = get_task(self.task).repeat
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         self.keep = {int(k): float(v) for k, v in self.keep.items()}

@@ -76,6 +76,10 @@ class Task(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    # Training data's default oversampling: sub-problem size -> times each example is repeated. Short sizes have
+    # few distinct prompts after dedup (parity has two base cases), and a model that rarely sees the base case
+    # ends every recursion wrong. The paper's shares of the data, for ~400 problems per length.
+    repeat: ClassVar[dict[int, int]] = {}
 
     @abstractmethod
     def sample(self, length: int, rng: random.Random) -> Any:
@@ -129,6 +133,7 @@ class Addition(Task):
 
     name = "addition"
     description = "integer addition; Re-Tuning recurses on the operands without their leading digit"
+    repeat = {1: 4, 2: 2}  # the base case ~2.5% of the examples
 
     def __init__(self, show_digit_sum: bool = False) -> None:
         self.show_digit_sum = show_digit_sum
@@ -206,6 +211,7 @@ class Parity(Task):
 
     name = "parity"
     description = "parity of a binary list; Re-Tuning recurses on the tail"
+    repeat = {1: 100, 2: 25, 3: 10, 4: 5, 5: 3, 6: 2}  # the paper's x900, x240, ... at a tenth of its data
 
     def sample(self, length: int, rng: random.Random) -> tuple[int, ...]:
         return tuple(rng.randint(0, 1) for _ in range(length))
@@ -261,6 +267,7 @@ class MaxSumNonAdjacent(Task):
 
     name = "dp"
     description = "maximum-sum non-adjacent subsequence; Re-Tuning calls a dp-array and a chosen-items procedure"
+    repeat = {1: 25, 2: 3}  # the paper's x250, x30 at a tenth of its data
 
     def sample(self, length: int, rng: random.Random) -> tuple[int, ...]:
         return tuple(rng.randint(-5, 5) for _ in range(length))
