@@ -9,7 +9,7 @@ from peftlab.config import ConfigError
 from peftlab.data import encode
 from peftlab.retune.data import PROMPT_FORMAT, RetuneData, build, parse_lengths
 from peftlab.retune.engine import Engine, EngineConfig, Oracle
-from peftlab.retune.evaluate import problems_for
+from peftlab.retune.evaluate import EvalConfig, evaluate_method, problems_for
 from peftlab.retune.tasks import METHODS, TASKS, max_sum_nonadjacent, trace
 
 
@@ -87,6 +87,21 @@ def test_wrong_answers_are_scored_wrong():
     assert add.correct("105", ("55", "50"), "baseline") and not add.correct("10", ("55", "50"), "baseline")
     assert not dp.correct("[1, 2, 2]", (3, -1, 2), "retune") and dp.correct("[1, 2, 1]", (3, -1, 2), "baseline")
     assert not parity.correct("Compute one element at a time. 1 1 0 0", (1, 0, 1, 1), "scratchpad")
+
+
+def test_evaluation_finds_the_first_wrong_step_of_a_wrong_answer():
+    """A "model" that is the oracle except for the base case 1 + 1 (it answers 1): every 2-digit problem ending
+    in 1 + 1 is wrong, and the analysis blames the base case (size 1), not the steps after it."""
+    task, config = TASKS["addition"], EvalConfig("addition", [2], n=30, seed=3)
+    problems = problems_for("addition", 2, 30, seed=3)
+    table = dict((p, r) for q in problems for p, r, _ in task.examples(q, "retune"))
+    table["1 + 1\nSolution: "] = "Carry 0, Output 1"
+    result = evaluate_method(config, "retune", Oracle(list(table.items())))[2]
+    broken = sum(a[1] == "1" and b[1] == "1" for a, b in problems)
+    assert broken and result["accuracy"] == 1 - broken / 30
+    assert result["wrong_step_sizes"] == {1: broken}
+    step = result["call_trees"][0]["first_wrong_step"]
+    assert step["prompt"] == "1 + 1\nSolution: " and step["got"] == "Carry 0, Output 1"
 
 
 def test_memoisation_saves_calls_and_changes_no_answer():

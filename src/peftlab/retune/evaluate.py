@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.retune.engine import Engine, EngineConfig, Generator
-from peftlab.retune.tasks import get_task
+from peftlab.retune.tasks import Task, get_task
 
 
 @dataclass
@@ -31,30 +31,65 @@ def problems_for(task_name: str, length: int, n: int, seed: int) -> list[Any]:
     return [task.sample(length, rng) for _ in range(n)]
 
 
+class _Recorder:
+    """A generator that remembers its answer to every prompt (greedy decoding: one answer per prompt)."""
+
+    def __init__(self, generate: Generator) -> None:
+        self.generate, self.answers = generate, {}
+
+    def __call__(self, prompts: list[str]) -> list[str]:
+        outputs = self.generate(prompts)
+        self.answers.update(zip(prompts, outputs, strict=True))
+        return outputs
+
+
+def first_wrong_step(task: Task, problem: Any, answers: dict[str, str]) -> dict[str, Any] | None:
+    """The first step, in the order the engine runs them, where the model's answer differs from the training
+    target: where a wrong Re-Tuning solution went off the rails (None if every step it took was right)."""
+    for prompt, expected, size in task.examples(problem, "retune"):
+        got = answers.get(prompt)
+        if got is None:
+            return None
+        if got.strip() != expected.strip():
+            return {"size": size, "prompt": prompt, "expected": expected, "got": got}
+    return None
+
+
 def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine: EngineConfig | None = None,
                     keep_trees: int = 2) -> dict[str, Any]:
-    """``{length: {accuracy, n, failures, calls_per_problem, seconds, examples}}`` for one method."""
+    """``{length: {accuracy, n, failures, calls_per_problem, seconds, examples}}`` for one method; Re-Tuning adds
+    ``wrong_step_sizes`` (sub-problem size of each wrong answer's first wrong step) and the call trees and first
+    wrong steps of ``keep_trees`` wrong answers (or right ones when none is wrong)."""
     task = get_task(config.task)
     per_length = {}
     for length in config.lengths or [1]:
         problems = problems_for(config.task, length, config.n, config.seed)
         start = time.perf_counter()
+        analysis: dict[str, Any] = {}
         if method == "retune":
-            results = Engine(generate, engine).run([task.root(p).text for p in problems])
+            recorder = _Recorder(generate)
+            results = Engine(recorder, engine).run([task.root(p).text for p in problems])
             outputs = [r.output or "" for r in results]
             errors = Counter(r.kind for r in results if r.kind)
             calls = sum(r.calls for r in results) / len(results)
-            trees = [r.tree.to_dict() for r in results[:keep_trees]]
         else:
             outputs = generate([task.prompt(p, method) for p in problems])
-            errors, calls, trees = Counter(), 1.0, []
+            errors, calls = Counter(), 1.0
+        seconds = time.perf_counter() - start
         correct = [task.correct(o, p, method) for o, p in zip(outputs, problems, strict=True)]
+        if method == "retune":
+            wrong = [i for i, c in enumerate(correct) if not c]
+            steps = {i: first_wrong_step(task, problems[i], recorder.answers) for i in wrong}
+            shown = (wrong or list(range(len(problems))))[:keep_trees]
+            analysis = {"wrong_step_sizes": dict(sorted(Counter(s["size"] for s in steps.values() if s).items())),
+                        "call_trees": [{"problem": str(problems[i]), "first_wrong_step": steps.get(i),
+                                        **results[i].tree.to_dict()} for i in shown]}
         per_length[length] = {
             "accuracy": sum(correct) / len(correct), "n": len(correct), "failures": dict(errors),
-            "calls_per_problem": calls, "seconds": round(time.perf_counter() - start, 2),
+            "calls_per_problem": calls, "seconds": round(seconds, 2),
             "examples": [{"problem": str(p), "output": o, "correct": c}
                          for p, o, c in list(zip(problems, outputs, correct, strict=True))[:3]],
-            **({"call_trees": trees} if trees else {}),
+            **analysis,
         }
     return per_length
 
