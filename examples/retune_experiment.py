@@ -7,7 +7,9 @@ and training resumes from its last checkpoint, so an interrupted run continues w
 
     python examples/retune_experiment.py                          # addition-steps, train 1-6, eval 2-12
     python examples/retune_experiment.py --task parity            # train 1-10, eval 2-20
-    python examples/retune_experiment.py --task addition --steps 400 --methods retune
+    python examples/retune_experiment.py --methods retune --seed 1     # another seed of one method
+    python examples/retune_experiment.py --methods retune --steps 600 --runs runs/retune-600 \
+        --result examples/results/retune-addition-steps-600.json      # another budget: its own runs and report
 
 Writes examples/results/retune-<task>.json and .png (accuracy against length, one curve per method); methods run
 separately (e.g. one per core) are added to an existing report of the same setup.
@@ -33,12 +35,16 @@ def train_method(task: str, method: str, run: Path, args: argparse.Namespace) ->
     from peftlab.training import TrainConfig, last_complete_checkpoint, train
 
     if (run / "module").exists():
+        steps = json.loads((run / "train_log.json").read_text())["log_history"][-1]["step"]
+        if steps != args.steps:
+            raise SystemExit(f"{run} was trained for {steps} steps, not {args.steps}: pass --runs with a new folder")
         return run / "module"
     data = run / "train.jsonl"
     if not data.exists():
         write_jsonl(build(RetuneData(task=task, method=method, lengths=f"1-{args.train_max}",
-                                     problems_per_length=args.per_length)), data)
-    overrides = [f"training.output_dir={run}", f"training.max_steps={args.steps}", f"data.train={data}"]
+                                     problems_per_length=args.per_length, seed=args.seed)), data)
+    overrides = [f"training.output_dir={run}", f"training.max_steps={args.steps}", f"data.train={data}",
+                 f"training.seed={args.seed}"]
     if last_complete_checkpoint(run):
         overrides.append("training.resume_from_checkpoint=true")
     config = TrainConfig.from_yaml(CONFIG, overrides)
@@ -65,6 +71,7 @@ def main() -> None:
     parser.add_argument("--per-length", type=int, default=400, help="training problems per length (default: 400)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per method (default: 300)")
     parser.add_argument("--n", type=int, default=50, help="evaluation problems per length (default: 50)")
+    parser.add_argument("--seed", type=int, default=0, help="training data and training seed (default: 0)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "retune"), help="folder of the runs")
     parser.add_argument("--result", default=None, help="report (default: examples/results/retune-<task>.json)")
     args = parser.parse_args()
@@ -81,7 +88,8 @@ def main() -> None:
               "training": {"config": str(CONFIG.relative_to(ROOT)), "steps": args.steps,
                            "problems_per_length": args.per_length}, "runs": {}}
     for method in args.methods:
-        run = Path(args.runs) / f"{args.task}-{method}"
+        name = method + (f" (seed {args.seed})" if args.seed else "")
+        run = Path(args.runs) / (f"{args.task}-{method}" + (f"-seed{args.seed}" if args.seed else ""))
         module = train_method(args.task, method, run, args)
         evaluation = run / f"eval-n{args.n}-to{args.eval_max}.json"
         if not evaluation.exists():
@@ -90,15 +98,17 @@ def main() -> None:
                 tokenizer, args.task, method, args.eval_max) + 16)
             evaluation.write_text(json.dumps(evaluate_method(config, method, generator), indent=2, default=str))
         log = json.loads((run / "train_log.json").read_text())
-        report["runs"][method] = {"method": method, "module": str(module),
+        report["runs"][name] = {"method": method, "seed": args.seed, "module": str(module),
                                   "lengths": json.loads(evaluation.read_text()),
                                   "train_seconds": log["metrics"]["train_runtime"],
                                   "losses": [h["loss"] for h in log["log_history"] if "loss" in h]}
-        print(method, {n: round(v["accuracy"], 2) for n, v in report["runs"][method]["lengths"].items()}, flush=True)
-    if out.exists():  # methods run separately (one per core) add to the report of the same setup
+        print(name, {n: round(v["accuracy"], 2) for n, v in report["runs"][name]["lengths"].items()}, flush=True)
+    if out.exists():  # methods and seeds run separately (one per core) add to the report of the same setup
         earlier = json.loads(out.read_text())
-        if {k: v for k, v in earlier.items() if k != "runs"} == {k: v for k, v in report.items() if k != "runs"}:
-            report["runs"] = {**earlier["runs"], **report["runs"]}
+        setup = {k: v for k, v in report.items() if k != "runs"}
+        if {k: v for k, v in earlier.items() if k != "runs"} != setup:
+            raise SystemExit(f"{out} reports another setup than {setup}: pass --result to write elsewhere")
+        report["runs"] = {**earlier["runs"], **report["runs"]}
     write_report(report, out)
     print(f"wrote {out} and its .png")
 
