@@ -50,16 +50,21 @@ def is_incomplete(folder: str | Path) -> bool:
     return (folder / INCOMPLETE_MARKER).exists() or folder.name.endswith(".incomplete")
 
 
-def write_jsonl(records: list[dict], path: str | Path) -> Path:
-    """One JSON object per line, written to a temporary sibling and renamed: a reader never sees half a file."""
+def write_text(path: str | Path, text: str) -> Path:
+    """Write to a temporary sibling and rename: a reader (or a crash) never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".incomplete", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_jsonl(records: list[dict], path: str | Path) -> Path:
+    """One JSON object per line, written atomically."""
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

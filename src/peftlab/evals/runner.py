@@ -24,6 +24,7 @@ from peftlab.data import PromptFormat
 from peftlab.evals.suite import Suite, make_split
 from peftlab.evals.tasks import get_family
 from peftlab.generation import generate
+from peftlab.io import write_text
 
 
 @dataclass
@@ -157,9 +158,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: str | Path, chart: bool = True) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = write_text(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if chart:
         plot(report, out.with_suffix(".png"))
     return out

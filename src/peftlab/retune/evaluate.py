@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftlab.io import write_text
 from peftlab.retune.engine import Engine, EngineConfig, Generator
 from peftlab.retune.tasks import Task, get_task
 
@@ -96,9 +97,7 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
 
 def write_report(report: dict[str, Any], out: str | Path) -> Path:
     """``out`` (JSON) and the plot beside it (same name, .png)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    out = write_text(out, json.dumps(report, indent=2, default=str) + "\n")
     plot(report, out.with_suffix(".png"))
     return out
 
@@ -110,10 +109,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = {"baseline": "tab:orange", "scratchpad": "tab:blue", "retune": "tab:green"}  # seeds share a colour
     for label, run in report["runs"].items():
         lengths = sorted(run["lengths"], key=int)
         ax.plot([int(n) for n in lengths], [run["lengths"][n]["accuracy"] for n in lengths], marker="o",
-                markersize=3, label=label)
+                markersize=3, label=label, color=colors.get(run.get("method")),
+                linestyle="--" if run.get("seed") else "-")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     train = report.get("train_lengths")
     if train:
         ax.axvspan(min(train) - 0.5, max(train) + 0.5, color="grey", alpha=0.12, label="training lengths")
