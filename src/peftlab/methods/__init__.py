@@ -6,6 +6,7 @@ A method plugs into training, saving, ``info`` and the CLI by subclassing ``Meth
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -70,6 +71,21 @@ class ModelWrapper(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+
+# transformers 5.x renames the forward argument past_key_values to cache (the old name works until 5.40): hooks
+# read whichever one generate() passed, and our own calls use the name the model's forward declares.
+CACHE_ARGS = ("cache", "past_key_values")
+
+
+def cache_in(kwargs: dict[str, Any]) -> Any:
+    """The KV cache among a forward call's keyword arguments, under either name (None if there is none)."""
+    return next((kwargs[name] for name in CACHE_ARGS if kwargs.get(name) is not None), None)
+
+
+def cache_arg(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes its KV cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 METHODS: dict[str, Method] = {}

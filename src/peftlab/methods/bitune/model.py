@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from peftlab.data import IGNORE_INDEX
-from peftlab.methods import MethodConfig, ModelWrapper
+from peftlab.methods import MethodConfig, ModelWrapper, cache_arg, cache_in
 
 CAUSAL, BIDIR = "default", "bidir"  # peft adapter names: the answer/causal adapter and the bidirectional one
 
@@ -189,8 +189,8 @@ class BituneModel(ModelWrapper):
         lm = self.causal_lm
         attention = bidirectional_mask(mask, lm.dtype) if bidirectional else mask
         cache = DynamicCache(config=lm.config)
-        lm(input_ids=ids, attention_mask=attention, position_ids=pos, past_key_values=cache, use_cache=True,
-           logits_to_keep=1)
+        lm(input_ids=ids, attention_mask=attention, position_ids=pos, use_cache=True, logits_to_keep=1,
+           **{cache_arg(lm): cache})
         return cache
 
     def encode_prompt(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
@@ -246,7 +246,7 @@ class BituneModel(ModelWrapper):
             self._use(CAUSAL)
         mask = torch.cat([split.prefix_mask, split.suffix_mask], dim=1)
         out = self.causal_lm(input_ids=split.suffix_ids, attention_mask=mask, position_ids=split.suffix_pos,
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **{cache_arg(self.causal_lm): cache})
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(split.suffix_src)
         real = split.suffix_mask.bool()
         logits = out.logits.new_zeros(*input_ids.shape, out.logits.shape[-1])
@@ -270,7 +270,7 @@ class BituneModel(ModelWrapper):
             self._generating = False
 
     def _on_generate_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        cache, ids = kwargs.get("past_key_values"), kwargs.get("input_ids")
+        cache, ids = cache_in(kwargs), kwargs.get("input_ids")
         if not self._generating or cache is None or ids is None or cache.get_seq_length() > 0 or ids.shape[1] < 2:
             return None  # a prompt pass of ours, a decode step, or nothing before the last token
         mask = kwargs.get("attention_mask")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from peftlab.methods import MethodConfig, ModelWrapper
+from peftlab.methods import MethodConfig, ModelWrapper, cache_in
 from peftlab.methods.reft.interventions import INTERVENTIONS
 
 COMPONENTS = ("block_output", "block_input", "attention_output", "mlp_output")
@@ -204,7 +204,7 @@ class ReftModel(ModelWrapper):
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         shape = ids.shape if ids is not None else kwargs["inputs_embeds"].shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         if cache is not None and cache.get_seq_length() > 0:  # a decode step of generate()
             new = None
             if self.reft_config.generation == "every_token":
