@@ -8,6 +8,7 @@ from peftlab import load_records
 from peftlab.cli import main
 from peftlab.data import Collator, encode
 from peftlab.generation import generate
+from peftlab.methods import cache_arg
 from peftlab.methods.bitune.model import VARIANTS, BituneConfig, bidirectional_mask
 from peftlab.models import load_model, tiny_model, tiny_tokenizer
 from peftlab.module import attach, load, read_info, save
@@ -190,7 +191,7 @@ def test_initial_model_continues_on_a_half_causal_half_bidirectional_cache():
                      use_cache=True).past_key_values
         mixed = DynamicCache(ddp_cache_data=[((c.keys + b.keys) / 2, (c.values + b.values) / 2)
                                              for c, b in zip(causal.layers, bidir.layers, strict=True)])
-        want = base(input_ids=ids[:, prompt - 1:], past_key_values=mixed).logits[0]
+        want = base(input_ids=ids[:, prompt - 1:], **{cache_arg(base): mixed}).logits[0]
         plain = base(input_ids=ids).logits[0, prompt - 1:]
     assert (got - want).abs().max() < 1e-5
     assert (got - plain).abs().max() > 1e-3
