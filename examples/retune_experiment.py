@@ -77,6 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     args.train_max = args.train_max or LENGTHS[args.task][0]
     args.eval_max = args.eval_max or 2 * args.train_max
+    from peftlab.io import write_text
     from peftlab.module import load_with_base
     from peftlab.retune.engine import ModelGenerator
     from peftlab.retune.evaluate import EvalConfig, evaluate_method, write_report
@@ -96,7 +97,7 @@ def main() -> None:
             model, tokenizer = load_with_base(module)
             generator = ModelGenerator(model, tokenizer, max_new_tokens=longest_target(
                 tokenizer, args.task, method, args.eval_max) + 16)
-            evaluation.write_text(json.dumps(evaluate_method(config, method, generator), indent=2, default=str))
+            write_text(evaluation, json.dumps(evaluate_method(config, method, generator), indent=2, default=str))
         log = json.loads((run / "train_log.json").read_text())
         report["runs"][name] = {"method": method, "seed": args.seed, "module": str(module),
                                   "lengths": json.loads(evaluation.read_text()),

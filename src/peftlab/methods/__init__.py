@@ -6,6 +6,7 @@ A method plugs into training, saving, ``info`` and the CLI by subclassing ``Meth
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -84,8 +85,13 @@ def cache_in(kwargs: dict[str, Any]) -> Any:
 
 
 def cache_arg(model: nn.Module) -> str:
-    """The name under which ``model.forward`` takes its KV cache."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """The name under which ``model.forward`` takes its KV cache (looked up once per model class)."""
+    return _cache_arg_of(type(model))
+
+
+@functools.cache
+def _cache_arg_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 METHODS: dict[str, Method] = {}

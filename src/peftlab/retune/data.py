@@ -54,8 +54,9 @@ class RetuneData:
     repeat: dict[int, int] | None = None  # sub-problem size -> times each example is repeated (None: the task's)
 
     def __post_init__(self) -> None:
+        task = get_task(self.task)
         if self.repeat is None:
-            self.repeat = get_task(self.task).repeat
+            self.repeat = task.repeat
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         self.keep = {int(k): float(v) for k, v in self.keep.items()}
