@@ -23,6 +23,15 @@ def test_golden_examples_of_the_paper_format():
     assert len(pairs) == 2 * 5 - 1 and output == "Carry 0, Output 94638"
     assert TASKS["addition"].scratchpad(("99", "01"))[1] == "Carry 1, Output 0\nCarry 1, Output 00"
     assert TASKS["addition"].root(("9999", "1")).text == "9999 + 0001"  # the shorter operand is zero-padded
+    hints = TASKS["addition-steps-hints"]
+    pairs = [(p, r) for p, r, _ in trace(hints.root(("731", "95")))[0]]
+    assert pairs[0] == ("c7b3a1 + c0b9a5\nSolution: ", "Call: b3a1 + b9a5\n")  # a digit keeps its place letter
+    assert pairs[-1] == ("c7b3a1 + c0b9a5\nSolution: Call: b3a1 + b9a5\nReturn: 3+9+0=12. Carry 1, Output b2a6\n"
+                         "Answer: ", "7+0+1=8. Carry 0, Output c8b2a6")
+    assert hints.baseline(("99", "1")) == ("b9a9 + a1\nAnswer: ", "c1b0a0")
+    assert hints.scratchpad(("9", "1"))[1] == "9+1+0=10. Carry 1, Output a0"
+    assert hints.correct("Carry 1, Output b2a6", ("73", "53"), "retune")
+    assert not hints.correct("Carry 1, Output b2a5", ("73", "53"), "retune")
 
     dp = [(p, r) for p, r, _ in trace(TASKS["dp"].root((3, -1, 2)))[0]]
     assert len(dp) == 4 * 3 + 1  # the paper's 4n, plus the top level's final copy of its second return

@@ -126,25 +126,43 @@ def _digits(length: int, rng: random.Random) -> str:
 class Addition(Task):
     """a + b with both operands ``length`` digits. Re-Tuning drops the leading digit of both and prepends one.
 
-    ``show_digit_sum`` (the task ``addition-steps``, not in the paper) writes the one-digit sum before the carry
-    and output (``"7+8+1=16. Carry 1, Output 6..."``) in Re-Tuning and scratchpad steps: the digits are copied
-    where the model can see them and the sum is a fact a pretrained model already knows.
+    Two variants that are not in the paper:
+
+    - ``show_digit_sum`` (task ``addition-steps``) writes the one-digit sum before the carry and output
+      (``"7+8+1=16. Carry 1, Output 6..."``) in Re-Tuning and scratchpad steps: the digits are copied where the
+      model can see them and the sum is a fact a pretrained model already knows.
+    - ``index_hints`` (task ``addition-steps-hints``) also tags every digit with a letter for its place, units
+      ``a``, tens ``b`` (``"c7b3a1"`` is 731; Zhou et al. 2023's index hints). Copying a number is where long
+      Re-Tuning answers go wrong, mostly inside runs of one digit (``666``): with a plain digit string the
+      model must count the run; with hints every digit has its own place letter to find. A sub-problem keeps
+      its digits' letters, as place values do.
     """
 
     name = "addition"
     description = "integer addition; Re-Tuning recurses on the operands without their leading digit"
     repeat = {1: 4, 2: 2}  # the base case ~2.5% of the examples
 
-    def __init__(self, show_digit_sum: bool = False) -> None:
-        self.show_digit_sum = show_digit_sum
+    def __init__(self, show_digit_sum: bool = False, index_hints: bool = False) -> None:
+        self.show_digit_sum, self.index_hints = show_digit_sum, index_hints
         if show_digit_sum:
-            self.name = "addition-steps"
-            self.description = "integer addition, each step writing its one-digit sum (x+y+carry=s) first"
+            self.name = "addition-steps" + ("-hints" if index_hints else "")
+            self.description = "integer addition, each step writing its one-digit sum (x+y+carry=s) first" + (
+                ", every digit tagged with its place (c7b3a1 = 731)" if index_hints else "")
 
-    def _step(self, x: str, y: str, carry: int, output: str) -> tuple[int, str]:
+    def _show(self, digits: str) -> str:
+        """A digit string as the model reads and writes it."""
+        if not self.index_hints:
+            return digits
+        if len(digits) > len(PLACES):
+            raise ValueError(f"{self.name} tags places with letters a-z: {len(digits)} digits are too many")
+        return "".join(PLACES[len(digits) - 1 - i] + d for i, d in enumerate(digits))
+
+    def _step(self, x: str, y: str, carry: int, output: str) -> tuple[int, str, str]:
+        """(carry out, the step's text, its output digits) of adding digits x and y in front of ``output``."""
         total = int(x) + int(y) + carry
         shown = f"{x}+{y}+{carry}={total}. " if self.show_digit_sum else ""
-        return total // 10, f"{shown}Carry {total // 10}, Output {total % 10}{output}"
+        digits = f"{total % 10}{output}"
+        return total // 10, f"{shown}Carry {total // 10}, Output {self._show(digits)}", digits
 
     def sample(self, length: int, rng: random.Random) -> tuple[str, str]:
         return _digits(length, rng), _digits(length, rng)
@@ -152,11 +170,11 @@ class Addition(Task):
     def length(self, problem: tuple[str, str]) -> int:
         return len(problem[0])
 
+    def _question(self, a: str, b: str) -> str:
+        return f"{self._show(a)} + {self._show(b)}"
+
     def root(self, problem: tuple[str, str]) -> Procedure:
-        a, b = problem
-        if len(a) != len(b):
-            width = max(len(a), len(b))
-            a, b = a.zfill(width), b.zfill(width)
+        a, b = _same_width(*problem)
 
         def step(returns: list[str]) -> Call | Answer:
             if len(a) == 1:
@@ -165,27 +183,24 @@ class Addition(Task):
                 return Call(self.root((a[1:], b[1:])))
             return Answer(self._step(a[0], b[0], *_parse_carry(returns[0]))[1])
 
-        return Procedure(f"{a} + {b}", len(a), step)
+        return Procedure(self._question(a, b), len(a), step)
 
     def baseline(self, problem: tuple[str, str]) -> tuple[str, str]:
         a, b = problem
-        return f"{a} + {b}\nAnswer: ", str(int(a) + int(b))
+        return f"{self._question(a, b)}\nAnswer: ", self._show(str(int(a) + int(b)))
 
     def scratchpad(self, problem: tuple[str, str]) -> tuple[str, str]:
-        a, b = problem
-        width = max(len(a), len(b))
-        a, b = a.zfill(width), b.zfill(width)
+        a, b = _same_width(*problem)
         lines, carry, output = [], 0, ""
         for x, y in zip(reversed(a), reversed(b), strict=True):
-            carry, line = self._step(x, y, carry, output)
-            output = line.rsplit(" ", 1)[-1]
+            carry, line, output = self._step(x, y, carry, output)
             lines.append(line)
-        return sub_prompt(f"{a} + {b}"), "\n".join(lines)
+        return sub_prompt(self._question(a, b)), "\n".join(lines)
 
     def correct(self, output: str, problem: tuple[str, str], method: str) -> bool:
         expected = str(int(problem[0]) + int(problem[1]))
         if method == "baseline":
-            return output.strip() == expected
+            return output.strip() == self._show(expected)
         last = returned_value(output).strip().splitlines()[-1] if output.strip() else ""
         try:
             carry, digits = _parse_carry(last)
@@ -194,12 +209,22 @@ class Addition(Task):
         return (("1" if carry else "") + digits).lstrip("0") == expected.lstrip("0")
 
 
+PLACES = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _same_width(a: str, b: str) -> tuple[str, str]:
+    width = max(len(a), len(b))
+    return a.zfill(width), b.zfill(width)
+
+
 def _parse_carry(text: str) -> tuple[int, str]:
-    """``"Carry 1, Output 38"`` (or ``"5+2+1=8. Carry 0, Output 8"``) -> (1, "38")."""
+    """``"Carry 1, Output 38"`` (or ``"5+2+1=8. Carry 0, Output b3a8"``) -> (1, "38")."""
     head, _, output = text.rsplit(". ", 1)[-1].partition(", Output ")
-    if not head.startswith("Carry ") or not output.isdigit() or head[6:] not in ("0", "1"):
+    hinted = len(output) % 2 == 0 and output[::2].isalpha() and output[1::2].isdigit()
+    digits = output[1::2] if hinted else output
+    if not head.startswith("Carry ") or not digits.isdigit() or head[6:] not in ("0", "1"):
         raise ValueError(f"not 'Carry c, Output d': {text!r}")
-    return int(head[6:]), output
+    return int(head[6:]), digits
 
 
 def _bits(values) -> str:
@@ -356,7 +381,8 @@ def _parse_list(text: str) -> list[int]:
     return [int(v) for v in inner[1:-1].split(",") if v.strip()]
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (Addition(), Addition(show_digit_sum=True), Parity(),
+TASKS: dict[str, Task] = {t.name: t for t in (Addition(), Addition(show_digit_sum=True),
+                                                Addition(show_digit_sum=True, index_hints=True), Parity(),
                                                 MaxSumNonAdjacent())}
 
 
