@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from peftlab.io import write_text
 from peftlab.retune.engine import Engine, EngineConfig, Generator
 from peftlab.retune.tasks import Task, get_task
@@ -63,7 +65,8 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
     wrong steps of ``keep_trees`` wrong answers (or right ones when none is wrong)."""
     task = get_task(config.task)
     per_length = {}
-    for length in config.lengths or [1]:
+    bar = tqdm(config.lengths or [1], desc=f"evaluating {method}", unit="length")
+    for length in bar:
         problems = problems_for(config.task, length, config.n, config.seed)
         start = time.perf_counter()
         analysis: dict[str, Any] = {}
@@ -92,6 +95,7 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
                          for p, o, c in list(zip(problems, outputs, correct, strict=True))[:3]],
             **analysis,
         }
+        bar.set_postfix({f"acc@{length}": round(per_length[length]["accuracy"], 2)})
     return per_length
 
 
