@@ -32,6 +32,13 @@ def test_golden_examples_of_the_paper_format():
     assert hints.scratchpad(("9", "1"))[1] == "9+1+0=10. Carry 1, Output a0"
     assert hints.correct("Carry 1, Output b2a6", ("73", "53"), "retune")
     assert not hints.correct("Carry 1, Output b2a5", ("73", "53"), "retune")
+    shifted = TASKS["addition-steps-hints-shifted"]
+    assert shifted.root(("731", "95", 2)).text == "e7d3c1 + e0d9c5"  # the units digit tagged with letter 2, c
+    starts = {shifted.sample(6, random.Random(seed))[2] for seed in range(300)}
+    assert starts == set(range(26 - 6))  # every letter trained on short problems; the carry digit still has one
+    assert shifted.correct(shifted.baseline(("99", "1", 23))[1], ("99", "1", 23), "baseline")
+    with pytest.raises(ValueError, match="too many"):
+        shifted.baseline(("99", "1", 24))
 
     dp = [(p, r) for p, r, _ in trace(TASKS["dp"].root((3, -1, 2)))[0]]
     assert len(dp) == 4 * 3 + 1  # the paper's 4n, plus the top level's final copy of its second return

@@ -136,71 +136,78 @@ class Addition(Task):
       Re-Tuning answers go wrong, mostly inside runs of one digit (``666``): with a plain digit string the
       model must count the run; with hints every digit has its own place letter to find. A sub-problem keeps
       its digits' letters, as place values do.
+    - ``shift_hints`` (task ``addition-steps-hints-shifted``) starts the letters at a random one per problem
+      (the problem's third element; ``"e7d3c1"`` is 731 from ``c``), so training on short problems also trains
+      the letters that longer problems need, as Zhou et al. sample their hints.
     """
 
     name = "addition"
     description = "integer addition; Re-Tuning recurses on the operands without their leading digit"
     repeat = {1: 4, 2: 2}  # the base case ~2.5% of the examples
 
-    def __init__(self, show_digit_sum: bool = False, index_hints: bool = False) -> None:
-        self.show_digit_sum, self.index_hints = show_digit_sum, index_hints
+    def __init__(self, show_digit_sum: bool = False, index_hints: bool = False, shift_hints: bool = False) -> None:
+        self.show_digit_sum, self.shift_hints = show_digit_sum, shift_hints
+        self.index_hints = index_hints or shift_hints
         if show_digit_sum:
-            self.name = "addition-steps" + ("-hints" if index_hints else "")
+            self.name = "addition-steps" + ("-hints" if self.index_hints else "") + ("-shifted" if shift_hints else "")
             self.description = "integer addition, each step writing its one-digit sum (x+y+carry=s) first" + (
-                ", every digit tagged with its place (c7b3a1 = 731)" if index_hints else "")
+                ", every digit tagged with its place (c7b3a1 = 731)" if self.index_hints else "") + (
+                " from a random letter" if shift_hints else "")
 
-    def _show(self, digits: str) -> str:
-        """A digit string as the model reads and writes it."""
+    def _show(self, digits: str, start: int) -> str:
+        """A digit string as the model reads and writes it; with hints its units digit is tagged PLACES[start]."""
         if not self.index_hints:
             return digits
-        if len(digits) > len(PLACES):
-            raise ValueError(f"{self.name} tags places with letters a-z: {len(digits)} digits are too many")
-        return "".join(PLACES[len(digits) - 1 - i] + d for i, d in enumerate(digits))
+        if start + len(digits) > len(PLACES):
+            raise ValueError(f"{self.name} tags places with letters a-z: {len(digits)} digits from "
+                             f"{PLACES[start]!r} are too many")
+        return "".join(PLACES[start + len(digits) - 1 - i] + d for i, d in enumerate(digits))
 
-    def _step(self, x: str, y: str, carry: int, output: str) -> tuple[int, str, str]:
+    def _step(self, x: str, y: str, carry: int, output: str, start: int) -> tuple[int, str, str]:
         """(carry out, the step's text, its output digits) of adding digits x and y in front of ``output``."""
         total = int(x) + int(y) + carry
         shown = f"{x}+{y}+{carry}={total}. " if self.show_digit_sum else ""
         digits = f"{total % 10}{output}"
-        return total // 10, f"{shown}Carry {total // 10}, Output {self._show(digits)}", digits
+        return total // 10, f"{shown}Carry {total // 10}, Output {self._show(digits, start)}", digits
 
-    def sample(self, length: int, rng: random.Random) -> tuple[str, str]:
-        return _digits(length, rng), _digits(length, rng)
+    def sample(self, length: int, rng: random.Random) -> tuple[Any, ...]:
+        a, b = _digits(length, rng), _digits(length, rng)
+        return (a, b, rng.randint(0, len(PLACES) - length - 1)) if self.shift_hints else (a, b)
 
-    def length(self, problem: tuple[str, str]) -> int:
+    def length(self, problem: tuple[Any, ...]) -> int:
         return len(problem[0])
 
-    def _question(self, a: str, b: str) -> str:
-        return f"{self._show(a)} + {self._show(b)}"
+    def _question(self, a: str, b: str, start: int) -> str:
+        return f"{self._show(a, start)} + {self._show(b, start)}"
 
-    def root(self, problem: tuple[str, str]) -> Procedure:
-        a, b = _same_width(*problem)
+    def root(self, problem: tuple[Any, ...]) -> Procedure:
+        (a, b), start = _same_width(*problem[:2]), _hint_start(problem)
 
         def step(returns: list[str]) -> Call | Answer:
             if len(a) == 1:
-                return Answer(self._step(a, b, 0, "")[1])
+                return Answer(self._step(a, b, 0, "", start)[1])
             if not returns:
-                return Call(self.root((a[1:], b[1:])))
-            return Answer(self._step(a[0], b[0], *_parse_carry(returns[0]))[1])
+                return Call(self.root((a[1:], b[1:], start)))
+            return Answer(self._step(a[0], b[0], *_parse_carry(returns[0]), start)[1])
 
-        return Procedure(self._question(a, b), len(a), step)
+        return Procedure(self._question(a, b, start), len(a), step)
 
-    def baseline(self, problem: tuple[str, str]) -> tuple[str, str]:
-        a, b = problem
-        return f"{self._question(a, b)}\nAnswer: ", self._show(str(int(a) + int(b)))
+    def baseline(self, problem: tuple[Any, ...]) -> tuple[str, str]:
+        a, b, start = *problem[:2], _hint_start(problem)
+        return f"{self._question(a, b, start)}\nAnswer: ", self._show(str(int(a) + int(b)), start)
 
-    def scratchpad(self, problem: tuple[str, str]) -> tuple[str, str]:
-        a, b = _same_width(*problem)
+    def scratchpad(self, problem: tuple[Any, ...]) -> tuple[str, str]:
+        (a, b), start = _same_width(*problem[:2]), _hint_start(problem)
         lines, carry, output = [], 0, ""
         for x, y in zip(reversed(a), reversed(b), strict=True):
-            carry, line, output = self._step(x, y, carry, output)
+            carry, line, output = self._step(x, y, carry, output, start)
             lines.append(line)
-        return sub_prompt(self._question(a, b)), "\n".join(lines)
+        return sub_prompt(self._question(a, b, start)), "\n".join(lines)
 
-    def correct(self, output: str, problem: tuple[str, str], method: str) -> bool:
+    def correct(self, output: str, problem: tuple[Any, ...], method: str) -> bool:
         expected = str(int(problem[0]) + int(problem[1]))
         if method == "baseline":
-            return output.strip() == self._show(expected)
+            return output.strip() == self._show(expected, _hint_start(problem))
         last = returned_value(output).strip().splitlines()[-1] if output.strip() else ""
         try:
             carry, digits = _parse_carry(last)
@@ -210,6 +217,11 @@ class Addition(Task):
 
 
 PLACES = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _hint_start(problem: tuple[Any, ...]) -> int:
+    """The index of the letter tagging an addition problem's units digit (its optional third element)."""
+    return problem[2] if len(problem) > 2 else 0
 
 
 def _same_width(a: str, b: str) -> tuple[str, str]:
@@ -382,7 +394,8 @@ def _parse_list(text: str) -> list[int]:
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (Addition(), Addition(show_digit_sum=True),
-                                                Addition(show_digit_sum=True, index_hints=True), Parity(),
+                                                Addition(show_digit_sum=True, index_hints=True),
+                                                Addition(show_digit_sum=True, shift_hints=True), Parity(),
                                                 MaxSumNonAdjacent())}
 
 
