@@ -10,6 +10,8 @@ and training resumes from its last checkpoint, so an interrupted run continues w
     python examples/retune_experiment.py --methods retune --seed 1     # another seed of one method
     python examples/retune_experiment.py --methods retune --steps 600 --runs runs/retune-600 \
         --result examples/results/retune-addition-steps-600.json      # another budget: its own runs and report
+    python examples/retune_experiment.py --methods retune --train-max 8 --runs runs/retune-train8 \
+        --result examples/results/retune-addition-steps-train8.json    # train 1-8, evaluate to 16
 
 Writes examples/results/retune-<task>.json and .png (accuracy against length, one curve per method); methods run
 separately (e.g. one per core) are added to an existing report of the same setup.
