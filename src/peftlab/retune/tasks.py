@@ -126,7 +126,7 @@ def _digits(length: int, rng: random.Random) -> str:
 class Addition(Task):
     """a + b with both operands ``length`` digits. Re-Tuning drops the leading digit of both and prepends one.
 
-    Two variants that are not in the paper:
+    Variants not in the paper (the README has what each measured):
 
     - ``show_digit_sum`` (task ``addition-steps``) writes the one-digit sum before the carry and output
       (``"7+8+1=16. Carry 1, Output 6..."``) in Re-Tuning and scratchpad steps: the digits are copied where the
@@ -135,22 +135,26 @@ class Addition(Task):
       ``a``, tens ``b`` (``"c7b3a1"`` is 731; Zhou et al. 2023's index hints). Copying a number is where long
       Re-Tuning answers go wrong, mostly inside runs of one digit (``666``): with a plain digit string the
       model must count the run; with hints every digit has its own place letter to find. A sub-problem keeps
-      its digits' letters, as place values do.
+      its digits' letters, as place values do. Measured on the default model: worse past the training length
+      (letters never trained).
     - ``shift_hints`` (task ``addition-steps-hints-shifted``) starts the letters at a random one per problem
       (the problem's third element; ``"e7d3c1"`` is 731 from ``c``), so training on short problems also trains
-      the letters that longer problems need, as Zhou et al. sample their hints.
+      the letters that longer problems need, as Zhou et al. sample their hints. Measured: worse still (the
+      model copies by letter from the wrong operand).
     """
 
     name = "addition"
     description = "integer addition; Re-Tuning recurses on the operands without their leading digit"
-    repeat = {1: 4, 2: 2}  # the base case ~2.5% of the examples
+    repeat = {1: 4, 2: 2}  # the base case ~2.5% of 1-6-digit data (1.5% of 1-8: raise it for wider ranges)
 
     def __init__(self, show_digit_sum: bool = False, index_hints: bool = False, shift_hints: bool = False) -> None:
         self.show_digit_sum, self.shift_hints = show_digit_sum, shift_hints
         self.index_hints = index_hints or shift_hints
-        if show_digit_sum:
-            self.name = "addition-steps" + ("-hints" if self.index_hints else "") + ("-shifted" if shift_hints else "")
-            self.description = "integer addition, each step writing its one-digit sum (x+y+carry=s) first" + (
+        if show_digit_sum or self.index_hints:
+            self.name = "addition" + ("-steps" if show_digit_sum else "") + ("-hints" if self.index_hints else "") + (
+                "-shifted" if shift_hints else "")
+            self.description = "integer addition" + (
+                ", each step writing its one-digit sum (x+y+carry=s) first" if show_digit_sum else "") + (
                 ", every digit tagged with its place (c7b3a1 = 731)" if self.index_hints else "") + (
                 " from a random letter" if shift_hints else "")
 
