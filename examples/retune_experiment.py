@@ -12,6 +12,7 @@ and training resumes from its last checkpoint, so an interrupted run continues w
         --result examples/results/retune-addition-steps-600.json      # another budget: its own runs and report
     python examples/retune_experiment.py --methods retune --train-max 8 --runs runs/retune-train8 \
         --result examples/results/retune-addition-steps-train8.json    # train 1-8, evaluate to 16
+    (a wider range dilutes the base case: add e.g. --repeat 1=8 --repeat 2=3, with --runs and --result of its own)
 
 Writes examples/results/retune-<task>.json and .png (accuracy against length, one curve per method); methods run
 separately (e.g. one per core) are added to an existing report of the same setup.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from peftlab.retune.tasks import METHODS
@@ -34,10 +36,15 @@ LENGTHS = {"addition": (6, 12), "addition-steps": (6, 12), "addition-steps-hints
 
 
 def train_method(task: str, method: str, run: Path, args: argparse.Namespace) -> Path:
-    from peftlab.io import write_jsonl
+    from peftlab.io import write_jsonl, write_text
     from peftlab.retune.data import PROMPT_FORMAT, RetuneData, build
     from peftlab.training import TrainConfig, last_complete_checkpoint, train
 
+    recipe = asdict(RetuneData(task=task, method=method, lengths=f"1-{args.train_max}",
+                               problems_per_length=args.per_length, seed=args.seed, repeat=args.repeat))
+    made = run / "data.json"  # the recipe of train.jsonl (runs made before it was written have none)
+    if made.exists() and json.loads(made.read_text()) != json.loads(json.dumps(recipe)):
+        raise SystemExit(f"{run} was made from other data ({made}): pass --runs with a new folder")
     if (run / "module").exists():
         steps = json.loads((run / "train_log.json").read_text())["log_history"][-1]["step"]
         if steps != args.steps:
@@ -45,8 +52,8 @@ def train_method(task: str, method: str, run: Path, args: argparse.Namespace) ->
         return run / "module"
     data = run / "train.jsonl"
     if not data.exists():
-        write_jsonl(build(RetuneData(task=task, method=method, lengths=f"1-{args.train_max}",
-                                     problems_per_length=args.per_length, seed=args.seed)), data)
+        write_jsonl(build(RetuneData(**recipe)), data)
+        write_text(made, json.dumps(recipe, indent=2))
     overrides = [f"training.output_dir={run}", f"training.max_steps={args.steps}", f"data.train={data}",
                  f"training.seed={args.seed}"]
     if last_complete_checkpoint(run):
@@ -73,6 +80,8 @@ def main() -> None:
     parser.add_argument("--train-max", type=int, help="longest training problem (default: addition 6, parity 10, dp 5)")
     parser.add_argument("--eval-max", type=int, help="longest evaluated problem (default: twice --train-max)")
     parser.add_argument("--per-length", type=int, default=400, help="training problems per length (default: 400)")
+    parser.add_argument("--repeat", action="append", metavar="SIZE=TIMES",
+                        help="oversample sub-problems of SIZE (repeatable; default: the task's, e.g. addition 1=4 2=2)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per method (default: 300)")
     parser.add_argument("--n", type=int, default=50, help="evaluation problems per length (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="training data and training seed (default: 0)")
@@ -81,6 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     args.train_max = args.train_max or LENGTHS[args.task][0]
     args.eval_max = args.eval_max or 2 * args.train_max
+    args.repeat = {int(k): int(v) for k, v in (item.split("=") for item in args.repeat)} if args.repeat else None
     from peftlab.io import write_text
     from peftlab.module import load_with_base
     from peftlab.retune.engine import ModelGenerator
@@ -92,6 +102,8 @@ def main() -> None:
     report = {"task": args.task, "n": args.n, "seed": config.seed, "train_lengths": config.train_lengths,
               "training": {"config": str(CONFIG.relative_to(ROOT)), "steps": args.steps,
                            "problems_per_length": args.per_length}, "runs": {}}
+    if args.repeat:  # only when given, so reports of the default data still merge
+        report["training"]["repeat"] = args.repeat
     for method in args.methods:
         name = method + (f" (seed {args.seed})" if args.seed else "")
         run = Path(args.runs) / (f"{args.task}-{method}" + (f"-seed{args.seed}" if args.seed else ""))
