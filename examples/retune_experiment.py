@@ -12,7 +12,8 @@ and training resumes from its last checkpoint, so an interrupted run continues w
         --result examples/results/retune-addition-steps-600.json      # another budget: its own runs and report
     python examples/retune_experiment.py --methods retune --train-max 8 --runs runs/retune-train8 \
         --result examples/results/retune-addition-steps-train8.json    # train 1-8, evaluate to 16
-    (a wider range dilutes the base case: add e.g. --repeat 1=8 --repeat 2=3, with --runs and --result of its own)
+    (a wider range dilutes the base case: add e.g. --repeat 1=8 --repeat 2=2, which replaces the task's default,
+    with --runs and --result of its own)
 
 Writes examples/results/retune-<task>.json and .png (accuracy against length, one curve per method); methods run
 separately (e.g. one per core) are added to an existing report of the same setup.
