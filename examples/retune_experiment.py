@@ -27,6 +27,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from peftlab.io import write_jsonl, write_text
+from peftlab.retune.cli import size_pairs
 from peftlab.retune.tasks import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +39,6 @@ LENGTHS = {"addition": (6, 12), "addition-steps": (6, 12), "addition-steps-hints
 
 
 def train_method(task: str, method: str, run: Path, args: argparse.Namespace) -> Path:
-    from peftlab.io import write_jsonl, write_text
     from peftlab.retune.data import PROMPT_FORMAT, RetuneData, build
     from peftlab.training import TrainConfig, last_complete_checkpoint, train
 
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--train-max", type=int, help="longest training problem (default: addition 6, parity 10, dp 5)")
     parser.add_argument("--eval-max", type=int, help="longest evaluated problem (default: twice --train-max)")
     parser.add_argument("--per-length", type=int, default=400, help="training problems per length (default: 400)")
-    parser.add_argument("--repeat", action="append", metavar="SIZE=TIMES",
+    parser.add_argument("--repeat", action="append", default=[], metavar="SIZE=TIMES",
                         help="oversample sub-problems of SIZE (repeatable; default: the task's, e.g. addition 1=4 2=2)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per method (default: 300)")
     parser.add_argument("--n", type=int, default=50, help="evaluation problems per length (default: 50)")
@@ -91,8 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     args.train_max = args.train_max or LENGTHS[args.task][0]
     args.eval_max = args.eval_max or 2 * args.train_max
-    args.repeat = {int(k): int(v) for k, v in (item.split("=") for item in args.repeat)} if args.repeat else None
-    from peftlab.io import write_text
+    args.repeat = size_pairs(args.repeat, int, "--repeat") or None
     from peftlab.module import load_with_base
     from peftlab.retune.engine import ModelGenerator
     from peftlab.retune.evaluate import EvalConfig, evaluate_method, write_report

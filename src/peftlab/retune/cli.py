@@ -9,7 +9,8 @@ from pathlib import Path
 from peftlab.retune.tasks import METHODS, TASKS
 
 
-def _pairs(values: list[str], cast, flag: str) -> dict[int, float]:
+def size_pairs(values: list[str], cast, flag: str) -> dict[int, float]:
+    """``["1=100", "2=5"]`` -> ``{1: 100, 2: 5}`` (values through ``cast``), naming ``flag`` when malformed."""
     out = {}
     for item in values:
         size, sep, value = item.partition("=")
@@ -26,7 +27,8 @@ def _data_config(args: argparse.Namespace):
 
     return RetuneData(task=args.task, method=args.method, lengths=args.lengths,
                       problems_per_length=args.per_length, seed=args.seed,
-                      keep=_pairs(args.keep, float, "--keep"), repeat=_pairs(args.repeat, int, "--repeat") or None)
+                      keep=size_pairs(args.keep, float, "--keep"),
+                      repeat=size_pairs(args.repeat, int, "--repeat") or None)
 
 
 def cmd_gen(args: argparse.Namespace) -> int:

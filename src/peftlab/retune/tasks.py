@@ -150,13 +150,13 @@ class Addition(Task):
     def __init__(self, show_digit_sum: bool = False, index_hints: bool = False, shift_hints: bool = False) -> None:
         self.show_digit_sum, self.shift_hints = show_digit_sum, shift_hints
         self.index_hints = index_hints or shift_hints
-        if show_digit_sum or self.index_hints:
-            self.name = "addition" + ("-steps" if show_digit_sum else "") + ("-hints" if self.index_hints else "") + (
-                "-shifted" if shift_hints else "")
-            self.description = "integer addition" + (
-                ", each step writing its one-digit sum (x+y+carry=s) first" if show_digit_sum else "") + (
-                ", every digit tagged with its place (c7b3a1 = 731)" if self.index_hints else "") + (
-                " from a random letter" if shift_hints else "")
+        variants = [(suffix, text) for on, suffix, text in (
+            (show_digit_sum, "-steps", ", each step writing its one-digit sum (x+y+carry=s) first"),
+            (self.index_hints, "-hints", ", every digit tagged with its place (c7b3a1 = 731)"),
+            (shift_hints, "-shifted", " from a random letter")) if on]
+        if variants:
+            self.name = "addition" + "".join(suffix for suffix, _ in variants)
+            self.description = "integer addition" + "".join(text for _, text in variants)
 
     def _show(self, digits: str, start: int) -> str:
         """A digit string as the model reads and writes it; with hints its units digit is tagged PLACES[start]."""
