@@ -12,8 +12,8 @@ and training resumes from its last checkpoint, so an interrupted run continues w
         --result examples/results/retune-addition-steps-600.json      # another budget: its own runs and report
     python examples/retune_experiment.py --methods retune --train-max 8 --runs runs/retune-train8 \
         --result examples/results/retune-addition-steps-train8.json    # train 1-8, evaluate to 16
-    (a wider range dilutes the base case: add e.g. --repeat 1=8 --repeat 2=2, which replaces the task's default,
-    with --runs and --result of its own)
+    (a wider range dilutes the base case: add e.g. --share 1=0.025, or --repeat 1=8 --repeat 2=2, which replaces
+    the task's default, with --runs and --result of its own)
 
 Writes examples/results/retune-<task>.json and .png (accuracy against length, one curve per method); methods run
 separately (e.g. one per core) are added to an existing report of the same setup.
@@ -43,7 +43,10 @@ def train_method(task: str, method: str, run: Path, args: argparse.Namespace) ->
     from peftlab.training import TrainConfig, last_complete_checkpoint, train
 
     recipe = asdict(RetuneData(task=task, method=method, lengths=f"1-{args.train_max}",
-                               problems_per_length=args.per_length, seed=args.seed, repeat=args.repeat))
+                               problems_per_length=args.per_length, seed=args.seed, repeat=args.repeat,
+                               share=args.share))
+    if not args.share:
+        del recipe["share"]  # the recipes written before --share existed still match
     made = run / "data.json"  # the recipe of train.jsonl (runs made before it was written have none)
     if made.exists() and json.loads(made.read_text()) != json.loads(json.dumps(recipe)):
         raise SystemExit(f"{run} was made from other data ({made}): pass --runs with a new folder")
@@ -84,6 +87,8 @@ def main() -> None:
     parser.add_argument("--per-length", type=int, default=400, help="training problems per length (default: 400)")
     parser.add_argument("--repeat", action="append", default=[], metavar="SIZE=TIMES",
                         help="oversample sub-problems of SIZE (repeatable; default: the task's, e.g. addition 1=4 2=2)")
+    parser.add_argument("--share", action="append", default=[], metavar="SIZE=FRACTION",
+                        help="then raise sub-problems of SIZE to at least FRACTION of the data (repeatable)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per method (default: 300)")
     parser.add_argument("--n", type=int, default=50, help="evaluation problems per length (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="training data and training seed (default: 0)")
@@ -93,6 +98,7 @@ def main() -> None:
     args.train_max = args.train_max or LENGTHS[args.task][0]
     args.eval_max = args.eval_max or 2 * args.train_max
     args.repeat = size_pairs(args.repeat, int, "--repeat") or None
+    args.share = size_pairs(args.share, float, "--share")
     from peftlab.module import load_with_base
     from peftlab.retune.engine import ModelGenerator
     from peftlab.retune.evaluate import EvalConfig, evaluate_method, write_report
@@ -103,8 +109,9 @@ def main() -> None:
     report = {"task": args.task, "n": args.n, "seed": config.seed, "train_lengths": config.train_lengths,
               "training": {"config": str(CONFIG.relative_to(ROOT)), "steps": args.steps,
                            "problems_per_length": args.per_length}, "runs": {}}
-    if args.repeat:  # only when given, so reports of the default data still merge
-        report["training"]["repeat"] = args.repeat
+    for option in ("repeat", "share"):  # only when given, so reports of the default data still merge
+        if getattr(args, option):
+            report["training"][option] = getattr(args, option)
     for method in args.methods:
         name = method + (f" (seed {args.seed})" if args.seed else "")
         run = Path(args.runs) / (f"{args.task}-{method}" + (f"-seed{args.seed}" if args.seed else ""))

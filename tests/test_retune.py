@@ -192,6 +192,21 @@ def test_data_builder_dedups_filters_and_repeats():
     assert {r["size"] for r in filtered} == {1, 3}
     repeated = build(RetuneData(**{**vars(base), "repeat": {1: 5}}))
     assert sum(r["size"] == 1 for r in repeated) == 5 * sum(r["size"] == 1 for r in records)
+    with pytest.raises(ConfigError, match="share"):
+        RetuneData(task="addition", share={1: 0.6, 2: 0.5})
+
+
+@pytest.mark.parametrize("lengths", ["1-3", "1-8"])
+def test_data_builder_raises_sizes_to_their_share(lengths):
+    config = RetuneData(task="addition", method="retune", lengths=lengths, problems_per_length=20, repeat={2: 3})
+    plain = build(config)
+    shared = build(RetuneData(**{**vars(config), "share": {1: 0.25, 2: 0.05}}))
+    count = {size: sum(r["size"] == size for r in shared) for size in (1, 2)}
+    assert count[1] / len(shared) == pytest.approx(0.25, abs=1 / len(shared))  # raised to its share
+    assert count[2] == sum(r["size"] == 2 for r in plain)  # already above its share (x3): untouched
+    assert {r["prompt"] for r in shared} == {r["prompt"] for r in plain}  # copies only
+    with pytest.raises(ConfigError, match=r"size \[9\]"):
+        build(RetuneData(**{**vars(config), "share": {9: 0.1}}))
     with pytest.raises(ConfigError, match="lengths"):
         parse_lengths("three")
     assert parse_lengths("1-3,8") == [1, 2, 3, 8]
@@ -214,9 +229,11 @@ def test_training_tokens_are_the_inference_prompt_plus_the_target(tiny_dir):
 
 def test_cli_gen_train_eval_on_the_tiny_model(tmp_path, tiny_dir, capsys):
     data = tmp_path / "parity.jsonl"
-    assert main(["retune", "gen", "--task", "parity", "--lengths", "1-3", "--per-length", "4", "-o", str(data)]) == 0
+    assert main(["retune", "gen", "--task", "parity", "--lengths", "1-3", "--per-length", "4", "--share", "3=0.3",
+                 "-o", str(data)]) == 0
     lines = [json.loads(line) for line in data.read_text().splitlines()]
     assert lines and all(set(r) >= {"prompt", "response"} for r in lines)
+    assert sum(r["size"] == 3 for r in lines) / len(lines) == pytest.approx(0.3, abs=1 / len(lines))
     config = tmp_path / "train.yaml"
     config.write_text(f"model: {tiny_dir}\nmethod: {{name: lora, r: 4}}\n"
                       f"training: {{output_dir: {tmp_path / 'run'}, max_steps: 3, learning_rate: 1.0e-3}}\n")

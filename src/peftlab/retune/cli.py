@@ -28,7 +28,8 @@ def _data_config(args: argparse.Namespace):
     return RetuneData(task=args.task, method=args.method, lengths=args.lengths,
                       problems_per_length=args.per_length, seed=args.seed,
                       keep=size_pairs(args.keep, float, "--keep"),
-                      repeat=size_pairs(args.repeat, int, "--repeat") or None)
+                      repeat=size_pairs(args.repeat, int, "--repeat") or None,
+                      share=size_pairs(args.share, float, "--share"))
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
@@ -107,6 +108,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", action="append", default=[], metavar="SIZE=TIMES",
                    help="repeat the examples whose sub-problem has SIZE (repeatable), e.g. --repeat 1=100; "
                         "replaces the task's default oversampling of short sub-problems")
+    p.add_argument("--share", action="append", default=[], metavar="SIZE=FRACTION",
+                   help="after --repeat, copy the examples of SIZE until they are at least FRACTION of the data "
+                        "(repeatable), e.g. --share 1=0.025: unlike --repeat, holds for any range of lengths")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -114,8 +118,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Re-Tuning (Pasewark et al., 2024): data for the baseline, scratchpad and "
                                    "Re-Tuning methods, training, and evaluation through the recursive engine.")
     actions = p.add_subparsers(dest="retune_command", required=True, metavar="ACTION")
-    q = actions.add_parser("gen", help="write training JSONL", description="Every (prompt, response) of every "
-                           "problem, deduplicated, filtered (--keep) and oversampled (--repeat) by sub-problem size.")
+    q = actions.add_parser("gen", help="write training JSONL",
+                           description="Every (prompt, response) of every problem, deduplicated, filtered (--keep) "
+                                       "and oversampled (--repeat, --share) by sub-problem size.")
     _add_data_args(q)
     q.add_argument("-o", "--output", required=True, metavar="FILE.jsonl", help="where to write")
     q.set_defaults(func=cmd_gen)

@@ -2,11 +2,13 @@
 filtered and oversampled by sub-problem size, as JSONL records ``peftlab train`` reads.
 
 The research note's tables (drop most mid-size prompts, repeat the base cases hundreds of times) are config here:
-``keep`` and ``repeat`` map a sub-problem size to a fraction kept or a repeat factor.
+``keep`` and ``repeat`` map a sub-problem size to a fraction kept or a repeat factor. A fixed repeat factor gives a
+smaller share the wider the range of lengths, so ``share`` instead raises a size to a least share of the whole data.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +54,7 @@ class RetuneData:
     dedup: bool = True  # one example per distinct prompt (sub-problems repeat across problems)
     keep: dict[int, float] = field(default_factory=dict)  # sub-problem size -> fraction of its examples kept
     repeat: dict[int, int] | None = None  # sub-problem size -> times each example is repeated (None: the task's)
+    share: dict[int, float] = field(default_factory=dict)  # sub-problem size -> least share of the data (after repeat)
 
     def __post_init__(self) -> None:
         task = get_task(self.task)
@@ -61,6 +64,9 @@ class RetuneData:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         self.keep = {int(k): float(v) for k, v in self.keep.items()}
         self.repeat = {int(k): int(v) for k, v in self.repeat.items()}
+        self.share = {int(k): float(v) for k, v in self.share.items()}
+        if any(not 0 < v < 1 for v in self.share.values()) or sum(self.share.values()) >= 1:
+            raise ConfigError(f"share: each fraction must be in (0, 1) and their sum below 1, got {self.share}")
 
 
 def sample_problems(task_name: str, lengths: list[int], per_length: int, seed: int) -> list[Any]:
@@ -91,5 +97,30 @@ def build(config: RetuneData) -> list[dict[str, Any]]:
             record = {"prompt": prompt, "response": response, "task": task.name, "method": config.method,
                       "size": size}
             records += [record] * config.repeat.get(size, 1)
+    records += top_up(records, config.share, rng)
     rng.shuffle(records)
     return records
+
+
+def top_up(records: list[dict[str, Any]], share: dict[int, float], rng: random.Random) -> list[dict[str, Any]]:
+    """Copies of the records of each size in ``share`` that raise it to that share of the final data.
+
+    Sizes already at their share are left as they are.
+    """
+    by_size: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        by_size.setdefault(record["size"], []).append(record)
+    if missing := sorted(set(share) - set(by_size)):
+        raise ConfigError(f"share: no examples of sub-problem size {missing} to oversample "
+                          f"(sizes present: {sorted(by_size)})")
+    raised: set[int] = set()  # raising a size only grows the total, so a size once below its share stays below
+    total = float(len(records))
+    while below := {s for s in set(share) - raised if len(by_size[s]) < share[s] * total}:
+        raised |= below
+        total = (len(records) - sum(len(by_size[s]) for s in raised)) / (1 - sum(share[s] for s in raised))
+    extra = []
+    for size in sorted(raised):
+        group = by_size[size]
+        needed = math.ceil(share[size] * total) - len(group)
+        extra += group * (needed // len(group)) + rng.sample(group, needed % len(group))
+    return extra
