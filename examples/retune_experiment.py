@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "retune.yaml"
 LENGTHS = {"addition": (6, 12), "addition-steps": (6, 12), "addition-steps-hints": (6, 12),
            "addition-steps-hints-shifted": (6, 12),
-           "parity": (10, 20), "dp": (5, 10)}  # train max, eval max
+           "parity": (10, 20), "parity-steps": (10, 20), "dp": (5, 10)}  # train max, eval max
 
 
 def train_method(task: str, method: str, run: Path, args: argparse.Namespace) -> Path:

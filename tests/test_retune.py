@@ -53,6 +53,13 @@ def test_golden_examples_of_the_paper_format():
     assert parity[0] == ("What is the parity of [1, 0, 1, 1]?\nSolution: ", "Call: What is the parity of [0, 1, 1]?\n")
     assert parity[-1] == ("What is the parity of [1, 0, 1, 1]?\nSolution: Call: What is the parity of [0, 1, 1]?\n"
                           "Return: 0\nAnswer: ", "1")
+    steps = [(p, r) for p, r, _ in trace(TASKS["parity-steps"].root((1, 0, 1, 1)))[0]]
+    assert steps[-2:] == [
+        ("What is the parity of [0, 1, 1]?\nSolution: Call: What is the parity of [1, 1]?\n"
+         "Return: 1+1=2. 0\nAnswer: ", "0+0=0. 0"),  # a returned step is read by its last word
+        ("What is the parity of [1, 0, 1, 1]?\nSolution: Call: What is the parity of [0, 1, 1]?\n"
+         "Return: 0+0=0. 0\nAnswer: ", "1+0=1. 1")]
+    assert TASKS["parity-steps"].correct("1+0=1. 1", (1, 0, 1, 1), "retune")
 
 
 def test_dp_solver_matches_brute_force():

@@ -248,11 +248,22 @@ def _bits(values) -> str:
 
 
 class Parity(Task):
-    """Parity of a 0/1 list; Re-Tuning recurses on the list without its first element."""
+    """Parity of a 0/1 list; Re-Tuning recurses on the list without its first element.
+
+    With ``show_sum`` (task ``parity-steps``, not in the paper) the combining step writes the sum of the first bit
+    and the returned parity before the answer (``"1+1=2. 0"``): on the default model the plain step (an XOR
+    written as one token) stayed at chance, and a one-digit sum is a fact a pretrained model already knows.
+    """
 
     name = "parity"
     description = "parity of a binary list; Re-Tuning recurses on the tail"
     repeat = {1: 100, 2: 25, 3: 10, 4: 5, 5: 3, 6: 2}  # the paper's x900, x240, ... at a tenth of its data
+
+    def __init__(self, show_sum: bool = False) -> None:
+        self.show_sum = show_sum
+        if show_sum:
+            self.name = "parity-steps"
+            self.description += ", the combining step writing its sum (1+1=2) first"
 
     def sample(self, length: int, rng: random.Random) -> tuple[int, ...]:
         return tuple(rng.randint(0, 1) for _ in range(length))
@@ -266,7 +277,9 @@ class Parity(Task):
                 return Answer(str(problem[0]))
             if not returns:
                 return Call(self.root(problem[1:]))
-            return Answer(str((problem[0] + int(returns[0])) % 2))
+            first, rest = problem[0], int(returns[0].split()[-1])
+            parity = str((first + rest) % 2)
+            return Answer(f"{first}+{rest}={first + rest}. {parity}" if self.show_sum else parity)
 
         return Procedure(self._question(problem), len(problem), step)
 
@@ -397,10 +410,9 @@ def _parse_list(text: str) -> list[int]:
     return [int(v) for v in inner[1:-1].split(",") if v.strip()]
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (Addition(), Addition(show_digit_sum=True),
-                                                Addition(show_digit_sum=True, index_hints=True),
-                                                Addition(show_digit_sum=True, shift_hints=True), Parity(),
-                                                MaxSumNonAdjacent())}
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Addition(), Addition(show_digit_sum=True), Addition(show_digit_sum=True, index_hints=True),
+    Addition(show_digit_sum=True, shift_hints=True), Parity(), Parity(show_sum=True), MaxSumNonAdjacent())}
 
 
 def get_task(name: str) -> Task:
