@@ -130,7 +130,7 @@ def main() -> None:
         print(name, {n: round(v["accuracy"], 2) for n, v in report["runs"][name]["lengths"].items()}, flush=True)
     if out.exists():  # methods and seeds run separately (one per core) add to the report of the same setup
         earlier = json.loads(out.read_text())
-        setup = {k: v for k, v in report.items() if k != "runs"}
+        setup = json.loads(json.dumps({k: v for k, v in report.items() if k != "runs"}))  # as read back (str keys)
         if {k: v for k, v in earlier.items() if k != "runs"} != setup:
             raise SystemExit(f"{out} reports another setup than {setup}: pass --result to write elsewhere")
         report["runs"] = {**earlier["runs"], **report["runs"]}
