@@ -3,7 +3,8 @@ filtered and oversampled by sub-problem size, as JSONL records ``peftlab train``
 
 The research note's tables (drop most mid-size prompts, repeat the base cases hundreds of times) are config here:
 ``keep`` and ``repeat`` map a sub-problem size to a fraction kept or a repeat factor. A fixed repeat factor gives a
-smaller share the wider the range of lengths, so ``share`` instead raises a size to at least a given share of the whole data.
+smaller share the wider the range of lengths, so ``share`` instead raises a size to at least a given share of the
+whole data.
 """
 
 from __future__ import annotations
