@@ -106,6 +106,9 @@ def write_report(report: dict[str, Any], out: str | Path) -> Path:
     return out
 
 
+SEED_STYLES = ("-", "--", ":", "-.")  # one method's seeds share its colour and differ in line style
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -113,12 +116,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    colors = {"baseline": "tab:orange", "scratchpad": "tab:blue", "retune": "tab:green"}  # seeds share a colour
+    colors = {"baseline": "tab:orange", "scratchpad": "tab:blue", "retune": "tab:green"}
     for label, run in report["runs"].items():
         lengths = sorted(run["lengths"], key=int)
         ax.plot([int(n) for n in lengths], [run["lengths"][n]["accuracy"] for n in lengths], marker="o",
                 markersize=3, label=label, color=colors.get(run.get("method")),
-                linestyle="--" if run.get("seed") else "-")
+                linestyle=SEED_STYLES[run.get("seed", 0) % len(SEED_STYLES)])
     ax.xaxis.get_major_locator().set_params(integer=True)
     train = report.get("train_lengths")
     if train:
