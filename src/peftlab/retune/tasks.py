@@ -145,7 +145,7 @@ class Addition(Task):
 
     name = "addition"
     description = "integer addition; Re-Tuning recurses on the operands without their leading digit"
-    repeat = {1: 4, 2: 2}  # the base case ~2.5% of 1-6-digit data (1.5% of 1-8: raise it for wider ranges)
+    repeat = {1: 4, 2: 2}  # the base case ~2.5% of 1-6-digit data (1.5% of 1-8: wider ranges want share={1: .025})
 
     def __init__(self, show_digit_sum: bool = False, index_hints: bool = False, shift_hints: bool = False) -> None:
         self.show_digit_sum, self.shift_hints = show_digit_sum, shift_hints
