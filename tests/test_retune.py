@@ -201,6 +201,9 @@ def test_data_builder_dedups_filters_and_repeats():
     assert sum(r["size"] == 1 for r in repeated) == 5 * sum(r["size"] == 1 for r in records)
     with pytest.raises(ConfigError, match="share"):
         RetuneData(task="addition", share={1: 0.6, 2: 0.5})
+    with pytest.raises(ConfigError, match="lengths"):
+        parse_lengths("three")
+    assert parse_lengths("1-3,8") == [1, 2, 3, 8]
 
 
 @pytest.mark.parametrize("lengths", ["1-3", "1-8"])
@@ -214,9 +217,6 @@ def test_data_builder_raises_sizes_to_their_share(lengths):
     assert {r["prompt"] for r in shared} == {r["prompt"] for r in plain}  # copies only
     with pytest.raises(ConfigError, match=r"size \[9\]"):
         build(RetuneData(**{**vars(config), "share": {9: 0.1}}))
-    with pytest.raises(ConfigError, match="lengths"):
-        parse_lengths("three")
-    assert parse_lengths("1-3,8") == [1, 2, 3, 8]
 
 
 def test_training_tokens_are_the_inference_prompt_plus_the_target(tiny_dir):
