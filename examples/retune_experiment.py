@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from peftlab.io import write_jsonl, write_text
-from peftlab.retune.cli import size_pairs
+from peftlab.retune.cli import add_oversampling_args, oversampling
 from peftlab.retune.tasks import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +36,11 @@ CONFIG = ROOT / "examples" / "retune.yaml"
 LENGTHS = {"addition": (6, 12), "addition-steps": (6, 12), "addition-steps-hints": (6, 12),
            "addition-steps-hints-shifted": (6, 12),
            "parity": (10, 20), "parity-steps": (10, 20), "dp": (5, 10)}  # train max, eval max
+
+
+def read_back(value):
+    """``value`` as JSON gives it back (integer keys become strings), to compare with what a file holds."""
+    return json.loads(json.dumps(value))
 
 
 def train_method(task: str, method: str, run: Path, args: argparse.Namespace) -> Path:
@@ -48,7 +53,7 @@ def train_method(task: str, method: str, run: Path, args: argparse.Namespace) ->
     if not args.share:
         del recipe["share"]  # the recipes written before --share existed still match
     made = run / "data.json"  # the recipe of train.jsonl (runs made before it was written have none)
-    if made.exists() and json.loads(made.read_text()) != json.loads(json.dumps(recipe)):
+    if made.exists() and json.loads(made.read_text()) != read_back(recipe):
         raise SystemExit(f"{run} was made from other data ({made}): pass --runs with a new folder")
     if (run / "module").exists():
         steps = json.loads((run / "train_log.json").read_text())["log_history"][-1]["step"]
@@ -85,10 +90,7 @@ def main() -> None:
     parser.add_argument("--train-max", type=int, help="longest training problem (default: addition 6, parity 10, dp 5)")
     parser.add_argument("--eval-max", type=int, help="longest evaluated problem (default: twice --train-max)")
     parser.add_argument("--per-length", type=int, default=400, help="training problems per length (default: 400)")
-    parser.add_argument("--repeat", action="append", default=[], metavar="SIZE=TIMES",
-                        help="oversample sub-problems of SIZE (repeatable; default: the task's, e.g. addition 1=4 2=2)")
-    parser.add_argument("--share", action="append", default=[], metavar="SIZE=FRACTION",
-                        help="then raise sub-problems of SIZE to at least FRACTION of the data (repeatable)")
+    add_oversampling_args(parser)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per method (default: 300)")
     parser.add_argument("--n", type=int, default=50, help="evaluation problems per length (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="training data and training seed (default: 0)")
@@ -97,8 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     args.train_max = args.train_max or LENGTHS[args.task][0]
     args.eval_max = args.eval_max or 2 * args.train_max
-    args.repeat = size_pairs(args.repeat, int, "--repeat") or None
-    args.share = size_pairs(args.share, float, "--share")
+    vars(args).update(oversampling(args))
     from peftlab.module import load_with_base
     from peftlab.retune.engine import ModelGenerator
     from peftlab.retune.evaluate import EvalConfig, evaluate_method, write_report
@@ -130,7 +131,7 @@ def main() -> None:
         print(name, {n: round(v["accuracy"], 2) for n, v in report["runs"][name]["lengths"].items()}, flush=True)
     if out.exists():  # methods and seeds run separately (one per core) add to the report of the same setup
         earlier = json.loads(out.read_text())
-        setup = json.loads(json.dumps({k: v for k, v in report.items() if k != "runs"}))  # as read back (str keys)
+        setup = read_back({k: v for k, v in report.items() if k != "runs"})
         if {k: v for k, v in earlier.items() if k != "runs"} != setup:
             raise SystemExit(f"{out} reports another setup than {setup}: pass --result to write elsewhere")
         report["runs"] = {**earlier["runs"], **report["runs"]}

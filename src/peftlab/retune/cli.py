@@ -27,9 +27,13 @@ def _data_config(args: argparse.Namespace):
 
     return RetuneData(task=args.task, method=args.method, lengths=args.lengths,
                       problems_per_length=args.per_length, seed=args.seed,
-                      keep=size_pairs(args.keep, float, "--keep"),
-                      repeat=size_pairs(args.repeat, int, "--repeat") or None,
-                      share=size_pairs(args.share, float, "--share"))
+                      keep=size_pairs(args.keep, float, "--keep"), **oversampling(args))
+
+
+def oversampling(args: argparse.Namespace) -> dict:
+    """``RetuneData``'s ``repeat`` (None: the task's default) and ``share`` from ``add_oversampling_args``'s flags."""
+    return {"repeat": size_pairs(args.repeat, int, "--repeat") or None,
+            "share": size_pairs(args.share, float, "--share")}
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
@@ -105,6 +109,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--keep", action="append", default=[], metavar="SIZE=FRACTION",
                    help="keep this fraction of the examples whose sub-problem has SIZE (repeatable)")
+    add_oversampling_args(p)
+
+
+def add_oversampling_args(p: argparse.ArgumentParser) -> None:
+    """``--repeat`` and ``--share`` (read back with ``oversampling``); the experiment script has them too."""
     p.add_argument("--repeat", action="append", default=[], metavar="SIZE=TIMES",
                    help="repeat the examples whose sub-problem has SIZE (repeatable), e.g. --repeat 1=100; "
                         "replaces the task's default oversampling of short sub-problems")
