@@ -219,6 +219,23 @@ def test_data_builder_raises_sizes_to_their_share(lengths):
         build(RetuneData(**{**vars(config), "share": {9: 0.1}}))
 
 
+
+def test_runs_variant_trains_on_runs_and_is_evaluated_on_uniform_numbers():
+    def repeated_share(numbers):  # share of digits equal to the one before
+        pairs = [(x, y) for n in numbers for x, y in zip(n, n[1:], strict=False)]
+        return sum(x == y for x, y in pairs) / len(pairs)
+
+    runs, plain = TASKS["addition-steps-runs"], TASKS["addition-steps"]
+    trained = [n for p in (runs.sample_training(8, random.Random(s)) for s in range(400)) for n in p]
+    evaluated = [n for p in problems_for(runs.name, 8, 400, 0) for n in p]
+    assert all(len(n) == 8 and n[0] != "0" for n in trained)
+    assert repeated_share(trained) == pytest.approx(0.25 + 0.75 * 0.1, abs=0.03)
+    assert repeated_share(evaluated) == pytest.approx(0.1, abs=0.03)
+    records = build(RetuneData(task=runs.name, lengths=[6], problems_per_length=200, repeat={}))
+    tops = [r["prompt"].split("\n")[0].split(" + ") for r in records if r["size"] == 6 and "Call" not in r["prompt"]]
+    assert repeated_share([n for top in tops for n in top]) > 0.25  # the data builder draws training problems
+    assert runs.root(("66", "19")).text == plain.root(("66", "19")).text  # the same format as addition-steps
+
 def test_training_tokens_are_the_inference_prompt_plus_the_target(tiny_dir):
     """The tokenisation boundary of the research note's pitfall 1: what the model learns to continue is exactly
     what the engine will send."""

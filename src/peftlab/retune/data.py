@@ -71,7 +71,7 @@ class RetuneData:
 
 
 def sample_problems(task_name: str, lengths: list[int], per_length: int, seed: int) -> list[Any]:
-    """Distinct random problems per length (fewer where a length has fewer distinct problems)."""
+    """Distinct random training problems per length (fewer where a length has fewer distinct problems)."""
     task, rng = get_task(task_name), random.Random(seed)
     problems = []
     for length in lengths:
@@ -79,7 +79,7 @@ def sample_problems(task_name: str, lengths: list[int], per_length: int, seed: i
         for _ in range(per_length * 20):
             if len(found) == per_length:
                 break
-            found[task.sample(length, rng)] = None
+            found[task.sample_training(length, rng)] = None
         problems += list(found)
     return problems
 

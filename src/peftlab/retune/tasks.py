@@ -83,7 +83,11 @@ class Task(ABC):
 
     @abstractmethod
     def sample(self, length: int, rng: random.Random) -> Any:
-        """A random problem of this length."""
+        """A random problem of this length (the evaluation's distribution)."""
+
+    def sample_training(self, length: int, rng: random.Random) -> Any:
+        """A random training problem of this length; a task may train on harder cases than it is evaluated on."""
+        return self.sample(length, rng)
 
     @abstractmethod
     def root(self, problem: Any) -> Procedure:
@@ -119,8 +123,15 @@ class Task(ABC):
         return self.examples(problem, method)[0][0]
 
 
-def _digits(length: int, rng: random.Random) -> str:
-    return str(rng.randint(10 ** (length - 1), 10 ** length - 1)) if length > 1 else str(rng.randint(0, 9))
+def _digits(length: int, rng: random.Random, runs: float = 0.0) -> str:
+    """A uniform number of ``length`` digits; with ``runs`` > 0 each digit after the first repeats the one before
+    with that probability (runs of one digit: ``6660``)."""
+    if runs == 0.0:
+        return str(rng.randint(10 ** (length - 1), 10 ** length - 1)) if length > 1 else str(rng.randint(0, 9))
+    digits = [str(rng.randint(1 if length > 1 else 0, 9))]
+    for _ in range(length - 1):
+        digits.append(digits[-1] if rng.random() < runs else str(rng.randint(0, 9)))
+    return "".join(digits)
 
 
 class Addition(Task):
@@ -141,19 +152,26 @@ class Addition(Task):
       (the problem's third element; ``"e7d3c1"`` is 731 from ``c``), so training on short problems also trains
       the letters that longer problems need, as Zhou et al. sample their hints. Measured: worse still (the
       model copies by letter from the wrong operand).
+    - ``train_runs`` (task ``addition-steps-runs``, with ``show_digit_sum``) trains on operands whose digits
+      repeat the one before with probability 0.25 (besides the 0.1 of chance), so runs like ``6660`` that a
+      uniform 1-6-digit number rarely has are common in training; evaluation problems stay uniform, so its
+      report compares with ``addition-steps``'.
     """
 
     name = "addition"
     description = "integer addition; Re-Tuning recurses on the operands without their leading digit"
     repeat = {1: 4, 2: 2}  # the base case ~2.5% of 1-6-digit data (1.5% of 1-8: wider ranges want share={1: .025})
 
-    def __init__(self, show_digit_sum: bool = False, index_hints: bool = False, shift_hints: bool = False) -> None:
-        self.show_digit_sum, self.shift_hints = show_digit_sum, shift_hints
+    def __init__(self, show_digit_sum: bool = False, index_hints: bool = False, shift_hints: bool = False,
+                 train_runs: float = 0.0) -> None:
+        self.show_digit_sum, self.shift_hints, self.train_runs = show_digit_sum, shift_hints, train_runs
         self.index_hints = index_hints or shift_hints
         variants = [(suffix, text) for on, suffix, text in (
             (show_digit_sum, "-steps", ", each step writing its one-digit sum (x+y+carry=s) first"),
             (self.index_hints, "-hints", ", every digit tagged with its place (c7b3a1 = 731)"),
-            (shift_hints, "-shifted", " from a random letter")) if on]
+            (shift_hints, "-shifted", " from a random letter"),
+            (train_runs, "-runs", f", trained on operands that repeat a digit with probability {train_runs}"))
+            if on]
         if variants:
             self.name = "addition" + "".join(suffix for suffix, _ in variants)
             self.description = "integer addition" + "".join(text for _, text in variants)
@@ -174,9 +192,12 @@ class Addition(Task):
         digits = f"{total % 10}{output}"
         return total // 10, f"{shown}Carry {total // 10}, Output {self._show(digits, start)}", digits
 
-    def sample(self, length: int, rng: random.Random) -> tuple[Any, ...]:
-        a, b = _digits(length, rng), _digits(length, rng)
+    def sample(self, length: int, rng: random.Random, runs: float = 0.0) -> tuple[Any, ...]:
+        a, b = _digits(length, rng, runs), _digits(length, rng, runs)
         return (a, b, rng.randint(0, len(PLACES) - length - 1)) if self.shift_hints else (a, b)
+
+    def sample_training(self, length: int, rng: random.Random) -> tuple[Any, ...]:
+        return self.sample(length, rng, self.train_runs)
 
     def length(self, problem: tuple[Any, ...]) -> int:
         return len(problem[0])
@@ -412,7 +433,8 @@ def _parse_list(text: str) -> list[int]:
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Addition(), Addition(show_digit_sum=True), Addition(show_digit_sum=True, index_hints=True),
-    Addition(show_digit_sum=True, shift_hints=True), Parity(), Parity(show_sum=True), MaxSumNonAdjacent())}
+    Addition(show_digit_sum=True, shift_hints=True), Addition(show_digit_sum=True, train_runs=0.25),
+    Parity(), Parity(show_sum=True), MaxSumNonAdjacent())}
 
 
 def get_task(name: str) -> Task:
