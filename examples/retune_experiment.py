@@ -23,6 +23,7 @@ On a shared 2-core CPU run it with OMP_NUM_THREADS=1.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -129,13 +130,16 @@ def main() -> None:
                                   "train_seconds": log["metrics"]["train_runtime"],
                                   "losses": [h["loss"] for h in log["log_history"] if "loss" in h]}
         print(name, {n: round(v["accuracy"], 2) for n, v in report["runs"][name]["lengths"].items()}, flush=True)
-    if out.exists():  # methods and seeds run separately (one per core) add to the report of the same setup
-        earlier = json.loads(out.read_text())
-        setup = read_back({k: v for k, v in report.items() if k != "runs"})
-        if {k: v for k, v in earlier.items() if k != "runs"} != setup:
-            raise SystemExit(f"{out} reports another setup than {setup}: pass --result to write elsewhere")
-        report["runs"] = {**earlier["runs"], **report["runs"]}
-    write_report(report, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:  # runs finishing together merge one after another
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists():  # methods and seeds run separately (one per core) add to the report of the same setup
+            earlier = json.loads(out.read_text())
+            setup = read_back({k: v for k, v in report.items() if k != "runs"})
+            if {k: v for k, v in earlier.items() if k != "runs"} != setup:
+                raise SystemExit(f"{out} reports another setup than {setup}: pass --result to write elsewhere")
+            report["runs"] = {**earlier["runs"], **report["runs"]}
+        write_report(report, out)
     print(f"wrote {out} and its .png")
 
 
