@@ -1,9 +1,10 @@
 """Re-Tuning vs scratchpad vs baseline, trained on short problems, evaluated beyond them (the paper's figure).
 
 Each method is trained with examples/retune.yaml (LoRA r=16 on all linear layers, the same steps, batch and
-learning rate) on problems of 1..--train-max, then evaluated on --n fresh problems per length up to --eval-max
-(greedy; Re-Tuning through the batched, memoising recursive engine). Steps are skipped when their output exists
-and training resumes from its last checkpoint, so an interrupted run continues where it stopped:
+learning rate; --config for another) on problems of 1..--train-max, then evaluated on --n fresh problems per
+length up to --eval-max (greedy; Re-Tuning through the batched, memoising recursive engine). Steps are skipped
+when their output exists and training resumes from its last checkpoint, so an interrupted run continues where it
+stopped:
 
     python examples/retune_experiment.py                          # addition-steps, train 1-6, eval 2-12
     python examples/retune_experiment.py --task parity            # train 1-10, eval 2-20
@@ -14,6 +15,8 @@ and training resumes from its last checkpoint, so an interrupted run continues w
         --result examples/results/retune-addition-steps-train8.json    # train 1-8, evaluate to 16
     (a wider range dilutes the base case: add e.g. --share 1=0.025, or --repeat 1=8 --repeat 2=2, which replaces
     the task's default, with --runs and --result of its own)
+    python examples/retune_experiment.py --methods retune --config examples/retune-paper-lora.yaml \
+        --runs runs/retune-paper-lora --result examples/results/retune-addition-steps-paper-lora.json
 
 Writes examples/results/retune-<task>.json and .png (accuracy against length, one curve per method); methods run
 separately (e.g. one per core) are added to an existing report of the same setup.
@@ -44,6 +47,12 @@ def read_back(value):
     return json.loads(json.dumps(value))
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (reports stay the same on every clone)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def train_method(task: str, method: str, run: Path, args: argparse.Namespace) -> Path:
     from peftlab.retune.data import PROMPT_FORMAT, RetuneData, build
     from peftlab.training import TrainConfig, last_complete_checkpoint, train
@@ -56,20 +65,23 @@ def train_method(task: str, method: str, run: Path, args: argparse.Namespace) ->
     made = run / "data.json"  # the recipe of train.jsonl (runs made before it was written have none)
     if made.exists() and json.loads(made.read_text()) != read_back(recipe):
         raise SystemExit(f"{run} was made from other data ({made}): pass --runs with a new folder")
+    data = run / "train.jsonl"
+    overrides = [f"training.output_dir={run}", f"training.max_steps={args.steps}", f"data.train={data}",
+                 f"training.seed={args.seed}"]
+    config = TrainConfig.from_yaml(args.config, overrides)
     if (run / "module").exists():
         steps = json.loads((run / "train_log.json").read_text())["log_history"][-1]["step"]
-        if steps != args.steps:
-            raise SystemExit(f"{run} was trained for {steps} steps, not {args.steps}: pass --runs with a new folder")
+        trained = json.loads((run / "module" / "peftlab.json").read_text())
+        method = {"name": trained["method"], **trained["config"]}
+        if steps != args.steps or any(method.get(k) != v for k, v in read_back(config.method).items()):
+            raise SystemExit(f"{run} was trained for {steps} steps with {method}, not {args.steps} with "
+                             f"{config.method}: pass --runs with a new folder")
         return run / "module"
-    data = run / "train.jsonl"
     if not data.exists():
         write_jsonl(build(RetuneData(**recipe)), data)
         write_text(made, json.dumps(recipe, indent=2))
-    overrides = [f"training.output_dir={run}", f"training.max_steps={args.steps}", f"data.train={data}",
-                 f"training.seed={args.seed}"]
     if last_complete_checkpoint(run):
-        overrides.append("training.resume_from_checkpoint=true")
-    config = TrainConfig.from_yaml(CONFIG, overrides)
+        config.training["resume_from_checkpoint"] = True
     config.data.template, config.data.plain_format = PROMPT_FORMAT.template, PROMPT_FORMAT.plain_format
     print(f"training {method} on {data} ({args.steps} steps)", flush=True)
     return train(config).module_dir
@@ -94,6 +106,8 @@ def main() -> None:
     add_oversampling_args(parser)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per method (default: 300)")
     parser.add_argument("--n", type=int, default=50, help="evaluation problems per length (default: 50)")
+    parser.add_argument("--config", type=Path, default=CONFIG,
+                        help="training config of every method (default: examples/retune.yaml)")
     parser.add_argument("--seed", type=int, default=0, help="training data and training seed (default: 0)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "retune"), help="folder of the runs")
     parser.add_argument("--result", default=None, help="report (default: examples/results/retune-<task>.json)")
@@ -109,7 +123,7 @@ def main() -> None:
     config = EvalConfig(args.task, lengths, args.n, train_lengths=list(range(1, args.train_max + 1)))
     out = Path(args.result or ROOT / "examples" / "results" / f"retune-{args.task}.json")
     report = {"task": args.task, "n": args.n, "seed": config.seed, "train_lengths": config.train_lengths,
-              "training": {"config": str(CONFIG.relative_to(ROOT)), "steps": args.steps,
+              "training": {"config": shown_path(args.config), "steps": args.steps,
                            "problems_per_length": args.per_length}, "runs": {}}
     for option in ("repeat", "share"):  # only when given, so reports of the default data still merge
         if getattr(args, option):
