@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "retune.yaml"
 LENGTHS = {"addition": (6, 12), "addition-steps": (6, 12), "addition-steps-hints": (6, 12),
            "addition-steps-hints-shifted": (6, 12), "addition-steps-runs": (6, 12),
-           "parity": (10, 20), "parity-steps": (10, 20), "dp": (5, 10)}  # train max, eval max
+           "parity": (10, 20), "parity-steps": (10, 20), "dp": (5, 10), "dp-steps": (5, 10)}  # train max, eval max
 
 
 def read_back(value):

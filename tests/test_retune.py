@@ -45,6 +45,14 @@ def test_golden_examples_of_the_paper_format():
     assert ("Create dp array [2]\nSolution: ", "Return [0] if negative else element.\nAnswer: [2]") in dp
     assert dp[-1][1] == "[1, 2, 1]" and dp[-2][1] == "Append 1 if False else 2.\nAnswer: [1, 2, 1]"
     assert "\nReturn: [2, 1]\nAnswer: " in dp[-2][0]  # one Return template for every task (the release had two)
+    steps = [r for _, r, _ in trace(TASKS["dp-steps"].root((1, 0, 4, -5)))[0]]
+    assert len(steps) == len(trace(TASKS["dp"].root((1, 0, 4, -5)))[0])
+    assert steps[4] == "Return [0] if negative else element. max(-5, 0) = 0\nAnswer: [0]"
+    assert steps[7] == ("Append max(return[0], array[0] + return[1]) to return. max(4, 1+4=5) = 5\n"
+                        "Answer: [5, 4, 4, 0]")
+    assert " call False else True. False and 4 == 0+0=0: False. Call: " in steps[10]  # item 0 was taken
+    assert steps[12] == "If there is only 1 item, return 1 if we should use it else 2. False and 0 == -5+0=-5: " \
+                        "False.\nAnswer: [2]"
     scratch = TASKS["dp"].scratchpad((3, -1, 2))[1]
     assert scratch.startswith("Scratchpad: dp[2] = max(input[2], 0) = max(2, 0) = 2\n")
     assert scratch.endswith("output[2] = 1.\n\nReconstructing all together, output=[1, 2, 1].")
@@ -92,7 +100,7 @@ def _oracle_run(task_name, lengths, n, config):
 @pytest.mark.parametrize("batch", [True, False])
 @pytest.mark.parametrize("memoize", [True, False])
 def test_oracle_scores_everything_through_the_engine(task_name, batch, memoize):
-    lengths = [1, 2, 5, 12, 24] if task_name != "dp" else [1, 2, 5, 9]
+    lengths = [1, 2, 5, 9] if task_name.startswith("dp") else [1, 2, 5, 12, 24]
     task, problems, results, _ = _oracle_run(task_name, lengths, 6, EngineConfig(batch=batch, memoize=memoize))
     assert all(r.error is None for r in results)
     assert all(task.correct(r.output, q, "retune") for r, q in zip(results, problems, strict=True))

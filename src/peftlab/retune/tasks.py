@@ -338,11 +338,27 @@ INDICES_RULE = "If there is only 1 item, return 1 if we should use it else 2."
 
 
 class MaxSumNonAdjacent(Task):
-    """The DP task of Dziri et al. (values in [-5, 5]): two sub-procedures, the dp array and the chosen items."""
+    """The DP task of Dziri et al. (values in [-5, 5]): two sub-procedures, the dp array and the chosen items.
+
+    ``show_steps`` (task ``dp-steps``, not in the paper) writes each step's arithmetic before its answer, as
+    ``addition-steps`` does: ``max(5, 1+5=6) = 6`` for a dp entry, ``True and 6 == 1+5=6: True`` for whether an item
+    is chosen. The paper's steps state the rule and jump to the list; a model trained with a small budget got the
+    entry or the choice wrong in most of its first wrong steps.
+    """
 
     name = "dp"
     description = "maximum-sum non-adjacent subsequence; Re-Tuning calls a dp-array and a chosen-items procedure"
     repeat = {1: 25, 2: 3}  # the paper's x250, x30 at a tenth of its data
+
+    def __init__(self, show_steps: bool = False) -> None:
+        self.show_steps = show_steps
+        if show_steps:
+            self.name = "dp-steps"
+            self.description = "the DP task, each step writing its arithmetic (max(5, 1+5=6) = 6) first"
+
+    def _shown(self, work: str) -> str:
+        """The step's arithmetic (after a space) when steps are shown, else nothing."""
+        return f" {work}" if self.show_steps else ""
 
     def sample(self, length: int, rng: random.Random) -> tuple[int, ...]:
         return tuple(rng.randint(-5, 5) for _ in range(length))
@@ -350,24 +366,31 @@ class MaxSumNonAdjacent(Task):
     def _dp_array(self, values: tuple[int, ...]) -> Procedure:
         def step(returns: list[str]) -> Call | Answer:
             if len(values) == 1:
-                return Answer(f"Return [0] if negative else element.\nAnswer: {_bits([max(values[0], 0)])}")
+                work = self._shown(f"max({values[0]}, 0) = {max(values[0], 0)}")
+                return Answer(f"Return [0] if negative else element.{work}\nAnswer: {_bits([max(values[0], 0)])}")
             if not returns:
                 return Call(self._dp_array(values[1:]), "Call with array minus first element. ")
             rest = _parse_list(returns[0])
-            head = max(rest[0], values[0] + (rest[1] if len(rest) > 1 else 0), 0)
-            return Answer(f"Append max(return[0], array[0] + return[1]) to return.\nAnswer: {_bits([head, *rest])}")
+            with_first = values[0] + (rest[1] if len(rest) > 1 else 0)
+            head = max(rest[0], with_first, 0)
+            work = self._shown(f"max({rest[0]}, {values[0]}+{rest[1] if len(rest) > 1 else 0}={with_first}) = {head}")
+            return Answer(f"Append max(return[0], array[0] + return[1]) to return.{work}\n"
+                          f"Answer: {_bits([head, *rest])}")
 
         return Procedure(f"Create dp array {_bits(values)}", len(values), step)
 
     def _chosen(self, sums: tuple[int, ...], values: tuple[int, ...], can_use: bool) -> Procedure:
-        take = can_use and sums[0] == values[0] + (sums[2] if len(sums) > 2 else 0)
+        after = sums[2] if len(sums) > 2 else 0
+        take = can_use and sums[0] == values[0] + after
+        work = self._shown(f"{can_use} and {sums[0]} == {values[0]}+{after}={values[0] + after}: {take}.")
 
         def step(returns: list[str]) -> Call | Answer:
             if len(values) == 1:
-                return Answer(f"{INDICES_RULE}\nAnswer: {_bits([1 if take else 2])}")
+                return Answer(f"{INDICES_RULE}{work}\nAnswer: {_bits([1 if take else 2])}")
             if not returns:
                 return Call(self._chosen(sums[1:], values[1:], not take),
-                            f"{INDICES_RULE} If we should use the first item to get the sum, call False else True. ")
+                            f"{INDICES_RULE} If we should use the first item to get the sum, call False else "
+                            f"True.{work} ")
             return Answer(f"Append 1 if False else 2.\nAnswer: {_bits([1 if take else 2, *_parse_list(returns[0])])}")
 
         return Procedure(f"Create chosen indices array: sum array {_bits(sums)}, item array {_bits(values)}, "
@@ -434,7 +457,7 @@ def _parse_list(text: str) -> list[int]:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Addition(), Addition(show_digit_sum=True), Addition(show_digit_sum=True, index_hints=True),
     Addition(show_digit_sum=True, shift_hints=True), Addition(show_digit_sum=True, train_runs=0.25),
-    Parity(), Parity(show_sum=True), MaxSumNonAdjacent())}
+    Parity(), Parity(show_sum=True), MaxSumNonAdjacent(), MaxSumNonAdjacent(show_steps=True))}
 
 
 def get_task(name: str) -> Task:
