@@ -72,9 +72,9 @@ def train_method(task: str, method: str, run: Path, args: argparse.Namespace) ->
     if (run / "module").exists():
         steps = json.loads((run / "train_log.json").read_text())["log_history"][-1]["step"]
         trained = json.loads((run / "module" / "peftlab.json").read_text())
-        method = {"name": trained["method"], **trained["config"]}
-        if steps != args.steps or any(method.get(k) != v for k, v in read_back(config.method).items()):
-            raise SystemExit(f"{run} was trained for {steps} steps with {method}, not {args.steps} with "
+        adapter = {"name": trained["method"], **trained["config"]}
+        if steps != args.steps or any(adapter.get(k) != v for k, v in read_back(config.method).items()):
+            raise SystemExit(f"{run} was trained for {steps} steps with {adapter}, not {args.steps} with "
                              f"{config.method}: pass --runs with a new folder")
         return run / "module"
     if not data.exists():
