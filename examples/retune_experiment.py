@@ -137,7 +137,8 @@ def main() -> None:
             model, tokenizer = load_with_base(module)
             generator = ModelGenerator(model, tokenizer, max_new_tokens=longest_target(
                 tokenizer, args.task, method, args.eval_max) + 16)
-            write_text(evaluation, json.dumps(evaluate_method(config, method, generator), indent=2, default=str))
+            results = evaluate_method(config, method, generator, checkpoint=run / f"eval-n{args.n}-lengths.json")
+            write_text(evaluation, json.dumps(results, indent=2, default=str))
         log = json.loads((run / "train_log.json").read_text())
         report["runs"][name] = {"method": method, "seed": args.seed, "module": str(module),
                                   "lengths": json.loads(evaluation.read_text()),

@@ -135,6 +135,27 @@ def test_evaluation_finds_the_first_wrong_step_of_a_wrong_answer():
     assert step["prompt"] == "1 + 1\nSolution: " and step["got"] == "Carry 0, Output 1"
 
 
+def test_evaluation_resumes_from_its_checkpoint(tmp_path):
+    task, checkpoint = TASKS["addition"], tmp_path / "lengths.json"
+    problems = [q for length in (2, 3, 4) for q in problems_for("addition", length, 5, seed=3)]
+    oracle = Oracle([(p, r) for q in problems for p, r, _ in task.examples(q, "retune")])
+    short = evaluate_method(EvalConfig("addition", [2, 3], n=5, seed=3), "retune", oracle, checkpoint=checkpoint)
+    assert set(json.loads(checkpoint.read_text())) == {"2", "3"}
+
+    asked = []
+
+    def counting(prompts):
+        asked.extend(prompts)
+        return oracle(prompts)
+
+    longer = evaluate_method(EvalConfig("addition", [2, 3, 4], n=5, seed=3), "retune", counting, checkpoint=checkpoint)
+    assert {p.split("\n")[0] for p in asked} >= {task.root(q).text for q in problems[-5:]}
+    assert not {p.split("\n")[0] for p in asked} & {task.root(q).text for q in problems[:10]}  # 2, 3 not rerun
+    assert [longer[n]["accuracy"] for n in (2, 3, 4)] == [1.0, 1.0, 1.0]
+    assert json.loads(json.dumps(longer[2], default=str)) == json.loads(json.dumps(short[2], default=str))
+    assert set(json.loads(checkpoint.read_text())) == {"2", "3", "4"}
+
+
 def test_memoisation_saves_calls_and_changes_no_answer():
     runs = {memo: _oracle_run("dp", [3, 4, 6], 20, EngineConfig(memoize=memo)) for memo in (True, False)}
     (_, _, with_memo, e1), (_, _, without, e2) = runs[True], runs[False]

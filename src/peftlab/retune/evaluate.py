@@ -59,14 +59,23 @@ def first_wrong_step(task: Task, problem: Any, answers: dict[str, str]) -> dict[
 
 
 def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine: EngineConfig | None = None,
-                    keep_trees: int = 2) -> dict[str, Any]:
+                    keep_trees: int = 2, checkpoint: Path | None = None) -> dict[str, Any]:
     """``{length: {accuracy, n, failures, calls_per_problem, seconds, examples}}`` for one method; Re-Tuning adds
     ``wrong_step_sizes`` (sub-problem size of each wrong answer's first wrong step) and the call trees and first
-    wrong steps of ``keep_trees`` wrong answers (or right ones when none is wrong)."""
+    wrong steps of ``keep_trees`` wrong answers (or right ones when none is wrong).
+
+    With ``checkpoint`` (a JSON file of this model, method, ``n`` and seed), each length's result is saved there as
+    it finishes and lengths already there are not run again: a stopped evaluation (long recursions take an hour
+    on a CPU) resumes, and a longer range reuses a shorter one's lengths."""
     task = get_task(config.task)
+    saved = {int(k): v for k, v in json.loads(checkpoint.read_text()).items()} if checkpoint and checkpoint.exists() \
+        else {}
     per_length = {}
     bar = tqdm(config.lengths or [1], desc=f"evaluating {method}", unit="length")
     for length in bar:
+        if length in saved:
+            per_length[length] = saved[length]
+            continue
         problems = problems_for(config.task, length, config.n, config.seed)
         start = time.perf_counter()
         analysis: dict[str, Any] = {}
@@ -96,6 +105,9 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
             **analysis,
         }
         bar.set_postfix({f"acc@{length}": round(per_length[length]["accuracy"], 2)})
+        if checkpoint:
+            saved[length] = per_length[length]
+            write_text(checkpoint, json.dumps(dict(sorted(saved.items())), indent=2, default=str))
     return per_length
 
 
