@@ -3,8 +3,8 @@
 Each method is trained with examples/retune.yaml (LoRA r=16 on all linear layers, the same steps, batch and
 learning rate; --config for another) on problems of 1..--train-max, then evaluated on --n fresh problems per
 length up to --eval-max (greedy; Re-Tuning through the batched, memoising recursive engine). Steps are skipped
-when their output exists and training resumes from its last checkpoint, so an interrupted run continues where it
-stopped:
+when their output exists, training resumes from its last checkpoint and an evaluation from its last finished length
+(kept per length in the run's eval-n<N>-lengths.json), so an interrupted run continues where it stopped:
 
     python examples/retune_experiment.py                          # addition-steps, train 1-6, eval 2-12
     python examples/retune_experiment.py --task parity            # train 1-10, eval 2-20
