@@ -68,8 +68,9 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
     it finishes and lengths already there are not run again: a stopped evaluation (long recursions take an hour
     on a CPU) resumes, and a longer range reuses a shorter one's lengths."""
     task = get_task(config.task)
-    saved = {int(k): v for k, v in json.loads(checkpoint.read_text()).items()} if checkpoint and checkpoint.exists() \
-        else {}
+    saved = {}
+    if checkpoint and checkpoint.exists():
+        saved = {int(k): v for k, v in json.loads(checkpoint.read_text()).items()}
     per_length = {}
     bar = tqdm(config.lengths or [1], desc=f"evaluating {method}", unit="length")
     for length in bar:

@@ -126,7 +126,7 @@ class Task(ABC):
 def _digits(length: int, rng: random.Random, runs: float = 0.0) -> str:
     """A uniform number of ``length`` digits; with ``runs`` > 0 each digit after the first repeats the one before
     with that probability (runs of one digit: ``6660``)."""
-    if runs == 0.0:
+    if runs == 0.0:  # one draw, as before runs existed: the standing reports' problems stay the same
         return str(rng.randint(10 ** (length - 1), 10 ** length - 1)) if length > 1 else str(rng.randint(0, 9))
     digits = [str(rng.randint(1 if length > 1 else 0, 9))]
     for _ in range(length - 1):
@@ -366,14 +366,15 @@ class MaxSumNonAdjacent(Task):
     def _dp_array(self, values: tuple[int, ...]) -> Procedure:
         def step(returns: list[str]) -> Call | Answer:
             if len(values) == 1:
-                work = self._shown(f"max({values[0]}, 0) = {max(values[0], 0)}")
-                return Answer(f"Return [0] if negative else element.{work}\nAnswer: {_bits([max(values[0], 0)])}")
+                kept = max(values[0], 0)
+                work = self._shown(f"max({values[0]}, 0) = {kept}")
+                return Answer(f"Return [0] if negative else element.{work}\nAnswer: {_bits([kept])}")
             if not returns:
                 return Call(self._dp_array(values[1:]), "Call with array minus first element. ")
             rest = _parse_list(returns[0])
-            with_first = values[0] + (rest[1] if len(rest) > 1 else 0)
-            head = max(rest[0], with_first, 0)
-            work = self._shown(f"max({rest[0]}, {values[0]}+{rest[1] if len(rest) > 1 else 0}={with_first}) = {head}")
+            after = rest[1] if len(rest) > 1 else 0
+            head = max(rest[0], values[0] + after, 0)
+            work = self._shown(f"max({rest[0]}, {values[0]}+{after}={values[0] + after}) = {head}")
             return Answer(f"Append max(return[0], array[0] + return[1]) to return.{work}\n"
                           f"Answer: {_bits([head, *rest])}")
 
