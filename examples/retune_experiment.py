@@ -132,16 +132,16 @@ def main() -> None:
         name = method + (f" (seed {args.seed})" if args.seed else "")
         run = Path(args.runs) / (f"{args.task}-{method}" + (f"-seed{args.seed}" if args.seed else ""))
         module = train_method(args.task, method, run, args)
-        evaluation = run / f"eval-n{args.n}-to{args.eval_max}.json"
-        if not evaluation.exists():
+        evaluation = run / f"eval-n{args.n}-lengths.json"  # kept per length: a longer range reuses a shorter one
+        saved = json.loads(evaluation.read_text()) if evaluation.exists() else {}
+        if any(str(length) not in saved for length in lengths):  # the model is loaded only when a length is missing
             model, tokenizer = load_with_base(module)
             generator = ModelGenerator(model, tokenizer, max_new_tokens=longest_target(
                 tokenizer, args.task, method, args.eval_max) + 16)
-            results = evaluate_method(config, method, generator, checkpoint=run / f"eval-n{args.n}-lengths.json")
-            write_text(evaluation, json.dumps(results, indent=2, default=str))
+            saved = read_back(evaluate_method(config, method, generator, checkpoint=evaluation))
         log = json.loads((run / "train_log.json").read_text())
         report["runs"][name] = {"method": method, "seed": args.seed, "module": str(module),
-                                  "lengths": json.loads(evaluation.read_text()),
+                                  "lengths": {str(length): saved[str(length)] for length in lengths},
                                   "train_seconds": log["metrics"]["train_runtime"],
                                   "losses": [h["loss"] for h in log["log_history"] if "loss" in h]}
         print(name, {n: round(v["accuracy"], 2) for n, v in report["runs"][name]["lengths"].items()}, flush=True)
