@@ -138,7 +138,8 @@ def main() -> None:
             model, tokenizer = load_with_base(module)
             generator = ModelGenerator(model, tokenizer, max_new_tokens=longest_target(
                 tokenizer, args.task, method, args.eval_max) + 16)
-            saved = read_back(evaluate_method(config, method, generator, checkpoint=evaluation))
+            evaluate_method(config, method, generator, checkpoint=evaluation)
+            saved = json.loads(evaluation.read_text())
         log = json.loads((run / "train_log.json").read_text())
         report["runs"][name] = {"method": method, "seed": args.seed, "module": str(module),
                                   "lengths": {str(length): saved[str(length)] for length in lengths},
