@@ -9,6 +9,7 @@ when their output exists, training resumes from its last checkpoint and an evalu
     python examples/retune_experiment.py                          # addition-steps, train 1-6, eval 2-12
     python examples/retune_experiment.py --task parity            # train 1-10, eval 2-20
     python examples/retune_experiment.py --methods retune --seed 1     # another seed of one method
+    python examples/retune_experiment.py --methods retune --step-accuracy  # + each step in its gold context
     python examples/retune_experiment.py --methods retune --steps 600 --runs runs/retune-600 \
         --result examples/results/retune-addition-steps-600.json      # another budget: its own runs and report
     python examples/retune_experiment.py --methods retune --train-max 8 --runs runs/retune-train8 \
@@ -109,6 +110,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG,
                         help="training config of every method (default: examples/retune.yaml)")
     parser.add_argument("--seed", type=int, default=0, help="training data and training seed (default: 0)")
+    parser.add_argument("--step-accuracy", action="store_true",
+                        help="Re-Tuning: also grade every step in its gold context, by kind and sub-problem size "
+                             "(the report's -steps.png)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "retune"), help="folder of the runs")
     parser.add_argument("--result", default=None, help="report (default: examples/results/retune-<task>.json)")
     args = parser.parse_args()
@@ -117,10 +121,11 @@ def main() -> None:
     vars(args).update(oversampling(args))
     from peftlab.module import load_with_base
     from peftlab.retune.engine import ModelGenerator
-    from peftlab.retune.evaluate import EvalConfig, evaluate_method, write_report
+    from peftlab.retune.evaluate import EvalConfig, evaluate_method, is_evaluated, write_report
 
     lengths = list(range(2, args.eval_max + 1, 2))
-    config = EvalConfig(args.task, lengths, args.n, train_lengths=list(range(1, args.train_max + 1)))
+    config = EvalConfig(args.task, lengths, args.n, train_lengths=list(range(1, args.train_max + 1)),
+                        step_accuracy=args.step_accuracy)
     out = Path(args.result or ROOT / "examples" / "results" / f"retune-{args.task}.json")
     report = {"task": args.task, "n": args.n, "seed": config.seed, "train_lengths": config.train_lengths,
               "training": {"config": shown_path(args.config), "steps": args.steps,
@@ -134,7 +139,7 @@ def main() -> None:
         module = train_method(args.task, method, run, args)
         evaluation = run / f"eval-n{args.n}-lengths.json"  # kept per length: a longer range reuses a shorter one
         saved = json.loads(evaluation.read_text()) if evaluation.exists() else {}
-        if any(str(length) not in saved for length in lengths):  # the model is loaded only when a length is missing
+        if not all(is_evaluated(config, method, saved.get(str(n))) for n in lengths):  # load the model only then
             model, tokenizer = load_with_base(module)
             generator = ModelGenerator(model, tokenizer, max_new_tokens=longest_target(
                 tokenizer, args.task, method, args.eval_max) + 16)

@@ -135,6 +135,29 @@ def test_evaluation_finds_the_first_wrong_step_of_a_wrong_answer():
     assert step["prompt"] == "1 + 1\nSolution: " and step["got"] == "Carry 0, Output 1"
 
 
+def test_step_accuracy_grades_every_gold_step_and_asks_only_what_the_engine_did_not():
+    """The same broken base case: teacher forcing blames it alone; the steps after it, which the engine never asked
+    in their gold context, are asked once and graded right."""
+    task = TASKS["addition"]
+    problems = problems_for("addition", 2, 30, seed=3)
+    table = dict((p, r) for q in problems for p, r, _ in task.examples(q, "retune"))
+    table["1 + 1\nSolution: "] = "Carry 0, Output 1"
+    asked = []
+
+    def counting(prompts):
+        asked.extend(prompts)
+        return Oracle(list(table.items()))(prompts)
+
+    config = EvalConfig("addition", [2], n=30, seed=3, step_accuracy=True)
+    steps = evaluate_method(config, "retune", counting)[2]["step_accuracy"]
+    gold = {p: size for q in problems for p, _, size in task.examples(q, "retune")}
+    base = [p for p, size in gold.items() if size == 1]
+    assert steps["base"][1] == {"accuracy": 1 - 1 / len(base), "n": len(base)}
+    assert {steps["call"][2]["accuracy"], steps["combine"][2]["accuracy"]} == {1.0}
+    assert steps["call"][2]["n"] + steps["combine"][2]["n"] == sum(size == 2 for size in gold.values())
+    assert set(asked) >= set(gold) and len(asked) == len(set(asked))  # every gold step, none twice
+
+
 def test_evaluation_resumes_from_its_checkpoint(tmp_path):
     task, checkpoint = TASKS["addition"], tmp_path / "lengths.json"
     problems = [q for length in (2, 3, 4) for q in problems_for("addition", length, 5, seed=3)]
@@ -154,6 +177,11 @@ def test_evaluation_resumes_from_its_checkpoint(tmp_path):
     assert [longer[n]["accuracy"] for n in (2, 3, 4)] == [1.0, 1.0, 1.0]
     assert json.loads(json.dumps(longer[2], default=str)) == json.loads(json.dumps(short[2], default=str))
     assert set(json.loads(checkpoint.read_text())) == {"2", "3", "4"}
+    asked.clear()  # asking for step accuracy reruns the lengths saved without it
+    evaluate_method(EvalConfig("addition", [2, 3, 4], n=5, seed=3, step_accuracy=True), "retune", counting,
+                    checkpoint=checkpoint)
+    assert {p.split("\n")[0] for p in asked} >= {task.root(q).text for q in problems}
+    assert all("step_accuracy" in v for v in json.loads(checkpoint.read_text()).values())
 
 
 def test_memoisation_saves_calls_and_changes_no_answer():
@@ -297,10 +325,11 @@ def test_cli_gen_train_eval_on_the_tiny_model(tmp_path, tiny_dir, capsys):
                                      "plain_format": PROMPT_FORMAT.plain_format}
     out = tmp_path / "eval.json"
     assert main(["retune", "eval", "--task", "parity", "--run", f"retune={module}", "--oracle", "retune",
-                 "--lengths", "2,4", "--n", "3", "--max-new-tokens", "8", "--out", str(out)]) == 0
+                 "--lengths", "2,4", "--n", "3", "--max-new-tokens", "8", "--step-accuracy", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert out.with_suffix(".png").exists()
+    assert out.with_suffix(".png").exists() and (tmp_path / "eval-steps.png").exists()
     assert report["runs"]["retune (oracle)"]["lengths"]["4"]["accuracy"] == 1.0
+    assert report["runs"]["retune (oracle)"]["lengths"]["4"]["step_accuracy"]["base"]["1"]["accuracy"] == 1.0
     model_run = next(v for k, v in report["runs"].items() if "oracle" not in k)
     assert set(model_run["lengths"]) == {"2", "4"} and model_run["lengths"]["2"]["n"] == 3
     assert main(["retune", "eval", "--task", "parity", "--run", "nonsense=x"]) == 2

@@ -70,7 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from peftlab.retune.tasks import get_task
 
     config = EvalConfig(args.task, parse_lengths(args.lengths), args.n, args.seed,
-                        parse_lengths(args.train_lengths) if args.train_lengths else None)
+                        parse_lengths(args.train_lengths) if args.train_lengths else None, args.step_accuracy)
     engine = EngineConfig(batch=not args.no_batch, memoize=not args.no_memo, max_batch=args.batch_size)
     runs = [tuple(r.split("=", 1)) if "=" in r else ("retune", r) for r in args.run]
     bad = [m for m, _ in runs if m not in METHODS]
@@ -158,5 +158,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--batch-size", type=int, default=64, help="prompts per model call (default: 64)")
     q.add_argument("--no-batch", action="store_true", help="one problem at a time")
     q.add_argument("--no-memo", action="store_true", help="ask repeated sub-problems again")
+    q.add_argument("--step-accuracy", action="store_true",
+                   help="retune: also grade every step in its gold context, by kind and sub-problem size "
+                        "(plotted to FILE-steps.png)")
     q.add_argument("--out", default=None, metavar="FILE.json", help="report (and FILE.png)")
     q.set_defaults(func=cmd_eval)

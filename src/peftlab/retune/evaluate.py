@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from peftlab.io import write_text
 from peftlab.retune.engine import Engine, EngineConfig, Generator
-from peftlab.retune.tasks import Task, get_task
+from peftlab.retune.tasks import CALL, RETURN, Task, get_task
 
 
 @dataclass
@@ -26,6 +27,7 @@ class EvalConfig:
     n: int = 50  # problems per length
     seed: int = 1234  # problems are drawn from this seed, the same for every method
     train_lengths: list[int] | None = None  # marked on the plot (in distribution)
+    step_accuracy: bool = False  # Re-Tuning: also grade every gold step in its gold context (see step_accuracy)
 
 
 def problems_for(task_name: str, length: int, n: int, seed: int) -> list[Any]:
@@ -46,6 +48,10 @@ class _Recorder:
         return outputs
 
 
+def same_step(got: str, expected: str) -> bool:
+    return got.strip() == expected.strip()
+
+
 def first_wrong_step(task: Task, problem: Any, answers: dict[str, str]) -> dict[str, Any] | None:
     """The first step, in the order the engine runs them, where the model's answer differs from the training
     target: where a wrong Re-Tuning solution went off the rails (None if every step it took was right)."""
@@ -53,9 +59,42 @@ def first_wrong_step(task: Task, problem: Any, answers: dict[str, str]) -> dict[
         got = answers.get(prompt)
         if got is None:
             return None
-        if got.strip() != expected.strip():
+        if not same_step(got, expected):
             return {"size": size, "prompt": prompt, "expected": expected, "got": got}
     return None
+
+
+def step_kind(prompt: str, response: str) -> str:
+    """``call``: the step writes a call; ``combine``: it answers from what its calls returned; ``base``: it
+    answers outright (the recursion's base case)."""
+    if CALL in response:
+        return "call"
+    return "combine" if RETURN.partition("{")[0] in prompt else "base"
+
+
+def step_accuracy(task: Task, problems: Sequence[Any], generate: Generator,
+                  asked: dict[str, str] | None = None) -> dict[str, dict[int, dict[str, float]]]:
+    """``{kind: {sub-problem size: {accuracy, n}}}``, teacher-forced: every step of each problem's gold Re-Tuning
+    solution, asked in its gold context and graded against its target. Tells steps that fail beyond the trained
+    sizes from errors that compound over a long recursion. Prompts already answered in ``asked`` (greedy: the
+    same answer) are not asked again."""
+    steps = {prompt: (expected, size) for q in problems for prompt, expected, size in task.examples(q, "retune")}
+    missing = sorted((p for p in steps if p not in (asked or {})), key=len)  # similar lengths batch together
+    answers = {**(asked or {}), **dict(zip(missing, generate(missing) if missing else [], strict=True))}
+    tally: dict[tuple[str, int], Counter] = defaultdict(Counter)
+    for prompt, (expected, size) in steps.items():
+        cell = tally[step_kind(prompt, expected), size]
+        cell["n"] += 1
+        cell["right"] += same_step(answers[prompt], expected)
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for (kind, size), cell in sorted(tally.items()):
+        out.setdefault(kind, {})[size] = {"accuracy": cell["right"] / cell["n"], "n": cell["n"]}
+    return out
+
+
+def is_evaluated(config: EvalConfig, method: str, result: dict[str, Any] | None) -> bool:
+    """Whether a saved length's ``result`` holds all that ``config`` asks of ``method`` (then it is not rerun)."""
+    return bool(result) and ("step_accuracy" in result or not (config.step_accuracy and method == "retune"))
 
 
 def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine: EngineConfig | None = None,
@@ -64,9 +103,12 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
     ``wrong_step_sizes`` (sub-problem size of each wrong answer's first wrong step) and the call trees and first
     wrong steps of ``keep_trees`` wrong answers (or right ones when none is wrong).
 
+    With ``config.step_accuracy``, Re-Tuning also adds ``step_accuracy`` (see ``step_accuracy``; the steps the
+    engine asked are not asked again).
+
     With ``checkpoint`` (a JSON file of this model, method, ``n`` and seed), each length's result is saved there as
-    it finishes and lengths already there are not run again: a stopped evaluation (long recursions take an hour
-    on a CPU) resumes, and a longer range reuses a shorter one's lengths."""
+    it finishes and lengths already there (with step accuracy, if asked) are not run again: a stopped evaluation
+    (long recursions take an hour on a CPU) resumes, and a longer range reuses a shorter one's lengths."""
     task = get_task(config.task)
     saved = {}
     if checkpoint and checkpoint.exists():
@@ -74,7 +116,7 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
     per_length = {}
     bar = tqdm(config.lengths or [1], desc=f"evaluating {method}", unit="length")
     for length in bar:
-        if length in saved:
+        if is_evaluated(config, method, saved.get(length)):
             per_length[length] = saved[length]
             continue
         problems = problems_for(config.task, length, config.n, config.seed)
@@ -98,6 +140,8 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
             analysis = {"wrong_step_sizes": dict(sorted(Counter(s["size"] for s in steps.values() if s).items())),
                         "call_trees": [{"problem": str(problems[i]), "first_wrong_step": steps.get(i),
                                         **results[i].tree.to_dict()} for i in shown]}
+            if config.step_accuracy:
+                analysis["step_accuracy"] = step_accuracy(task, problems, generate, recorder.answers)
         per_length[length] = {
             "accuracy": sum(correct) / len(correct), "n": len(correct), "failures": dict(errors),
             "calls_per_problem": calls, "seconds": round(seconds, 2),
@@ -113,9 +157,11 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
 
 
 def write_report(report: dict[str, Any], out: str | Path) -> Path:
-    """``out`` (JSON) and the plot beside it (same name, .png)."""
+    """``out`` (JSON) and the plot beside it (same name, .png); with step accuracy, also ``<name>-steps.png``."""
     out = write_text(out, json.dumps(report, indent=2, default=str) + "\n")
     plot(report, out.with_suffix(".png"))
+    if any("step_accuracy" in v for run in report["runs"].values() for v in run["lengths"].values()):
+        plot_steps(report, out.with_name(out.stem + "-steps.png"))
     return out
 
 
@@ -123,28 +169,61 @@ SEED_STYLES = ("-", "--", ":", "-.")  # one method's seeds share its colour and 
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    """Accuracy against problem length, one line per run (the paper's figure)."""
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4))
     colors = {"baseline": "tab:orange", "scratchpad": "tab:blue", "retune": "tab:green"}
     for label, run in report["runs"].items():
         lengths = sorted(run["lengths"], key=int)
         ax.plot([int(n) for n in lengths], [run["lengths"][n]["accuracy"] for n in lengths], marker="o",
                 markersize=3, label=label, color=colors.get(run.get("method")),
                 linestyle=SEED_STYLES[run.get("seed", 0) % len(SEED_STYLES)])
+    _save(fig, ax, report, path, "problem length", f"Re-Tuning: {report['task']}, n={report['n']} per length")
+
+
+def plot_steps(report: dict[str, Any], path: Path) -> None:
+    """Teacher-forced step accuracy against sub-problem size, pooled over the evaluated lengths: one line per step
+    kind and run. Where single steps break, apart from how their errors compound."""
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4))
+    colors = {"call": "tab:green", "combine": "tab:purple", "base": "tab:grey"}
+    for label, run in report["runs"].items():
+        pooled: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0])  # (kind, size) -> [right, n]
+        for result in run["lengths"].values():
+            for kind, sizes in result.get("step_accuracy", {}).items():
+                for size, cell in sizes.items():
+                    pooled[kind, int(size)][0] += cell["accuracy"] * cell["n"]
+                    pooled[kind, int(size)][1] += cell["n"]
+        for kind, color in colors.items():
+            sizes = sorted(size for k, size in pooled if k == kind)
+            if sizes:
+                ax.plot(sizes, [pooled[kind, s][0] / pooled[kind, s][1] for s in sizes], marker="o", markersize=3,
+                        color=color, linestyle=SEED_STYLES[run.get("seed", 0) % len(SEED_STYLES)],
+                        label=f"{label}: {kind}")
+    lengths = sorted({int(n) for run in report["runs"].values() for n in run["lengths"]})
+    _save(fig, ax, report, path, "sub-problem size",
+          f"Re-Tuning steps in their gold context: {report['task']}, lengths {lengths[0]}-{lengths[-1]}")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, ax, report: dict[str, Any], path: Path, xlabel: str, title: str) -> None:
+    """The axes both plots share (training lengths shaded, accuracy 0-1), written to ``path``."""
     ax.xaxis.get_major_locator().set_params(integer=True)
     train = report.get("train_lengths")
     if train:
         ax.axvspan(min(train) - 0.5, max(train) + 0.5, color="grey", alpha=0.12, label="training lengths")
-    ax.set_xlabel("problem length")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"Re-Tuning: {report['task']}, n={report['n']} per length")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
