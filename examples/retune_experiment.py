@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="training data and training seed (default: 0)")
     parser.add_argument("--step-accuracy", action="store_true",
                         help="Re-Tuning: also grade every step in its gold context, by kind and sub-problem size "
-                             "(the report's -steps.png)")
+                             "(the report's -step-accuracy.png)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "retune"), help="folder of the runs")
     parser.add_argument("--result", default=None, help="report (default: examples/results/retune-<task>.json)")
     args = parser.parse_args()

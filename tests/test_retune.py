@@ -327,7 +327,7 @@ def test_cli_gen_train_eval_on_the_tiny_model(tmp_path, tiny_dir, capsys):
     assert main(["retune", "eval", "--task", "parity", "--run", f"retune={module}", "--oracle", "retune",
                  "--lengths", "2,4", "--n", "3", "--max-new-tokens", "8", "--step-accuracy", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert out.with_suffix(".png").exists() and (tmp_path / "eval-steps.png").exists()
+    assert out.with_suffix(".png").exists() and (tmp_path / "eval-step-accuracy.png").exists()
     assert report["runs"]["retune (oracle)"]["lengths"]["4"]["accuracy"] == 1.0
     assert report["runs"]["retune (oracle)"]["lengths"]["4"]["step_accuracy"]["base"]["1"]["accuracy"] == 1.0
     model_run = next(v for k, v in report["runs"].items() if "oracle" not in k)

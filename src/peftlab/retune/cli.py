@@ -160,6 +160,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--no-memo", action="store_true", help="ask repeated sub-problems again")
     q.add_argument("--step-accuracy", action="store_true",
                    help="retune: also grade every step in its gold context, by kind and sub-problem size "
-                        "(plotted to FILE-steps.png)")
+                        "(plotted to FILE-step-accuracy.png)")
     q.add_argument("--out", default=None, metavar="FILE.json", help="report (and FILE.png)")
     q.set_defaults(func=cmd_eval)

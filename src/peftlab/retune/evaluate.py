@@ -157,11 +157,12 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
 
 
 def write_report(report: dict[str, Any], out: str | Path) -> Path:
-    """``out`` (JSON) and the plot beside it (same name, .png); with step accuracy, also ``<name>-steps.png``."""
+    """``out`` (JSON) and the plot beside it (same name, .png); with step accuracy also
+    ``<name>-step-accuracy.png``."""
     out = write_text(out, json.dumps(report, indent=2, default=str) + "\n")
     plot(report, out.with_suffix(".png"))
     if any("step_accuracy" in v for run in report["runs"].values() for v in run["lengths"].values()):
-        plot_steps(report, out.with_name(out.stem + "-steps.png"))
+        plot_steps(report, out.with_name(out.stem + "-step-accuracy.png"))
     return out
 
 
