@@ -120,14 +120,19 @@ def test_wrong_answers_are_scored_wrong():
     assert not parity.correct("Compute one element at a time. 1 1 0 0", (1, 0, 1, 1), "scratchpad")
 
 
-def test_evaluation_finds_the_first_wrong_step_of_a_wrong_answer():
-    """A "model" that is the oracle except for the base case 1 + 1 (it answers 1): every 2-digit problem ending
-    in 1 + 1 is wrong, and the analysis blames the base case (size 1), not the steps after it."""
-    task, config = TASKS["addition"], EvalConfig("addition", [2], n=30, seed=3)
-    problems = problems_for("addition", 2, 30, seed=3)
+def _broken_base_case():
+    """30 two-digit additions and a "model" that is their oracle except for the base case 1 + 1 (it answers 1)."""
+    task, problems = TASKS["addition"], problems_for("addition", 2, 30, seed=3)
     table = dict((p, r) for q in problems for p, r, _ in task.examples(q, "retune"))
     table["1 + 1\nSolution: "] = "Carry 0, Output 1"
-    result = evaluate_method(config, "retune", Oracle(list(table.items())))[2]
+    return task, problems, Oracle(list(table.items()))
+
+
+def test_evaluation_finds_the_first_wrong_step_of_a_wrong_answer():
+    """With a broken base case every 2-digit problem ending in 1 + 1 is wrong, and the analysis blames the base
+    case (size 1), not the steps after it."""
+    _, problems, oracle = _broken_base_case()
+    result = evaluate_method(EvalConfig("addition", [2], n=30, seed=3), "retune", oracle)[2]
     broken = sum(a[1] == "1" and b[1] == "1" for a, b in problems)
     assert broken and result["accuracy"] == 1 - broken / 30
     assert result["wrong_step_sizes"] == {1: broken}
@@ -138,15 +143,12 @@ def test_evaluation_finds_the_first_wrong_step_of_a_wrong_answer():
 def test_step_accuracy_grades_every_gold_step_and_asks_only_what_the_engine_did_not():
     """The same broken base case: teacher forcing blames it alone; the steps after it, which the engine never asked
     in their gold context, are asked once and graded right."""
-    task = TASKS["addition"]
-    problems = problems_for("addition", 2, 30, seed=3)
-    table = dict((p, r) for q in problems for p, r, _ in task.examples(q, "retune"))
-    table["1 + 1\nSolution: "] = "Carry 0, Output 1"
+    task, problems, oracle = _broken_base_case()
     asked = []
 
     def counting(prompts):
         asked.extend(prompts)
-        return Oracle(list(table.items()))(prompts)
+        return oracle(prompts)
 
     config = EvalConfig("addition", [2], n=30, seed=3, step_accuracy=True)
     steps = evaluate_method(config, "retune", counting)[2]["step_accuracy"]

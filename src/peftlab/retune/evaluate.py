@@ -79,8 +79,9 @@ def step_accuracy(task: Task, problems: Sequence[Any], generate: Generator,
     sizes from errors that compound over a long recursion. Prompts already answered in ``asked`` (greedy: the
     same answer) are not asked again."""
     steps = {prompt: (expected, size) for q in problems for prompt, expected, size in task.examples(q, "retune")}
-    missing = sorted((p for p in steps if p not in (asked or {})), key=len)  # similar lengths batch together
-    answers = {**(asked or {}), **dict(zip(missing, generate(missing) if missing else [], strict=True))}
+    answers = dict(asked or {})
+    missing = sorted((p for p in steps if p not in answers), key=len)  # similar lengths batch together
+    answers.update(zip(missing, generate(missing) if missing else [], strict=True))
     tally: dict[tuple[str, int], Counter] = defaultdict(Counter)
     for prompt, (expected, size) in steps.items():
         cell = tally[step_kind(prompt, expected), size]
