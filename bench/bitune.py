@@ -21,10 +21,10 @@ import torch
 from common import generation_times, print_trainable, train_step_time  # bench/common.py
 
 from peftlab import attach, load_model, load_records
+from peftlab.adapters import parameter_report
 from peftlab.data import IGNORE_INDEX, Collator, PromptFormat, encode
 from peftlab.evals.suite import Suite, training_records
 from peftlab.models import DEFAULT_MODEL
-from peftlab.module import parameter_report
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER = {"r": 8, "alpha": 16, "target_modules": "all-linear"}

@@ -20,8 +20,8 @@ import torch
 from common import generation_times, print_trainable, train_step_time  # bench/common.py
 
 from peftlab import attach, load_model, load_records
+from peftlab.adapters import parameter_report
 from peftlab.data import Collator, PromptFormat, encode
-from peftlab.module import parameter_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Plan a family road trip to Austin", "Why is the sky blue?", "Write a short poem about the moon.",

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from peftlab.retune.engine import Engine, EngineConfig, ModelGenerator, Oracle
-from peftlab.retune.evaluate import problems_for
-from peftlab.retune.tasks import get_task
+from peftlab.recipes.retune.engine import Engine, EngineConfig, ModelGenerator, Oracle
+from peftlab.recipes.retune.evaluate import problems_for
+from peftlab.recipes.retune.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER = ROOT / "runs" / "retune" / "addition-steps-retune" / "module"
@@ -75,10 +75,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=6)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "retune.json"))
     args = parser.parse_args()
-    from peftlab.module import load_with_base
+    from peftlab.adapters import load_for_inference
 
-    model, tokenizer = load_with_base(args.adapter, args.model)
-    generator = ModelGenerator(model, tokenizer, max_new_tokens=48, batch_size=args.problems)
+    loaded = load_for_inference(args.adapter, args.model)
+    generator = ModelGenerator(loaded.model, loaded.tokenizer, max_new_tokens=48, batch_size=args.problems)
     print(f"engine on {args.problems} {args.task} problems of {args.length} digits ({args.adapter})", flush=True)
     result = {"device": "cpu", "threads": torch.get_num_threads(), "adapter": args.adapter, "task": args.task,
               "length": args.length, "problems": args.problems,

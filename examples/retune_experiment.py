@@ -33,8 +33,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from peftlab.io import write_jsonl, write_text
-from peftlab.retune.cli import add_oversampling_args, oversampling
-from peftlab.retune.tasks import METHODS
+from peftlab.recipes.retune.cli import add_oversampling_args, oversampling
+from peftlab.recipes.retune.tasks import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "retune.yaml"
@@ -55,7 +55,7 @@ def shown_path(path: Path) -> str:
 
 
 def train_method(task: str, method: str, run: Path, args: argparse.Namespace) -> Path:
-    from peftlab.retune.data import PROMPT_FORMAT, RetuneData, build
+    from peftlab.recipes.retune.data import PROMPT_FORMAT, RetuneData, build
     from peftlab.training import TrainConfig, last_complete_checkpoint, train
 
     recipe = asdict(RetuneData(task=task, method=method, lengths=f"1-{args.train_max}",
@@ -90,8 +90,8 @@ def train_method(task: str, method: str, run: Path, args: argparse.Namespace) ->
 
 def longest_target(tokenizer, task: str, method: str, length: int) -> int:
     """Tokens of the longest response a method must write at ``length`` (a scratchpad writes every step)."""
-    from peftlab.retune.evaluate import problems_for
-    from peftlab.retune.tasks import get_task
+    from peftlab.recipes.retune.evaluate import problems_for
+    from peftlab.recipes.retune.tasks import get_task
 
     examples = [e for p in problems_for(task, length, 5, seed=0) for e in get_task(task).examples(p, method)]
     return max(len(tokenizer(response, add_special_tokens=False)["input_ids"]) for _, response, _ in examples)
@@ -119,9 +119,9 @@ def main() -> None:
     args.train_max = args.train_max or LENGTHS[args.task][0]
     args.eval_max = args.eval_max or 2 * args.train_max
     vars(args).update(oversampling(args))
-    from peftlab.module import load_with_base
-    from peftlab.retune.engine import ModelGenerator
-    from peftlab.retune.evaluate import EvalConfig, evaluate_method, is_evaluated, write_report
+    from peftlab.adapters import load_for_inference
+    from peftlab.recipes.retune.engine import ModelGenerator
+    from peftlab.recipes.retune.evaluate import EvalConfig, evaluate_method, is_evaluated, write_report
 
     lengths = list(range(2, args.eval_max + 1, 2))
     config = EvalConfig(args.task, lengths, args.n, train_lengths=list(range(1, args.train_max + 1)),
@@ -140,9 +140,9 @@ def main() -> None:
         evaluation = run / f"eval-n{args.n}-lengths.json"  # kept per length: a longer range reuses a shorter one
         saved = json.loads(evaluation.read_text()) if evaluation.exists() else {}
         if not all(is_evaluated(config, method, saved.get(str(n))) for n in lengths):  # load the model only then
-            model, tokenizer = load_with_base(module)
-            generator = ModelGenerator(model, tokenizer, max_new_tokens=longest_target(
-                tokenizer, args.task, method, args.eval_max) + 16)
+            loaded = load_for_inference(module)
+            generator = ModelGenerator(loaded.model, loaded.tokenizer, max_new_tokens=longest_target(
+                loaded.tokenizer, args.task, method, args.eval_max) + 16)
             evaluate_method(config, method, generator, checkpoint=evaluation)
             saved = json.loads(evaluation.read_text())
         log = json.loads((run / "train_log.json").read_text())

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from peftlab import TrainConfig, attach, load, load_model, read_info, train
+from peftlab.adapters import merge
 from peftlab.cli import main
-from peftlab.module import merge
 
 INPUT = torch.tensor([[5, 17, 99, 3, 200, 42, 7, 8]])
 
@@ -46,7 +46,9 @@ def test_saved_module_folder_is_peft_plus_manifest(tiny_dir, tmp_path, pairs):
     names = {p.name for p in result.module_dir.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "peftlab.json"} <= names
     manifest = json.loads((result.module_dir / "peftlab.json").read_text())
-    assert manifest["method"] == "lora" and manifest["config"]["r"] == 2
+    adapter = manifest["adapters"]["default"]
+    assert manifest["format_version"] == 2 and adapter["method"] == "lora" and adapter["config"]["r"] == 2
+    assert adapter["path"] == "."
     assert manifest["base_model"] == str(tiny_dir)
     info = read_info(result.module_dir)
     expected = sum(p.numel() for p in result.model.parameters() if p.requires_grad)

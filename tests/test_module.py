@@ -39,11 +39,11 @@ def test_failed_save_leaves_nothing_and_keeps_the_old_folder(tmp_path, monkeypat
 
     method = get_method("lora")
 
-    def broken(model, folder):
+    def broken(folder, config, tensors, base_model):
         (folder / "adapter_model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(method, "save_weights", broken)
+    monkeypatch.setattr(method, "write_files", broken)
     with pytest.raises(OSError, match="disk full"):
         save(wrapped, target, overwrite=True)
     assert (target / "adapter_model.safetensors").read_bytes() == old

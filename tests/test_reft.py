@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from peftlab import TrainConfig, attach, load, load_model, save, tiny_model, train
-from peftlab.methods.reft.interventions import INTERVENTIONS
-from peftlab.methods.reft.model import parse_positions, position_masks, prompt_spans
-from peftlab.module import parameter_report
+from peftlab.adapters import parameter_report
+from peftlab.methods.reft.config import parse_positions
+from peftlab.methods.reft.layer import INTERVENTIONS
+from peftlab.methods.reft.model import position_masks, prompt_spans
 
 D, R = 64, 4
 
@@ -64,12 +65,13 @@ def test_positions_parse_and_masks():
     labels = torch.full_like(mask, -100)
     labels[0, 6:8] = 5
     labels[1, 8:10] = 5
-    m = position_masks(*prompt_spans(mask, labels, None, mask.shape), first=2, last=2, every_token=False)
+    prompts = torch.tensor([6, 3])  # where the labels begin
+    m = position_masks(*prompt_spans(mask, None, prompts, mask.shape), first=2, last=2, every_token=False)
     assert m["first"][0].nonzero().flatten().tolist() == [0, 1]
     assert m["last"][0].nonzero().flatten().tolist() == [4, 5]
     assert m["first"][1].nonzero().flatten().tolist() == [5]  # n=3 < 4: first=min(2, 1), last=min(2, 2)
     assert m["last"][1].nonzero().flatten().tolist() == [6, 7]
-    every = position_masks(*prompt_spans(mask, labels, None, mask.shape), first=0, last=1, every_token=True)
+    every = position_masks(*prompt_spans(mask, None, prompts, mask.shape), first=0, last=1, every_token=True)
     assert every["last"][0].nonzero().flatten().tolist() == [5, 6, 7]
     assert every["all"][1].nonzero().flatten().tolist() == [7, 8, 9]
     no_labels = position_masks(*prompt_spans(mask, None, None, mask.shape), first=0, last=1, every_token=False)
@@ -114,8 +116,7 @@ def test_intervention_changes_only_the_chosen_positions_and_later_ones():
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     with torch.no_grad():
         out = wrapped(input_ids=ids).logits
-        wrapped.remove_hooks()
-        base = wrapped(input_ids=ids).logits
+        base = wrapped.unload()(input_ids=ids).logits
     assert (out[0, :4] - base[0, :4]).abs().max() == 0  # causal: positions before the last are untouched
     assert (out[0, 4] - base[0, 4]).abs().max() > 1e-4
 
@@ -145,12 +146,11 @@ def test_hooks_leave_other_hooks_and_hidden_states_alone():
 
 
 def _manual_greedy(model, prompt, steps):
-    """Reference without a KV cache: the prompt is marked by -100 labels, generated tokens carry labels."""
+    """Reference without a KV cache: the whole sequence re-read each step, the prompt length given."""
     ids = list(prompt)
     for _ in range(steps):
-        labels = [-100] * len(prompt) + ids[len(prompt):]
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).logits
+            logits = model(input_ids=torch.tensor([ids]), prompt_lengths=torch.tensor([len(prompt)])).logits
         ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt):]
 
@@ -212,7 +212,7 @@ def test_save_load_restores_every_setting(tmp_path):
     with torch.no_grad():
         assert (restored(input_ids=ids).logits - wrapped(input_ids=ids).logits).abs().max() < 1e-5
     with pytest.raises(NotImplementedError, match="cannot be folded"):
-        from peftlab.module import merge
+        from peftlab.adapters import merge
         merge(tmp_path / "m", tmp_path / "merged", base_model="unused")
 
 
@@ -288,7 +288,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
         ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
         labels = ids.clone()
         labels[:, :3] = -100
-        wrapped(input_ids=ids, labels=labels).loss.backward()
+        wrapped(input_ids=ids, labels=labels, prompt_lengths=torch.tensor([3])).loss.backward()
         return torch.cat([p.grad.flatten() for p in wrapped.interventions.parameters()])
 
     plain = grads(False)

@@ -7,10 +7,10 @@ from peftlab import load_records
 from peftlab.cli import main
 from peftlab.config import ConfigError
 from peftlab.data import encode
-from peftlab.retune.data import PROMPT_FORMAT, RetuneData, build, parse_lengths
-from peftlab.retune.engine import Engine, EngineConfig, Oracle
-from peftlab.retune.evaluate import EvalConfig, evaluate_method, problems_for
-from peftlab.retune.tasks import METHODS, TASKS, max_sum_nonadjacent, trace
+from peftlab.recipes.retune.data import PROMPT_FORMAT, RetuneData, build, parse_lengths
+from peftlab.recipes.retune.engine import Engine, EngineConfig, Oracle
+from peftlab.recipes.retune.evaluate import EvalConfig, evaluate_method, problems_for
+from peftlab.recipes.retune.tasks import METHODS, TASKS, max_sum_nonadjacent, trace
 
 
 def test_golden_examples_of_the_paper_format():

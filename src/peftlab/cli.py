@@ -26,21 +26,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _load_for_generation(args: argparse.Namespace):
     """(model, tokenizer, prompt format) from --adapter/--model, with the module's own prompt format."""
-    from peftlab.data import PromptFormat
-    from peftlab.models import load_model
-    from peftlab.module import load, read_info
+    from peftlab.adapters import load_for_inference
 
-    fmt = PromptFormat()
-    if args.adapter:
-        info = read_info(args.adapter)
-        fmt = info.prompt_format
-        model, tokenizer = load_model(args.model or info.base_model or DEFAULT_MODEL, args.dtype, args.device)
-        model = load(args.adapter, model)
-    else:
-        model, tokenizer = load_model(args.model or DEFAULT_MODEL, args.dtype, args.device)
-    if args.system is not None:
-        fmt = replace(fmt, system_prompt=args.system)
-    return model, tokenizer, fmt
+    loaded = load_for_inference(args.adapter, args.model, args.dtype, args.device)
+    fmt = loaded.prompt_format if args.system is None else replace(loaded.prompt_format, system_prompt=args.system)
+    return loaded.model, loaded.tokenizer, fmt
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -102,7 +92,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from peftlab.module import merge
+    from peftlab.adapters import merge
 
     out = merge(args.adapter, args.output, base_model=args.model, overwrite=args.overwrite)
     print(f"merged model written to {out}")
@@ -113,10 +103,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     from peftlab.module import read_info
 
     info = read_info(args.folder)
+    adapters = info.manifest.adapters
     data = {"folder": str(info.folder), "method": info.method, "base_model": info.base_model,
             "trainable_parameters": info.trainable_parameters, "tensors": len(info.tensors),
             "peftlab_version": info.peftlab_version, "config": info.config,
             "prompt_format": asdict(info.prompt_format)}
+    if len(adapters) > 1:
+        data["adapters"] = {name: asdict(a) for name, a in adapters.items()}
     if args.json:
         print(json.dumps(data, indent=2))
     else:
@@ -202,17 +195,24 @@ def cmd_data_families(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from peftlab.adapters import load_for_inference, save
+    from peftlab.methods import get_method
+    from peftlab.methods.reft import INTERVENTIONS, ReftMethod
     from peftlab.methods.reft.pyreft_format import is_pyreft_folder, load_pyreft, save_pyreft
     from peftlab.models import load_model
-    from peftlab.module import load_with_base, save
+    from peftlab.module import ModuleError, read_info
 
     if is_pyreft_folder(args.source):
         model, _ = load_model(args.model or DEFAULT_MODEL, args.dtype)
         save(load_pyreft(args.source, model, positions=args.positions), args.output, overwrite=args.overwrite)
         print(f"pyreft interventions {args.source} -> peftlab module {args.output}")
     else:
-        model, _ = load_with_base(args.source, args.model, args.dtype)
-        save_pyreft(model, args.output, overwrite=args.overwrite)
+        method = read_info(args.source).method
+        if not isinstance(get_method(method), ReftMethod):
+            raise ModuleError(f"{args.source}: a {method} module; convert reads pyreft folders and writes ReFT "
+                              f"modules ({', '.join(sorted(INTERVENTIONS))}) in pyreft's layout")
+        save_pyreft(load_for_inference(args.source, args.model, args.dtype).model, args.output,
+                    overwrite=args.overwrite)
         print(f"peftlab module {args.source} -> pyreft layout {args.output}")
     return 0
 
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="The task families, their suites, caps and scoring rules.")
     q.set_defaults(func=cmd_data_families)
 
-    from peftlab.retune.cli import add_commands as add_retune_commands
+    from peftlab.recipes.retune.cli import add_commands as add_retune_commands
 
     add_retune_commands(sub)
     return parser
@@ -325,12 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from peftlab.config import ConfigError
     from peftlab.data import DataError
+    from peftlab.methods import AdapterMismatchError
     from peftlab.module import ModuleError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModuleError, FileExistsError, NotImplementedError) as e:
+    except (ConfigError, DataError, ModuleError, AdapterMismatchError, FileExistsError, NotImplementedError) as e:
         print(f"peftlab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,7 @@ import csv
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,20 @@ class DataError(ValueError):
     """Malformed training data; the message names the file and line at fault."""
 
 
+ROUTED_FIELDS = ("adapter",)  # record fields that reach the model per example (see peftlab.context)
+
+
 @dataclass
 class Record:
-    """One example as chat messages; ``where`` says where it came from (``file:line``) for error messages."""
+    """One example as chat messages; ``where`` says where it came from (``file:line``) for error messages.
+
+    ``fields`` keeps the record's other keys: ``adapter`` (the adapter this example trains or runs with) goes to
+    the model; the rest (ids, families, notes) stay with the record.
+    """
 
     messages: list[dict[str, str]]
     where: str = "<list>"
+    fields: dict[str, Any] = field(default_factory=dict)
 
     @property
     def context(self) -> list[dict[str, str]]:
@@ -50,6 +58,9 @@ def to_record(obj: Any, where: str) -> Record:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected an object with 'prompt' and 'response' or 'messages', "
                         f"got {type(obj).__name__}")
+    extra = {k: v for k, v in obj.items() if k not in ("messages", "prompt", "response", "system")}
+    if "adapter" in extra and not (isinstance(extra["adapter"], str) and extra["adapter"]):
+        raise DataError(f"{where}: field 'adapter' must be a non-empty adapter name, got {extra['adapter']!r}")
     if "messages" in obj:
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
@@ -60,7 +71,7 @@ def to_record(obj: Any, where: str) -> Record:
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last message must be the assistant's answer "
                             f"(role 'assistant'), got role {messages[-1]['role']!r}")
-        return Record([{"role": m["role"], "content": m["content"]} for m in messages], where)
+        return Record([{"role": m["role"], "content": m["content"]} for m in messages], where, extra)
     missing = [k for k in ("prompt", "response") if k not in obj]
     if missing:
         raise DataError(f"{where}: missing field {' and '.join(map(repr, missing))} "
@@ -70,7 +81,7 @@ def to_record(obj: Any, where: str) -> Record:
             raise DataError(f"{where}: field {k!r} must be a string, got {type(obj[k]).__name__}")
     messages = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
     messages += [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
-    return Record(messages, where)
+    return Record(messages, where, extra)
 
 
 def _read_text_lines(path: Path) -> list[str]:
@@ -134,8 +145,7 @@ def _load_csv(path: Path) -> list[Record]:
             # DictReader puts extra fields in a list under the key None and fills missing ones with None
             count = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
             raise DataError(f"{path}:{lineno}: row has {count} fields, header has {len(reader.fieldnames)}")
-        records.append(to_record({k: v for k, v in row.items() if k in ("prompt", "response", "system")},
-                                 f"{path}:{lineno}"))
+        records.append(to_record(row, f"{path}:{lineno}"))
     return records
 
 
@@ -205,7 +215,8 @@ class EncodeStats:
 
 def encode(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat | None = None,
            max_length: int = 1024) -> tuple[list[dict[str, list[int]]], EncodeStats]:
-    """Tokenise records into ``input_ids``/``attention_mask``/``labels`` with the context masked out.
+    """Tokenise records into ``input_ids``/``attention_mask``/``labels`` with the context masked out, plus
+    ``prompt_length`` (where the answer starts) and the record's routed fields (``adapter``).
 
     Over-long examples lose the left of their prompt so the answer is kept whole; only an answer longer than
     ``max_length`` itself is cut (at its end).
@@ -227,7 +238,8 @@ def encode(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, fmt: P
             stats.prompts_truncated += 1
         ids = prompt + response
         features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
-                         "labels": [IGNORE_INDEX] * len(prompt) + response})
+                         "labels": [IGNORE_INDEX] * len(prompt) + response, "prompt_length": len(prompt),
+                         **{k: rec.fields[k] for k in ROUTED_FIELDS if k in rec.fields}})
         stats.examples += 1
         stats.tokens += len(ids)
         stats.longest = max(stats.longest, len(ids))
@@ -245,6 +257,9 @@ class Collator:
     each, and no attention mask; transformers then builds a block-diagonal causal mask, so each example sees only
     itself and no compute is spent on padding. The first label of each example is masked: in a padded batch the
     first token is never a target either.
+
+    Per-example fields become ``prompt_lengths`` and ``adapter_names`` + ``adapter_index`` (see
+    ``peftlab.context``): one value per row when padded, one per token when packed.
     """
 
     pad_token_id: int
@@ -252,10 +267,12 @@ class Collator:
     pad_to_multiple_of: int | None = None
     pack: bool = False
 
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        return self._pack(features) if self.pack else self._pad(features)
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self._pack(features) if self.pack else self._pad(features)
+        repeats = [len(f["input_ids"]) for f in features] if self.pack else None
+        return {**batch, **_example_fields(features, repeats)}
 
-    def _pad(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def _pad(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         length = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -269,7 +286,7 @@ class Collator:
             batch[key] = torch.tensor(rows, dtype=torch.long)
         return batch
 
-    def _pack(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def _pack(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         ids, positions, labels = [], [], []
         for f in features:
             ids += f["input_ids"]
@@ -281,3 +298,32 @@ class Collator:
         if labels:
             batch["labels"] = torch.tensor([labels])
         return batch
+
+
+def _example_fields(features: list[dict[str, Any]], repeats: list[int] | None) -> dict[str, Any]:
+    """``prompt_lengths`` and ``adapter_names``/``adapter_index`` from the features that carry them: per row, or
+    (``repeats``: each example's token count) per token of a packed row."""
+    def column(key: str) -> list | None:
+        present = [key in f for f in features]
+        if not any(present):
+            return None
+        if not all(present):
+            raise ValueError(f"field {key!r} is set on examples {[i for i, p in enumerate(present) if p]} of this "
+                             f"batch but not on the others; give it on every example or on none")
+        return [f[key] for f in features]
+
+    def shaped(values: list[int]) -> torch.Tensor:
+        if repeats is None:
+            return torch.tensor(values, dtype=torch.long)
+        return torch.tensor([v for v, n in zip(values, repeats, strict=True) for _ in range(n)])[None]
+
+    out: dict[str, Any] = {}
+    lengths = column("prompt_length")
+    if lengths is not None:
+        out["prompt_lengths"] = shaped(lengths)
+    adapters = column("adapter")
+    if adapters is not None:
+        names = sorted(set(adapters))
+        out["adapter_names"] = names
+        out["adapter_index"] = shaped([names.index(a) for a in adapters])
+    return out

@@ -17,10 +17,16 @@ Prompt = str | list[dict[str, str]]
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
              fmt: PromptFormat | None = None, max_new_tokens: int = 128, batch_size: int = 8,
-             progress: bool | None = None, strip: bool = True, **generate_kwargs) -> list[str]:
+             progress: bool | None = None, strip: bool = True, adapters: Sequence[str] | None = None,
+             **generate_kwargs) -> list[str]:
     """Answer each prompt; greedy unless ``do_sample=True`` is passed. Returns only the new text, without
-    surrounding whitespace unless ``strip=False`` (the recursion engine needs a call's closing newline)."""
+    surrounding whitespace unless ``strip=False`` (the recursion engine needs a call's closing newline).
+
+    ``adapters`` names the adapter each prompt runs with (a model with several adapters, see peftlab.context).
+    """
     fmt = fmt or PromptFormat()
+    if adapters is not None and len(adapters) != len(prompts):
+        raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts; give one per prompt")
     collate = Collator(tokenizer.pad_token_id, padding_side="left")
     device = next(model.parameters()).device
     settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
@@ -37,7 +43,10 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     for start in tqdm(batches, desc="generating", unit="batch", disable=not show):
         features = [{"input_ids": ids, "attention_mask": [1] * len(ids)}
                     for ids in (fmt.encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size])]
-        batch = {k: v.to(device) for k, v in collate(features).items()}
+        if adapters is not None:
+            for f, name in zip(features, adapters[start:start + batch_size], strict=True):
+                f["adapter"] = name
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(features).items()}
         out = model.generate(**batch, **settings)
         new = out[:, batch["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -1,29 +1,35 @@
-"""Trained modules: attach a method to a model, save it as a folder, read it back.
+"""Module folders, read and written as tensors: no model needed (module arithmetic and DIT build modules this way).
 
-A module folder holds ``peftlab.json`` (method, config, base model, library version) beside the method's own
-safetensors files (for LoRA/IA3: peft's ``adapter_config.json`` + ``adapter_model.safetensors``). Saves are atomic.
-A plain peft adapter folder (no ``peftlab.json``) is read too, so peft users can bring their adapters.
+A module folder holds ``peftlab.json`` (the manifest: base model, prompt format, library version and one or more
+named adapters, each with its method, config and sub-folder) beside each adapter's files in its method's own
+layout. The first adapter's files sit at the top, so a LoRA module is a plain peft adapter folder; further
+adapters sit in a sub-folder named after them (peft's own convention for several adapters).
+
+Reads: manifest v2 (this), v1 (one adapter; written by peftlab 0.1) and plain peft folders (no ``peftlab.json``:
+the adapter's real config is read from ``adapter_config.json``). Writes are atomic and always v2.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import peft
+import torch
 from safetensors import safe_open
-from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import peftlab
 from peftlab.config import from_dict
 from peftlab.data import PromptFormat
 from peftlab.io import atomic_dir, is_incomplete
-from peftlab.methods import MethodConfig, get_method
+from peftlab.methods import DEFAULT_ADAPTER, MethodConfig, get_method
 
 MANIFEST = "peftlab.json"
+FORMAT = "peftlab-module"
+FORMAT_VERSION = 2
 _PEFT_TYPES = {"LORA": "lora", "IA3": "ia3"}
 
 
@@ -32,91 +38,97 @@ class ModuleError(ValueError):
 
 
 @dataclass
-class ModuleInfo:
+class Adapter:
+    """One named adapter of a module: its method, its settings and where its files are (relative to the folder)."""
+
     method: str
     config: dict[str, Any]
-    base_model: str | None
-    peftlab_version: str | None
-    folder: Path
+    path: str = "."
+
+    def method_config(self, where: str) -> MethodConfig:
+        return get_method(self.method).make_config(self.config, where)
+
+
+@dataclass
+class Manifest:
+    """What ``peftlab.json`` says: the adapters by name (the first is the default), and what they were made for."""
+
+    adapters: dict[str, Adapter]
+    base_model: str | None = None
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
-    tensors: dict[str, list[int]] = field(default_factory=dict)
+    peftlab_version: str | None = None
 
     @property
-    def trainable_parameters(self) -> int:
-        return sum(math.prod(shape) for shape in self.tensors.values())
+    def method(self) -> str:
+        """The method of the module's adapters (all of one method)."""
+        methods = {a.method for a in self.adapters.values()}
+        if len(methods) != 1:
+            raise ModuleError(f"the module mixes methods {sorted(methods)}")
+        return methods.pop()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "base_model": self.base_model,
+                "peftlab_version": peftlab.__version__, "prompt_format": asdict(self.prompt_format),
+                "adapters": {name: asdict(a) for name, a in self.adapters.items()}}
 
 
-def attach(model: PreTrainedModel, method: str, config: MethodConfig | dict | None = None) -> nn.Module:
-    """Give ``model`` fresh trainable parts of ``method``; the result remembers what it is for ``save``."""
-    m = get_method(method)
-    if not isinstance(config, MethodConfig):
-        config = m.config_class.from_dict(config, where=f"method {method!r}")
-    wrapped = m.attach(model, config)
-    wrapped.peftlab_spec = (method, config)
-    return wrapped
+@dataclass
+class Module:
+    """A module as data: its manifest and, per adapter name, its tensors (the keys its method's model uses)."""
 
-
-def parameter_report(model: nn.Module) -> dict[str, Any]:
-    """Trainable parameters and their share of the frozen base model (the papers' denominator).
-
-    For ReFT this counts 2dr + r per LoReFT intervention (R counted as its d·r entries, as pyreft does).
-    """
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    report = {"trainable_parameters": trainable, "base_parameters": base,
-              "trainable_percent": 100 * trainable / base if base else float("nan")}
-    interventions = getattr(model, "interventions", None)
-    if isinstance(interventions, nn.ModuleDict):
-        report["interventions"] = len(interventions)
-        report["per_intervention"] = {k: sum(p.numel() for p in iv.parameters()) for k, iv in interventions.items()}
-    return report
-
-
-def base_name(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "name_or_path", None) or None
-
-
-def save(model: nn.Module, folder: str | Path, overwrite: bool = False,
-         prompt_format: PromptFormat | None = None) -> Path:
-    """Write the trained parts of ``model`` (from ``attach`` or ``load``) to ``folder`` atomically.
-
-    ``prompt_format`` records how training prompts were rendered, so generation renders them the same way.
-    """
-    spec = getattr(model, "peftlab_spec", None)
-    if spec is None:
-        raise ValueError("this model has no peftlab method attached (use peftlab.attach or peftlab.load first)")
-    method, config = spec
-    folder = Path(folder)
-    with atomic_dir(folder, overwrite=overwrite) as tmp:
-        get_method(method).save_weights(model, tmp)
-        manifest = {"format": "peftlab-module", "format_version": 1, "method": method,
-                    "config": config.to_dict(), "base_model": base_name(model),
-                    "peftlab_version": peftlab.__version__}
-        if prompt_format is not None:
-            manifest["prompt_format"] = asdict(prompt_format)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return folder
-
-
-def _tensor_shapes(folder: Path) -> dict[str, list[int]]:
-    shapes = {}
-    for f in sorted(folder.rglob("*.safetensors")):  # with sub-adapters (ReFT's lora/, Bitune's bidir/)
-        with safe_open(f, framework="pt") as st:
-            for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
-                shapes[f"{f.relative_to(folder).as_posix()}:{key}"] = list(st.get_slice(key).get_shape())
-    return shapes
+    manifest: Manifest
+    tensors: dict[str, dict[str, torch.Tensor]]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModuleError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModuleError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
-def read_info(folder: str | Path) -> ModuleInfo:
-    """What a saved module is, without loading any model."""
+def _manifest_from_json(data: dict[str, Any], path: Path) -> Manifest:
+    version = data.get("format_version", 1)
+    fmt = from_dict(PromptFormat, data.get("prompt_format"), f"{path}: prompt_format")
+    if version == 1:
+        if "method" not in data:
+            raise ModuleError(f"{path}: no 'method' field")
+        adapters = {DEFAULT_ADAPTER: Adapter(data["method"], data.get("config") or {})}
+    elif version == FORMAT_VERSION:
+        raw = data.get("adapters")
+        if not isinstance(raw, dict) or not raw:
+            raise ModuleError(f"{path}: 'adapters' must map adapter names to {{method, config, path}}")
+        adapters = {}
+        for name, entry in raw.items():
+            if not isinstance(entry, dict) or "method" not in entry:
+                raise ModuleError(f"{path}: adapter {name!r} has no 'method'")
+            adapters[name] = from_dict(Adapter, entry, f"{path}: adapters.{name}")
+    else:
+        raise ModuleError(f"{path}: format_version {version} is newer than this peftlab reads ({FORMAT_VERSION}); "
+                          f"upgrade peftlab")
+    return Manifest(adapters, data.get("base_model"), fmt, data.get("peftlab_version"))
+
+
+def _manifest_from_peft(path: Path) -> Manifest:
+    """A plain peft adapter folder, with the config it was really trained with."""
+    data = _read_json(path)
+    method = _PEFT_TYPES.get(str(data.get("peft_type")))
+    if method is None:
+        raise ModuleError(f"{path}: peft_type {data.get('peft_type')!r} is not one peftlab reads "
+                          f"({sorted(_PEFT_TYPES)})")
+    try:
+        peft_config = peft.PeftConfig.from_pretrained(str(path.parent))
+        config = get_method(method).config_class.from_peft(peft_config)
+    except (ValueError, TypeError) as e:
+        raise ModuleError(f"{path}: {e}") from None
+    return Manifest({DEFAULT_ADAPTER: Adapter(method, config.to_dict())}, data.get("base_model_name_or_path"))
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """What a module folder holds, without reading its tensors."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModuleError(f"{folder}: no such module folder")
@@ -124,57 +136,94 @@ def read_info(folder: str | Path) -> ModuleInfo:
         raise ModuleError(f"{folder}: an interrupted save left this folder incomplete; save again")
     manifest, peft_config = folder / MANIFEST, folder / "adapter_config.json"
     if manifest.exists():
-        data = _read_json(manifest)
-        if "method" not in data:
-            raise ModuleError(f"{manifest}: no 'method' field")
-        info = ModuleInfo(data["method"], data.get("config") or {}, data.get("base_model"),
-                          data.get("peftlab_version"), folder,
-                          from_dict(PromptFormat, data.get("prompt_format"), f"{manifest}: prompt_format"))
-    elif peft_config.exists():
-        data = _read_json(peft_config)
-        method = _PEFT_TYPES.get(str(data.get("peft_type")))
-        if method is None:
-            raise ModuleError(f"{peft_config}: peft_type {data.get('peft_type')!r} is not one peftlab reads "
-                              f"({sorted(_PEFT_TYPES)})")
-        info = ModuleInfo(method, {}, data.get("base_model_name_or_path"), None, folder)
-    else:
-        raise ModuleError(f"{folder}: neither {MANIFEST} nor adapter_config.json found; not a module folder")
-    info.tensors = _tensor_shapes(folder)
-    return info
+        return _manifest_from_json(_read_json(manifest), manifest)
+    if peft_config.exists():
+        return _manifest_from_peft(peft_config)
+    raise ModuleError(f"{folder}: neither {MANIFEST} nor adapter_config.json found; not a module folder")
 
 
-def load(folder: str | Path, model: PreTrainedModel, trainable: bool = False) -> nn.Module:
-    """Attach the module saved in ``folder`` to ``model`` (the base model it was trained on)."""
-    info = read_info(folder)
-    method = get_method(info.method)
-    config = method.config_class.from_dict(info.config, where=str(info.folder / MANIFEST))
-    wrapped = method.load(model, info.folder, config, trainable)
-    wrapped.peftlab_spec = (info.method, config)
-    return wrapped
+def read(folder: str | Path) -> Module:
+    """A module folder as its manifest and its tensors."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    tensors = {}
+    for name, adapter in manifest.adapters.items():
+        where = f"{folder / MANIFEST}: adapter {name!r}"
+        try:
+            config = adapter.method_config(where)
+            tensors[name] = get_method(adapter.method).read_files(folder / adapter.path, config)
+        except (FileNotFoundError, ValueError) as e:
+            raise ModuleError(f"{where}: {e}") from None
+    return Module(manifest, tensors)
 
 
-def load_with_base(folder: str | Path, base_model: str | None = None, dtype: str = "float32",
-                   device: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Load the base model named in the module (or ``base_model``) and attach the module to it."""
-    from peftlab.models import load_model
-
-    info = read_info(folder)
-    name = base_model or info.base_model
-    if not name:
-        raise ModuleError(f"{info.folder}: the module does not name its base model; pass base_model")
-    model, tokenizer = load_model(name, dtype=dtype, device=device)
-    return load(folder, model), tokenizer
+def write(folder: str | Path, manifest: Manifest, tensors: dict[str, dict[str, torch.Tensor]],
+          overwrite: bool = False) -> Path:
+    """Write a module folder atomically from its manifest and tensors (what ``read`` gives back)."""
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        write_into(tmp, manifest, tensors)
+    return Path(folder)
 
 
-def merge(folder: str | Path, out: str | Path, base_model: str | None = None, overwrite: bool = False) -> Path:
-    """Fold a module into its base weights and save a full model folder (with tokenizer) atomically."""
-    method = get_method(read_info(folder).method)
-    if not method.mergeable:
-        raise NotImplementedError(f"{folder}: method {method.name!r} cannot be folded into the base weights "
-                                  f"(it is not a weight update); serve it with its base model instead")
-    model, tokenizer = load_with_base(folder, base_model)
-    merged = method.merge(model)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return Path(out)
+def write_into(folder: Path, manifest: Manifest, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Write the module's files into an existing folder (a Trainer checkpoint, whose completion Trainer marks)."""
+    if set(tensors) != set(manifest.adapters):
+        raise ValueError(f"tensors for adapters {sorted(tensors)} do not match the manifest's "
+                         f"{sorted(manifest.adapters)}")
+    placed = {}
+    for i, (name, adapter) in enumerate(manifest.adapters.items()):
+        placed[name] = replace(adapter, path="." if i == 0 else name)
+        target = folder / placed[name].path
+        if i and target.exists():
+            raise ValueError(f"adapter name {name!r} collides with a file of adapter "
+                             f"{next(iter(manifest.adapters))!r}; choose another name")
+        target.mkdir(parents=True, exist_ok=True)
+        get_method(adapter.method).write_files(target, adapter.method_config(f"adapter {name!r}"), tensors[name],
+                                               manifest.base_model)
+    text = json.dumps(replace(manifest, adapters=placed).to_json(), indent=2)
+    (folder / MANIFEST).write_text(text + "\n")
+
+
+@dataclass
+class ModuleInfo:
+    """A module folder described: its manifest and the shape of every tensor in it, by ``file:key``."""
+
+    folder: Path
+    manifest: Manifest
+    tensors: dict[str, list[int]]
+
+    @property
+    def method(self) -> str:
+        return self.manifest.method
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return next(iter(self.manifest.adapters.values())).config
+
+    @property
+    def base_model(self) -> str | None:
+        return self.manifest.base_model
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return self.manifest.prompt_format
+
+    @property
+    def peftlab_version(self) -> str | None:
+        return self.manifest.peftlab_version
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(math.prod(shape) for shape in self.tensors.values())
+
+
+def read_info(folder: str | Path) -> ModuleInfo:
+    """What a saved module is, without loading any model or tensor."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    shapes = {}
+    for f in sorted(folder.rglob("*.safetensors")):  # with sub-adapters (ReFT's lora/, Bitune's bidir/)
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                shapes[f"{f.relative_to(folder).as_posix()}:{key}"] = list(st.get_slice(key).get_shape())
+    return ModuleInfo(folder, manifest, shapes)

@@ -6,7 +6,6 @@ accumulation, warmup, logging (``report_to``), checkpoints, multi-GPU launchers 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
@@ -17,18 +16,20 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from peftlab.adapters import attach, parameter_report, restore, save, save_into
 from peftlab.config import ConfigError, from_dict, load_yaml
 from peftlab.data import IGNORE_INDEX, Collator, EncodeStats, PromptFormat, Record, encode, load_records
-from peftlab.methods import Method, get_method
+from peftlab.methods import get_method
 from peftlab.models import DEFAULT_MODEL, load_model
-from peftlab.module import attach, parameter_report, save
+from peftlab.report import plot, write_json
 
 log = logging.getLogger(__name__)
 
 TRAINING_DEFAULTS: dict[str, Any] = {"output_dir": "runs/peftlab", "report_to": "none", "logging_steps": 10,
                                      "save_strategy": "no", "per_device_train_batch_size": 8,
                                      "dataloader_pin_memory": torch.cuda.is_available(),
-                                     "remove_unused_columns": False}  # features hold only what the model takes
+                                     "remove_unused_columns": False,  # features hold only what the model takes
+                                     "label_names": ["labels"]}  # the wrappers take **kwargs: say where labels are
 
 
 @dataclass
@@ -131,12 +132,11 @@ def example_mean_loss(logits: torch.Tensor, labels: torch.Tensor,
 
 
 class _Trainer(Trainer):
-    """Trainer whose checkpoints hold only what the method trains (for methods peft does not save), with the
-    per-example loss as an option."""
+    """Trainer whose checkpoints are module folders (only what the method trains), with the per-example loss as an
+    option."""
 
-    def __init__(self, *args, method: Method, loss: str = "token", **kwargs) -> None:
+    def __init__(self, *args, loss: str = "token", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.method = method
         self.loss = loss
         if loss == "example":
             self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the accumulation steps
@@ -149,16 +149,10 @@ class _Trainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.method.trainer_checkpoints:
-            return super()._save(output_dir, state_dict)
-        folder = Path(output_dir or self.args.output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.method.save_weights(self.model, folder)
+        save_into(self.model, Path(output_dir or self.args.output_dir))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        if self.method.trainer_checkpoints:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.method.load_weights(model or self.model, Path(resume_from_checkpoint))
+        restore(model or self.model, resume_from_checkpoint)
 
 
 def train(config: TrainConfig, model: PreTrainedModel | None = None,
@@ -172,7 +166,7 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     """
     method = get_method(config.method["name"])
     settings = {k: v for k, v in config.method.items() if k != "name"}
-    method_config = method.config_class.from_dict(settings, where=f"method ({method.name})")
+    method_config = method.make_config(settings, where=f"method ({method.name})")
     if config.module_dir.exists() and not config.overwrite:
         raise FileExistsError(f"{config.module_dir} already exists; set overwrite: true (--set overwrite=true) "
                               f"or choose another output")
@@ -206,9 +200,9 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     pack = method.supports_packing if config.data.pack is None else config.data.pack
     if pack and not method.supports_packing:
         raise ConfigError(f"data.pack: method {method.name!r} needs one example per row; set pack: false")
-    collator = Collator(tokenizer.pad_token_id, method.padding_side, pack=pack)
+    collator = Collator(tokenizer.pad_token_id, pack=pack)
     trainer = _Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
-                       data_collator=collator, processing_class=tokenizer, method=method, loss=config.data.loss,
+                       data_collator=collator, processing_class=tokenizer, loss=config.data.loss,
                        callbacks=callbacks)
     use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache is only waste in training
     try:
@@ -216,7 +210,8 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     finally:
         model.config.use_cache = use_cache
     wrapped.eval()
-    module_dir = save(wrapped, config.module_dir, overwrite=config.overwrite, prompt_format=fmt)
+    wrapped.prompt_format = fmt
+    module_dir = save(wrapped, config.module_dir, overwrite=config.overwrite)
     history = trainer.state.log_history
     write_training_report(Path(args.output_dir), history, output.metrics, stats, params)
     return TrainResult(wrapped, module_dir, output.metrics, stats, history, params)
@@ -225,26 +220,13 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
 def write_training_report(folder: Path, history: list[dict[str, float]], metrics: dict[str, float],
                           stats: EncodeStats, params: dict[str, Any]) -> None:
     """``train_log.json`` (for scripts) and ``loss.png`` (for people) beside the checkpoints."""
-    folder.mkdir(parents=True, exist_ok=True)
-    report = {"metrics": metrics, "data": asdict(stats), "parameters": params, "log_history": history}
-    (folder / "train_log.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(folder / "train_log.json", {"metrics": metrics, "data": asdict(stats), "parameters": params,
+                                           "log_history": history})
     points = [(h["step"], h["loss"]) for h in history if "loss" in h]
     if not points:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label="train")
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    if evals:
-        ax.plot(*zip(*evals, strict=True), marker="s", markersize=3, label="eval")
-        ax.legend()
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder / "loss.png", dpi=120)
-    plt.close(fig)
+    with plot(folder / "loss.png", "step", "training loss", figsize=(6, 3.5)) as ax:
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label="train")
+        evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+        if evals:
+            ax.plot(*zip(*evals, strict=True), marker="s", markersize=3, label="eval")

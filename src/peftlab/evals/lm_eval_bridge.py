@@ -1,7 +1,7 @@
 """lm-evaluation-harness on peftlab models and modules (optional: ``pip install 'peftlab[evals]'``).
 
 ``PeftlabLM`` is an ``lm_eval`` ``LM`` over any peftlab model + tokenizer (a base model, or a module of any method
-loaded with ``load_with_base``): ``loglikelihood`` and ``loglikelihood_rolling`` from one forward pass per batch,
+loaded with ``load_for_inference``): ``loglikelihood`` and ``loglikelihood_rolling`` from one forward pass per batch,
 ``generate_until`` through ``peftlab.generation.generate`` (greedy unless the task asks for sampling).
 
 Contexts are scored as raw text, as lm-eval does for its own HF model, unless ``use_prompt_format=True``: then a
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peftlab.data import IGNORE_INDEX, PromptFormat
+from peftlab.data import PromptFormat
 from peftlab.generation import generate
+from peftlab.methods import PeftlabModel
 
 try:
     from lm_eval.api.model import LM
@@ -86,15 +87,15 @@ class PeftlabLM(LM):
             width = max(len(ids) for ids, _ in rows)
             input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
-            labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-            for r, (ids, n_cont) in enumerate(rows):
+            for r, (ids, _) in enumerate(rows):
                 input_ids[r, :len(ids)] = torch.tensor(ids)
                 mask[r, :len(ids)] = 1
-                answer = len(ids) - n_cont + 1  # where the continuation starts: the context is the prompt
-                labels[r, answer:len(ids)] = input_ids[r, answer:len(ids)]
-            # labels tell prompt-aware methods (ReFT positions, Bitune's prompt passes) where the prompt ends
+            extra = {}
+            if isinstance(self.model, PeftlabModel):  # the context is the prompt (ReFT positions, Bitune's passes)
+                extra["prompt_lengths"] = torch.tensor([len(ids) - n_cont + 1 for ids, n_cont in rows],
+                                                       device=self._device)
             logits = self.model(input_ids=input_ids.to(self._device), attention_mask=mask.to(self._device),
-                                labels=labels.to(self._device)).logits
+                                **extra).logits
             logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
             for r, i in enumerate(idx):
                 ids, n_cont = rows[r]

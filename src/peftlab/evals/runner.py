@@ -7,7 +7,6 @@ generated together, sorted by length (less padding), with the family's ``max_new
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -20,11 +19,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 import peftlab
+from peftlab.adapters import load_for_inference
 from peftlab.data import PromptFormat
 from peftlab.evals.suite import Suite, make_split
 from peftlab.evals.tasks import get_family
 from peftlab.generation import generate
-from peftlab.io import write_text
+from peftlab.report import plot, write_json
 
 
 @dataclass
@@ -41,21 +41,15 @@ class Candidate:
 def load_candidate(adapter: str | None = None, model: str | None = None, dtype: str = "float32",
                    device: str | None = None, label: str | None = None) -> Candidate:
     """A base model (``adapter=None``) or a saved module of any method on its base model, with its prompt format."""
-    from peftlab.models import DEFAULT_MODEL, load_model
-    from peftlab.module import load_with_base, read_info
-
-    if adapter is None:
-        name = model or DEFAULT_MODEL
-        m, tok = load_model(name, dtype=dtype, device=device)
-        return Candidate(label or f"base ({Path(name).name})", m, tok, PromptFormat(),
-                         {"model": name, "adapter": None, "method": None})
-    info = read_info(adapter)
-    m, tok = load_with_base(adapter, base_model=model, dtype=dtype, device=device)
+    loaded = load_for_inference(adapter, model, dtype=dtype, device=device)
+    if loaded.info is None:
+        return Candidate(label or f"base ({Path(loaded.base_model).name})", loaded.model, loaded.tokenizer,
+                         loaded.prompt_format, {"model": loaded.base_model, "adapter": None, "method": None})
     folder = Path(adapter)
     label = label or (folder.parent.name if folder.name == "module" else folder.name)
-    return Candidate(label, m, tok, info.prompt_format,
-                     {"model": model or info.base_model, "adapter": str(adapter), "method": info.method,
-                      "trainable_parameters": info.trainable_parameters})
+    return Candidate(label, loaded.model, loaded.tokenizer, loaded.prompt_format,
+                     {"model": model or loaded.info.base_model, "adapter": str(adapter),
+                      "method": loaded.info.method, "trainable_parameters": loaded.info.trainable_parameters})
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -158,41 +152,30 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: str | Path, chart: bool = True) -> Path:
-    out = write_text(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    out = write_json(out, report)
     if chart:
-        plot(report, out.with_suffix(".png"))
+        plot_report(report, out.with_suffix(".png"))
     return out
 
 
-def plot(report: dict[str, Any], path: str | Path) -> Path:
+def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     """Grouped bars: accuracy per family (error bars: std over seeds), one colour per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = report["models"]
     families = list(models[0]["families"])
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(families) + 2), 4.2))
-    for k, m in enumerate(models):
-        xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(families))]
-        ys = [m["families"][f]["accuracy"] for f in families]
-        errs = [m["families"][f]["std"] for f in families]
-        ax.bar(xs, ys, width, yerr=errs if len(report["seeds"]) > 1 else None, capsize=2, label=m["label"])
-    labels = [f + ("" if models[0]["families"][f]["trained"] else "\n(held out)") for f in families]
-    ax.set_xticks(range(len(families)), labels, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"peftlab eval: suite {report['suite']}, {report['split']} split, n={report['n']}"
-                 f"{' x ' + str(len(report['seeds'])) + ' seeds' if len(report['seeds']) > 1 else ''}")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    seeds = len(report["seeds"])
+    title = (f"peftlab eval: suite {report['suite']}, {report['split']} split, n={report['n']}"
+             f"{' x ' + str(seeds) + ' seeds' if seeds > 1 else ''}")
+    with plot(path, "", "accuracy", title, figsize=(max(7.0, 0.9 * len(families) + 2), 4.2)) as ax:
+        for k, m in enumerate(models):
+            xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(families))]
+            ys = [m["families"][f]["accuracy"] for f in families]
+            errs = [m["families"][f]["std"] for f in families]
+            ax.bar(xs, ys, width, yerr=errs if seeds > 1 else None, capsize=2, label=m["label"])
+        labels = [f + ("" if models[0]["families"][f]["trained"] else "\n(held out)") for f in families]
+        ax.set_xticks(range(len(families)), labels, rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
     return Path(path)
-
 
 
 def rescore(report: dict[str, Any]) -> dict[str, Any]:

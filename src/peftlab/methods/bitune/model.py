@@ -8,92 +8,23 @@ pre-hook that encodes the prompt once at the first call. Any causal LM with a st
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
 
 import peft
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from peftlab.data import IGNORE_INDEX
-from peftlab.methods import MethodConfig, ModelWrapper, cache_arg, cache_in
+from peftlab.methods.base import DEFAULT_ADAPTER, Method, PeftlabModel, cache_arg, cache_in
+from peftlab.methods.bitune.config import BIDIR, CAUSAL, BituneConfig
+from peftlab.methods.bitune.layer import KVMixer, bidirectional_mask
+from peftlab.methods.lora import read_peft_folder, write_peft_folder
 
-CAUSAL, BIDIR = "default", "bidir"  # peft adapter names: the answer/causal adapter and the bidirectional one
-
-# variant -> the prompt passes as (adapter, bidirectional?); two passes are mixed (the second one is the causal one)
-VARIANTS: dict[str, tuple[tuple[str, bool], ...]] = {
-    "bitune": ((BIDIR, True), (CAUSAL, False)),  # the paper's method
-    "naive_bidir": ((CAUSAL, True),),  # one adapter; the prompt read only bidirectionally
-    "no_mixing": ((BIDIR, True),),  # the bidirectional adapter reads the prompt, nothing is mixed
-    "only_causal": ((BIDIR, False), (CAUSAL, False)),  # two adapters and mixing, but both passes causal
-    "shared_weights": ((CAUSAL, True), (CAUSAL, False)),  # both passes with one adapter
-}
-GATES = ("abs", "relu")  # the paper's mixing variants 607 (|w|) and 801 (relu(w))
-
-
-@dataclass
-class BituneConfig(MethodConfig):
-    """Bitune settings. ``adapter`` is a LoRA (``use_dora: true`` for DoRA) or IA3 config, as for those methods;
-    both adapters get the same settings. The mix gives weight a = g(w) / (g(w) + eps) to the bidirectional
-    features, separately for keys and values in every layer; ``init = eps`` starts it at 50/50."""
-
-    adapter: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
-    variant: str = "bitune"  # bitune | naive_bidir | no_mixing | only_causal | shared_weights (the ablations)
-    gate: str = "abs"  # abs: the paper's variant 607 | relu: variant 801
-    eps: float = 0.01
-    init: float = 0.01
-
-    def __post_init__(self) -> None:
-        if isinstance(self.adapter, str):
-            self.adapter = {"name": self.adapter}
-        if self.adapter.get("name", "lora") not in ("lora", "ia3"):
-            raise ValueError(f"bitune.adapter.name must be lora or ia3, got {self.adapter.get('name')!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"bitune.variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
-        if self.gate not in GATES:
-            raise ValueError(f"bitune.gate must be one of {GATES}, got {self.gate!r}")
-        if self.eps <= 0:
-            raise ValueError(f"bitune.eps must be > 0, got {self.eps}")
-
-    @property
-    def passes(self) -> tuple[tuple[str, bool], ...]:
-        return VARIANTS[self.variant]
-
-    @property
-    def adapters(self) -> list[str]:
-        return sorted({CAUSAL} | {name for name, _ in self.passes})
-
-
-class KVMixer(nn.Module):
-    """Per-layer coefficients that blend the causal and the other pass's keys (and, separately, values).
-
-    Kept and computed in fp32 whatever the model's dtype, as the paper does.
-    """
-
-    def __init__(self, n_layers: int, gate: str = "abs", eps: float = 0.01, init: float = 0.01) -> None:
-        super().__init__()
-        self.gate, self.eps = gate, eps
-        self.key_weight = nn.Parameter(torch.full((n_layers,), float(init)))
-        self.value_weight = nn.Parameter(torch.full((n_layers,), float(init)))
-
-    def share(self, weight: torch.Tensor) -> torch.Tensor:
-        """The share of the bidirectional (other) features, in [0, 1)."""
-        g = weight.abs() if self.gate == "abs" else weight.relu()
-        return g / (g + self.eps)
-
-    def forward(self, causal: DynamicCache, other: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.key_weight)
-        if len(causal.layers) != n or len(other.layers) != n:
-            raise ValueError(f"mixer has {n} layers but the caches have {len(causal.layers)}/{len(other.layers)}")
-        a_k, a_v = self.share(self.key_weight), self.share(self.value_weight)
-        return [(_blend(c.keys, o.keys, a_k[i]), _blend(c.values, o.values, a_v[i]))
-                for i, (c, o) in enumerate(zip(causal.layers, other.layers, strict=True))]
-
-
-def _blend(causal: torch.Tensor, other: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    return ((1 - a) * causal.float() + a * other.float()).to(causal.dtype)
+WEIGHTS = "bitune.safetensors"
 
 
 @dataclass
@@ -138,43 +69,59 @@ def split_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_l
                        suffix_mask=suffix_mask.long(), suffix_pos=q[:, None] + j, suffix_src=suffix_src)
 
 
-def prompt_lengths_from_labels(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Real tokens before each row's first label (a row without labels is all prompt)."""
-    valid = attention_mask.bool()
-    answer = (labels != IGNORE_INDEX) & valid
-    start = valid.int().argmax(1)
-    first = torch.where(answer.any(1), answer.int().argmax(1), start + valid.sum(1))
-    return first - start
+class BituneModel(PeftlabModel):
+    """A causal LM with Bitune's two peft adapters and mixer; ``forward`` trains and scores, ``generate`` decodes."""
 
+    def __init__(self, model: PreTrainedModel, method: Method) -> None:
+        super().__init__(model, method)
+        self.mixer: KVMixer | None = None
+        self._generating = False
+        self._handle = None
 
-def bidirectional_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4-D mask [B, 1, L, L]: every token sees every real token (pads see themselves, to stay finite)."""
-    allowed = mask.bool()[:, None, None, :] | torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
-    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    @property
+    def bitune_config(self) -> BituneConfig:
+        return next(iter(self.adapters.values()))
 
-
-class BituneModel(ModelWrapper):
-    """A peft model with Bitune's adapters and mixer; ``forward`` trains and scores, ``generate`` decodes."""
-
-    def __init__(self, model: peft.PeftModel, config: BituneConfig) -> None:
-        super().__init__()
-        self.model = model
-        self.bitune_config = config
-        base = model.get_base_model()
-        mixed = len(config.passes) == 2
-        self.mixer = KVMixer(base.config.num_hidden_layers, config.gate, config.eps, config.init) if mixed else None
-        if self.mixer is not None:
-            self.mixer.to(next(base.parameters()).device)
+    def add_adapter(self, name: str, config: BituneConfig) -> None:
+        base = self.causal_lm
+        if str(base.config._attn_implementation).startswith("flash_attention"):
+            raise ValueError(f"Bitune reads the prompt with an explicit 4-D attention mask, which "
+                             f"{base.config._attn_implementation} does not take; load the model with "
+                             f"attn_implementation='sdpa' (or 'eager')")
+        adapter = config.adapter_config().to_peft()
+        self.model = peft.get_peft_model(base, adapter, adapter_name=CAUSAL)
+        if BIDIR in config.adapters:
+            self.model.add_adapter(BIDIR, adapter)
+        self.model.set_requires_grad(config.adapters, True)
+        if len(config.passes) == 2:
+            self.mixer = KVMixer(base.config.num_hidden_layers, config.gate, config.eps, config.init)
+            self.mixer.to(next(base.parameters()).device).train(self.training)
         windows = [layer.sliding_window for layer in DynamicCache(config=base.config).layers
                    if getattr(layer, "sliding_window", None)]
         self._window = min(windows, default=None)  # the smallest sliding attention window, if any
-        self._generating = False
         self._handle = base.register_forward_pre_hook(self._on_generate_call, with_kwargs=True)
-        self.train(model.training)
+        self.adapters[name] = config
 
-    @property
-    def causal_lm(self) -> nn.Module:
-        return self.model.get_base_model()
+    # --- tensors -----------------------------------------------------------------------------------------------
+    def adapter_state_dict(self, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+        """Each peft adapter's tensors under its name (``default.``, ``bidir.``), and the mix (``mixer.``)."""
+        state = {f"{adapter}.{k}": v.detach() for adapter in self.bitune_config.adapters
+                 for k, v in peft.get_peft_model_state_dict(self.model, adapter_name=adapter).items()}
+        if self.mixer is not None:
+            state.update({f"mixer.{k}": v.detach() for k, v in self.mixer.state_dict().items()})
+        return state
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], name: str) -> None:
+        for adapter in self.bitune_config.adapters:
+            part = {k[len(adapter) + 1:]: v for k, v in tensors.items() if k.startswith(adapter + ".")}
+            peft.set_peft_model_state_dict(self.model, part, adapter_name=adapter)
+        if self.mixer is not None:
+            self.mixer.load_state_dict({k.removeprefix("mixer."): v for k, v in tensors.items()
+                                        if k.startswith("mixer.")})
+
+    def _detach(self) -> PreTrainedModel:
+        self._handle.remove()
+        return self.model.unload()
 
     # --- the prompt passes -------------------------------------------------------------------------------------
     def _use(self, adapter: str) -> None:
@@ -224,19 +171,19 @@ class BituneModel(ModelWrapper):
     # --- training and scoring ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, prompt_lengths: torch.Tensor | None = None,
+                adapter_names: list[str] | None = None, adapter_index: torch.Tensor | None = None,
                 ) -> CausalLMOutputWithPast:
         """Logits aligned to ``input_ids`` from each row's last prompt token on (earlier positions are 0: Bitune
         reads the prompt into a cache, not into predictions) and, with ``labels``, the mean loss over answer tokens.
 
-        The prompt ends where the labels begin, or after ``prompt_lengths`` real tokens.
+        Each row's prompt is its first ``prompt_lengths`` real tokens (data.Collator gives them from the records).
         """
+        self.bind({"prompt_lengths": prompt_lengths, "adapter_names": adapter_names, "adapter_index": adapter_index})
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if prompt_lengths is None:
-            if labels is None:
-                raise ValueError("Bitune needs to know where each prompt ends: pass labels (-100 on the prompt) "
-                                 "or prompt_lengths")
-            prompt_lengths = prompt_lengths_from_labels(labels, attention_mask)
+            raise ValueError("Bitune needs to know where each prompt ends: pass prompt_lengths (the prompt tokens "
+                             "of each row; data.Collator gives them)")
         split = split_prompt(input_ids, attention_mask, prompt_lengths)
         self._check_window(split.prefix_ids.shape[1] + split.suffix_ids.shape[1])
         cache = None
@@ -263,6 +210,7 @@ class BituneModel(ModelWrapper):
     def generate(self, *args, **kwargs):
         """The model's own ``generate()``; its first call encodes the prompt (all but the last token) the Bitune
         way, then decoding runs on the mixed cache with the causal adapter. Prompts must be left-padded."""
+        self.bind(kwargs)
         self._generating = True
         try:
             return self.model.generate(*args, **kwargs)
@@ -294,10 +242,40 @@ class BituneModel(ModelWrapper):
     def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
         raise ValueError(_NO_CHECKPOINTING)
 
-    def remove_hooks(self) -> None:
-        self._handle.remove()
 
 
 _NO_CHECKPOINTING = ("Bitune cannot use transformers' gradient checkpointing: in training it turns the KV cache "
                      "off, so the answer would silently never see the prompt. Set training.gradient_checkpointing: "
                      "false (and lower the batch size or sequence length to save memory).")
+
+
+class BituneMethod(Method):
+    """A saved Bitune adapter holds both peft adapters in peft's own layout (the causal one at the top, the
+    bidirectional one in ``bidir/``) and ``bitune.safetensors`` with the 2 x n_layers mixing coefficients
+    (``mixer.key_weight``, ``mixer.value_weight``)."""
+
+    name = "bitune"
+    config_class = BituneConfig
+    model_class = BituneModel
+
+    def write_files(self, folder: Path, config: BituneConfig, tensors: dict[str, torch.Tensor],
+                    base_model: str | None) -> None:
+        adapter = config.adapter_config().to_peft()
+        for name in config.adapters:
+            part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            write_peft_folder(folder if name == CAUSAL else folder / name, adapter, part, base_model)
+        mixer = {k: v.contiguous() for k, v in tensors.items() if k.startswith("mixer.")}
+        if mixer:
+            save_file(mixer, str(folder / WEIGHTS), metadata={"format": "pt", "gate": config.gate,
+                                                              "eps": str(config.eps)})
+
+    def read_files(self, folder: Path, config: BituneConfig) -> dict[str, torch.Tensor]:
+        tensors = {f"{name}.{k}": v for name in config.adapters
+                   for k, v in read_peft_folder(folder if name == CAUSAL else folder / name).items()}
+        if len(config.passes) == 2:
+            path = folder / WEIGHTS
+            if not path.exists():
+                raise FileNotFoundError(f"{folder}: no {WEIGHTS} (the mixing coefficients of variant "
+                                        f"{config.variant!r})")
+            tensors.update(load_file(str(path)))
+        return tensors

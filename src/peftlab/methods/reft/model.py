@@ -1,121 +1,63 @@
 """ReFT on any transformers causal LM through forward hooks that touch only their own handles.
 
 One pre-hook on the causal LM works out, for each call, which positions are intervened (a boolean mask [B, T]
-per position group), from the attention mask (either padding side) and the labels (the prompt ends where the
-labels begin). Layer hooks then replace h by Φ(h) where the mask is set. During generation a call whose KV cache
-already holds tokens is a decode step: in ``prompt`` mode nothing is touched there, so decoding costs what the base
-model costs; in ``every_token`` mode each new token is intervened too (and training intervenes every response
-token, so the two match).
+per position group), from the attention mask (either padding side) or the packed positions, and from where each
+prompt ends (``prompt_lengths`` in the call's context; without it the whole input is the prompt). Layer hooks then
+replace h by Φ(h) where the mask is set. During generation a call whose KV cache already holds tokens is a decode
+step: in ``prompt`` mode nothing is touched there, so decoding costs what the base model costs; in
+``every_token`` mode each new token is intervened too (and training intervenes every answer token, so the two
+match).
+
+A saved ReFT adapter holds ``reft.safetensors`` (one tensor per intervention parameter, keyed
+``{intervention key}.{name}`` with pyreft's intervention keys) and, when a LoRA is trained alongside, a ``lora/``
+peft adapter folder. ``peftlab.methods.reft.pyreft_format`` reads and writes pyreft's own layout.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
+import peft
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from peftlab.methods import MethodConfig, ModelWrapper, cache_in
-from peftlab.methods.reft.interventions import INTERVENTIONS
+from peftlab.context import per_token
+from peftlab.methods.base import DEFAULT_ADAPTER, Method, PeftlabModel, cache_in
+from peftlab.methods.lora import LoraConfig, read_peft_folder, write_peft_folder
+from peftlab.methods.reft.config import ReftConfig
+from peftlab.methods.reft.layer import INTERVENTIONS
 
-COMPONENTS = ("block_output", "block_input", "attention_output", "mlp_output")
-GENERATION_MODES = ("prompt", "every_token")
-_POSITIONS = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
-IGNORE_INDEX = -100
-
-
-@dataclass
-class ReftConfig(MethodConfig):
-    """Where and how to intervene. The intervention type comes from the method name (loreft, direft, ...).
-
-    layers: a list of layer indices, one index, "all", or "middle" (num_layers // 2).
-    positions: "f{p}+l{s}": the first p and last s prompt positions (the paper's notation; "l1" = last token).
-    share_weights: one intervention per layer for all positions (tied) or one for the prefix, one for the suffix.
-    generation: "prompt" (the paper's default: intervene the prompt only) or "every_token".
-    lora: settings of a LoRA trained together with the interventions (peftlab's LoraConfig fields), or None.
-    """
-
-    layers: list[int] | int | str = "middle"
-    component: str = "block_output"
-    positions: str = "l1"
-    rank: int = 4
-    dropout: float = 0.0
-    act: str = "linear"
-    share_weights: bool = True
-    dtype: str = "float32"
-    add_bias: bool = False
-    generation: str = "prompt"
-    lora: dict[str, Any] | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.component not in COMPONENTS:
-            raise ValueError(f"component {self.component!r} is not one of {COMPONENTS}")
-        if self.generation not in GENERATION_MODES:
-            raise ValueError(f"generation {self.generation!r} is not one of {GENERATION_MODES}")
-        self.first, self.last = parse_positions(self.positions)
-
-    def layer_indices(self, num_layers: int) -> list[int]:
-        if self.layers == "all":
-            return list(range(num_layers))
-        if self.layers == "middle":
-            return [num_layers // 2]
-        layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
-        bad = [i for i in layers if not -num_layers <= i < num_layers]
-        if bad:
-            raise ValueError(f"layers {bad} out of range for a model with {num_layers} layers")
-        return sorted({i % num_layers for i in layers})
-
-    @property
-    def tied(self) -> bool:
-        return self.share_weights or not (self.first and self.last)
+WEIGHTS = "reft.safetensors"
+LORA = "lora"  # the folder, and the key prefix, of a LoRA trained alongside
 
 
-def parse_positions(text: str) -> tuple[int, int]:
-    """'f7+l7' -> (7, 7); 'l1' -> (0, 1); 'f3' -> (3, 0)."""
-    m = _POSITIONS.match(text.strip())
-    if not m or not (m.group(1) or m.group(2)):
-        raise ValueError(f"positions {text!r} must look like 'f3', 'l1' or 'f3+l3'")
-    return int(m.group(1) or 0), int(m.group(2) or 0)
-
-
-def prompt_spans(attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
-                 position_ids: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+def prompt_spans(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                 prompt_lengths: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor, ...]:
     """Per token: [start, end) of the prompt of the example it belongs to, and whether it is a real token.
 
-    Padded batches (either side): an example is a row; its prompt runs from the first real token up to the first
-    labelled token (training) or to the last real token (inference). Packed rows (position_ids, no attention mask,
-    as transformers reads them): an example starts wherever position_ids is 0.
+    Padded batches (either side): an example is a row; its prompt runs from its first real token for
+    ``prompt_lengths`` tokens, or to its last real token. Packed rows (position_ids, no attention mask, as
+    transformers reads them): an example starts wherever position_ids is 0.
     """
     width = shape[1]
-    idx = torch.arange(width, device=_device_of(attention_mask, labels, position_ids))[None].expand(shape)
-    labelled = labels != IGNORE_INDEX if labels is not None else None
-    if attention_mask is None and position_ids is not None:
+    device = next(t.device for t in (attention_mask, position_ids) if t is not None)
+    idx = torch.arange(width, device=device)[None].expand(shape)
+    if attention_mask is None:
         seg = (position_ids == 0).long().cumsum(-1) - 1  # example index of each token within its row
-        start = torch.zeros(shape, dtype=torch.long, device=idx.device).scatter_reduce(
-            1, seg, idx, "amin", include_self=False).gather(1, seg)
-        seg_end = torch.zeros(shape, dtype=torch.long, device=idx.device).scatter_reduce(
+        start = idx - position_ids
+        end = torch.zeros(shape, dtype=torch.long, device=device).scatter_reduce(
             1, seg, idx + 1, "amax", include_self=False).gather(1, seg)
-        end = seg_end
-        if labelled is not None:
-            first_label = torch.full(shape, width, device=idx.device).scatter_reduce(
-                1, seg, torch.where(labelled, idx, width), "amin", include_self=True).gather(1, seg)
-            end = torch.minimum(first_label, seg_end)
-        return start, end, torch.ones(shape, dtype=torch.bool, device=idx.device)
-    real = attention_mask.bool() if attention_mask is not None else torch.ones(shape, dtype=torch.bool,
-                                                                                 device=idx.device)
+        if prompt_lengths is not None:
+            end = torch.minimum(start + per_token(prompt_lengths, shape), end)
+        return start, end, torch.ones(shape, dtype=torch.bool, device=device)
+    real = attention_mask.bool()
     start = (real.cumsum(-1) == 0).sum(-1)
     end = width - (real.flip(-1).cumsum(-1) == 0).sum(-1)
-    if labelled is not None:
-        end = torch.where(labelled.any(-1), labelled.int().argmax(-1), end)
+    if prompt_lengths is not None:
+        end = torch.minimum(start + per_token(prompt_lengths, shape)[:, 0], end)
     return start[:, None].expand(shape), end[:, None].expand(shape), real
-
-
-def _device_of(*tensors: torch.Tensor | None) -> torch.device:
-    return next(t.device for t in tensors if t is not None)
 
 
 def position_masks(start: torch.Tensor, end: torch.Tensor, real: torch.Tensor, first: int, last: int,
@@ -160,65 +102,86 @@ def _component_module(layer: nn.Module, component: str) -> nn.Module:
     raise ValueError(f"{type(layer).__name__} has none of {names} for component {component!r}")
 
 
-def _unwrap(model: nn.Module) -> PreTrainedModel:
-    """The causal LM inside a peft wrapper (ReFT stacked on LoRA), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-class ReftModel(ModelWrapper):
+class ReftModel(PeftlabModel):
     """A causal LM (optionally with a LoRA) plus ReFT interventions; forward and generate are the model's own."""
 
-    def __init__(self, model: nn.Module, config: ReftConfig, kind: str) -> None:
-        super().__init__()
-        if kind not in INTERVENTIONS:
-            raise ValueError(f"unknown intervention {kind!r}; choose from {sorted(INTERVENTIONS)}")
-        self.model = model
-        self.reft_config = config
-        self.kind = kind
-        base = _unwrap(model)
-        layers = decoder_layers(base)
-        d = base.config.hidden_size
-        dtype = getattr(torch, config.dtype)
-        if config.seed is not None:
-            torch.manual_seed(config.seed)
+    def __init__(self, model: PreTrainedModel, method: Method) -> None:
+        super().__init__(model, method)
+        self.kind = method.name
         self.interventions = nn.ModuleDict()
         self.groups: dict[str, str] = {}
         self._masks: dict[str, torch.Tensor | None] = {}
-        self._handles = [base.register_forward_pre_hook(self._on_call, with_kwargs=True)]
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def reft_config(self) -> ReftConfig:
+        return next(iter(self.adapters.values()))
+
+    def add_adapter(self, name: str, config: ReftConfig) -> None:
+        if config.lora is not None:
+            lora = LoraConfig.from_dict(config.lora, where=f"{self.kind}.lora")
+            self.model = peft.get_peft_model(self.model, lora.to_peft())
+        else:
+            self.model.requires_grad_(False)
+        base = self.causal_lm
+        layers = decoder_layers(base)
+        targets = {i: _component_module(layers[i], config.component) for i in config.layer_indices(len(layers))}
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        self._handles.append(base.register_forward_pre_hook(self._on_call, with_kwargs=True))
         groups = ["all"] if config.tied else ["first", "last"]
-        kwargs = {"dropout": config.dropout, "act": config.act, "dtype": dtype}
-        if kind in ("noreft", "direft"):
+        kwargs = {"dropout": config.dropout, "act": config.act, "dtype": getattr(torch, config.dtype)}
+        if self.kind in ("noreft", "direft"):
             kwargs["add_bias"] = config.add_bias
-        for layer in config.layer_indices(len(layers)):
+        for layer, target in targets.items():
             keys = []
             for k, group in enumerate(groups):
                 key = f"layer_{layer}_comp_{config.component}_unit_pos_nunit_1#{k}"
-                self.interventions[key] = INTERVENTIONS[kind](d, config.rank, **kwargs)
+                self.interventions[key] = INTERVENTIONS[self.kind](base.config.hidden_size, config.rank, **kwargs)
                 self.groups[key] = group
                 keys.append(key)
-            self._handles.append(self._hook(_component_module(layers[layer], config.component), keys))
-        self.interventions.to(next(base.parameters()).device)
-        self.train(model.training)
+            self._handles.append(self._hook(target, config, keys))
+        self.interventions.to(next(base.parameters()).device).train(self.training)
+        self.adapters[name] = config
+
+    # --- tensors -----------------------------------------------------------------------------------------------
+    def adapter_state_dict(self, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+        state = {f"{key}.{n}": t for key, iv in self.interventions.items() for n, t in iv.export_state().items()}
+        if self.reft_config.lora is not None:
+            state.update({f"{LORA}.{k}": v.detach() for k, v in peft.get_peft_model_state_dict(self.model).items()})
+        return state
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], name: str) -> None:
+        for key, iv in self.interventions.items():
+            iv.import_state({k[len(key) + 1:]: t for k, t in tensors.items() if k.startswith(key + ".")}, key)
+        lora = {k[len(LORA) + 1:]: t for k, t in tensors.items() if k.startswith(LORA + ".")}
+        if lora:
+            peft.set_peft_model_state_dict(self.model, lora)
+
+    def _detach(self) -> PreTrainedModel:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.model.unload() if isinstance(self.model, peft.PeftModel) else self.model
 
     # --- hooks -------------------------------------------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        config = self.reft_config
         ids = kwargs.get("input_ids", args[0] if args else None)
         shape = ids.shape if ids is not None else kwargs["inputs_embeds"].shape[:2]
+        device = next(self.causal_lm.parameters()).device
         cache = cache_in(kwargs)
         if cache is not None and cache.get_seq_length() > 0:  # a decode step of generate()
-            new = None
-            if self.reft_config.generation == "every_token":
-                new = torch.ones(shape, dtype=torch.bool, device=self._device())
+            new = torch.ones(shape, dtype=torch.bool, device=device) if config.generation == "every_token" else None
             self._masks = {"first": None, "last": new, "all": new}
             return
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"ReFT needs a 2-D attention mask [batch, tokens], got shape {tuple(mask.shape)}")
         if mask is None and kwargs.get("position_ids") is None:
-            mask = torch.ones(shape, dtype=torch.long, device=self._device())
-        spans = prompt_spans(mask, kwargs.get("labels"), kwargs.get("position_ids"), shape)
-        self._masks = position_masks(*spans, self.reft_config.first, self.reft_config.last,
-                                     self.reft_config.generation == "every_token")
+            mask = torch.ones(shape, dtype=torch.long, device=device)
+        spans = prompt_spans(mask, kwargs.get("position_ids"), self.context.fields.prompt_lengths, shape)
+        self._masks = position_masks(*spans, config.first, config.last, config.generation == "every_token")
 
     def _intervene(self, keys: list[str], h: torch.Tensor) -> torch.Tensor:
         for key in keys:
@@ -231,8 +194,8 @@ class ReftModel(ModelWrapper):
             h = torch.where(mask[..., None], self.interventions[key](h), h)
         return h
 
-    def _hook(self, module: nn.Module, keys: list[str]) -> torch.utils.hooks.RemovableHandle:
-        if self.reft_config.component == "block_input":
+    def _hook(self, module: nn.Module, config: ReftConfig, keys: list[str]) -> torch.utils.hooks.RemovableHandle:
+        if config.component == "block_input":
             def pre_hook(mod, args, kwargs):
                 if args:
                     return (self._intervene(keys, args[0]), *args[1:]), kwargs
@@ -245,18 +208,33 @@ class ReftModel(ModelWrapper):
             return self._intervene(keys, output)
         return module.register_forward_hook(hook)
 
-    def remove_hooks(self) -> None:
-        """Detach from the model (only peftlab's own hooks are removed)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
-    # --- the model's interface ---------------------------------------------------------------------------------
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+class ReftMethod(Method):
+    """One registered method per intervention type (loreft, noreft, direft, direft_orth, consreft, lobireft)."""
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    config_class = ReftConfig
+    model_class = ReftModel
+    supports_packing = True  # positions are found per example inside a packed row (see prompt_spans)
 
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
+    def __init__(self, name: str) -> None:
+        if name not in INTERVENTIONS:
+            raise ValueError(f"unknown intervention {name!r}; choose from {sorted(INTERVENTIONS)}")
+        self.name = name
+
+    def write_files(self, folder: Path, config: ReftConfig, tensors: dict[str, torch.Tensor],
+                    base_model: str | None) -> None:
+        own = {k: t.contiguous() for k, t in tensors.items() if not k.startswith(LORA + ".")}
+        save_file(own, str(folder / WEIGHTS), metadata={"format": "pt", "intervention": self.name})
+        if config.lora is not None:
+            lora = {k[len(LORA) + 1:]: t for k, t in tensors.items() if k.startswith(LORA + ".")}
+            peft_config = LoraConfig.from_dict(config.lora, where=f"{self.name}.lora").to_peft()
+            write_peft_folder(folder / LORA, peft_config, lora, base_model)
+
+    def read_files(self, folder: Path, config: ReftConfig) -> dict[str, torch.Tensor]:
+        path = folder / WEIGHTS
+        if not path.exists():
+            raise FileNotFoundError(f"{folder}: no {WEIGHTS}")
+        tensors = load_file(str(path))
+        if config.lora is not None:
+            tensors.update({f"{LORA}.{k}": t for k, t in read_peft_folder(folder / LORA).items()})
+        return tensors

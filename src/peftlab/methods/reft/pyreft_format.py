@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from peftlab.io import atomic_dir
-from peftlab.methods.reft.interventions import PYREFT_NAMES
-from peftlab.methods.reft.model import ReftConfig, ReftModel
+from peftlab.methods import get_method
+from peftlab.methods.reft.config import ReftConfig
+from peftlab.methods.reft.layer import PYREFT_NAMES
+from peftlab.methods.reft.model import ReftModel
 
 _KEY = re.compile(r"^layer[._](\d+)[._]comp[._](.+?)[._]unit[._]pos[._]nunit[._]1#(\d+)$")
 _ROTATION_PARAMETRIZED = ("rotate_layer.parametrizations.weight.original",
@@ -111,15 +113,13 @@ def load_pyreft(folder: str | Path, model: nn.Module, positions: str = "l1", **s
     """Attach the interventions of a pyreft folder to ``model`` (the base model they were trained on)."""
     folder = Path(folder)
     kind, config = read_pyreft_config(folder, positions, **settings)
-    model.requires_grad_(False)
-    wrapped = ReftModel(model, config, kind)
+    wrapped = get_method(kind).attach(model, config)
     files = {_canonical_key(p.name[len("intkey_"):-len(".bin")]): p for p in folder.glob("intkey_*.bin")}
     for key, iv in wrapped.interventions.items():
         if key not in files:
             raise ValueError(f"{folder}: no intkey file for intervention {key}; found {sorted(files)}")
         saved = torch.load(files[key], map_location="cpu", weights_only=True)
         iv.import_state(_from_pyreft_state(kind, saved, str(files[key])), str(files[key]))
-    wrapped.peftlab_spec = (kind, config)  # so peftlab.save writes it as a module
     return wrapped.eval()
 
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from peftlab.io import write_text
-from peftlab.retune.engine import Engine, EngineConfig, Generator
-from peftlab.retune.tasks import CALL, RETURN, Task, get_task
+from peftlab.recipes.retune.engine import Engine, EngineConfig, Generator
+from peftlab.recipes.retune.tasks import CALL, RETURN, Task, get_task
+from peftlab.report import plot, write_json
 
 
 @dataclass
@@ -153,15 +153,15 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
         bar.set_postfix({f"acc@{length}": round(per_length[length]["accuracy"], 2)})
         if checkpoint:
             saved[length] = per_length[length]
-            write_text(checkpoint, json.dumps(dict(sorted(saved.items())), indent=2, default=str))
+            write_json(checkpoint, dict(sorted(saved.items())))
     return per_length
 
 
 def write_report(report: dict[str, Any], out: str | Path) -> Path:
     """``out`` (JSON) and the plot beside it (same name, .png); with step accuracy also
     ``<name>-step-accuracy.png``."""
-    out = write_text(out, json.dumps(report, indent=2, default=str) + "\n")
-    plot(report, out.with_suffix(".png"))
+    out = write_json(out, report)
+    plot_lengths(report, out.with_suffix(".png"))
     if any("step_accuracy" in v for run in report["runs"].values() for v in run["lengths"].values()):
         plot_steps(report, out.with_name(out.stem + "-step-accuracy.png"))
     return out
@@ -170,62 +170,45 @@ def write_report(report: dict[str, Any], out: str | Path) -> Path:
 SEED_STYLES = ("-", "--", ":", "-.")  # one method's seeds share its colour and differ in line style
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot_lengths(report: dict[str, Any], path: Path) -> None:
     """Accuracy against problem length, one line per run (the paper's figure)."""
-    fig, ax = _pyplot().subplots(figsize=(6.5, 4))
     colors = {"baseline": "tab:orange", "scratchpad": "tab:blue", "retune": "tab:green"}
-    for label, run in report["runs"].items():
-        lengths = sorted(run["lengths"], key=int)
-        ax.plot([int(n) for n in lengths], [run["lengths"][n]["accuracy"] for n in lengths], marker="o",
-                markersize=3, label=label, color=colors.get(run.get("method")),
-                linestyle=SEED_STYLES[run.get("seed", 0) % len(SEED_STYLES)])
-    _save(fig, ax, report, path, "problem length", f"Re-Tuning: {report['task']}, n={report['n']} per length")
+    with plot(path, "problem length", "accuracy", f"Re-Tuning: {report['task']}, n={report['n']} per length") as ax:
+        for label, run in report["runs"].items():
+            lengths = sorted(run["lengths"], key=int)
+            ax.plot([int(n) for n in lengths], [run["lengths"][n]["accuracy"] for n in lengths], marker="o",
+                    markersize=3, label=label, color=colors.get(run.get("method")),
+                    linestyle=SEED_STYLES[run.get("seed", 0) % len(SEED_STYLES)])
+        _accuracy_axes(ax, report)
 
 
 def plot_steps(report: dict[str, Any], path: Path) -> None:
     """Teacher-forced step accuracy against sub-problem size, pooled over the evaluated lengths: one line per step
     kind and run. Where single steps break, apart from how their errors compound."""
-    fig, ax = _pyplot().subplots(figsize=(6.5, 4))
     colors = {"call": "tab:green", "combine": "tab:purple", "base": "tab:grey"}
-    for label, run in report["runs"].items():
-        pooled: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0])  # (kind, size) -> [right, n]
-        for result in run["lengths"].values():
-            for kind, sizes in result.get("step_accuracy", {}).items():
-                for size, cell in sizes.items():
-                    pooled[kind, int(size)][0] += cell["accuracy"] * cell["n"]
-                    pooled[kind, int(size)][1] += cell["n"]
-        for kind, color in colors.items():
-            sizes = sorted(size for k, size in pooled if k == kind)
-            if sizes:
-                ax.plot(sizes, [pooled[kind, s][0] / pooled[kind, s][1] for s in sizes], marker="o", markersize=3,
-                        color=color, linestyle=SEED_STYLES[run.get("seed", 0) % len(SEED_STYLES)],
-                        label=f"{label}: {kind}")
     lengths = sorted({int(n) for run in report["runs"].values() for n in run["lengths"]})
-    _save(fig, ax, report, path, "sub-problem size",
-          f"Re-Tuning steps in their gold context: {report['task']}, lengths {lengths[0]}-{lengths[-1]}")
+    title = f"Re-Tuning steps in their gold context: {report['task']}, lengths {lengths[0]}-{lengths[-1]}"
+    with plot(path, "sub-problem size", "accuracy", title) as ax:
+        for label, run in report["runs"].items():
+            pooled: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0])  # (kind, size) -> [right, n]
+            for result in run["lengths"].values():
+                for kind, sizes in result.get("step_accuracy", {}).items():
+                    for size, cell in sizes.items():
+                        pooled[kind, int(size)][0] += cell["accuracy"] * cell["n"]
+                        pooled[kind, int(size)][1] += cell["n"]
+            for kind, color in colors.items():
+                sizes = sorted(size for k, size in pooled if k == kind)
+                if sizes:
+                    ax.plot(sizes, [pooled[kind, s][0] / pooled[kind, s][1] for s in sizes], marker="o",
+                            markersize=3, color=color, linestyle=SEED_STYLES[run.get("seed", 0) % len(SEED_STYLES)],
+                            label=f"{label}: {kind}")
+        _accuracy_axes(ax, report)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, ax, report: dict[str, Any], path: Path, xlabel: str, title: str) -> None:
-    """The axes both plots share (training lengths shaded, accuracy 0-1), written to ``path``."""
+def _accuracy_axes(ax, report: dict[str, Any]) -> None:
+    """What both plots share: integer ticks, accuracy from 0 to 1, the training lengths shaded."""
     ax.xaxis.get_major_locator().set_params(integer=True)
     train = report.get("train_lengths")
     if train:
         ax.axvspan(min(train) - 0.5, max(train) + 0.5, color="grey", alpha=0.12, label="training lengths")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)

@@ -4,7 +4,7 @@
 (batched, memoised, bounded), ``evaluate`` measures accuracy per length. CLI: ``peftlab retune gen|train|eval``.
 """
 
-from peftlab.retune.engine import Engine, EngineConfig, ModelGenerator, Oracle
-from peftlab.retune.tasks import TASKS, Task, get_task
+from peftlab.recipes.retune.engine import Engine, EngineConfig, ModelGenerator, Oracle
+from peftlab.recipes.retune.tasks import TASKS, Task, get_task
 
 __all__ = ["TASKS", "Engine", "EngineConfig", "ModelGenerator", "Oracle", "Task", "get_task"]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from peftlab.retune.tasks import CALL, RETURN, returned_value, sub_prompt
+from peftlab.recipes.retune.tasks import CALL, RETURN, returned_value, sub_prompt
 
 Generator = Callable[[list[str]], list[str]]  # prompts -> the new text of each (not stripped)
 
@@ -190,7 +190,7 @@ class ModelGenerator:
     """A peftlab model (base or module) as a generator: prompts as plain text, greedy, raw new text."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 64, batch_size: int = 64) -> None:
-        from peftlab.retune.data import PROMPT_FORMAT
+        from peftlab.recipes.retune.data import PROMPT_FORMAT
 
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size

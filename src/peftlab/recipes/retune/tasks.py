@@ -3,7 +3,7 @@
 A Re-Tuning solution is a tree of *procedures*. A procedure has a text (``"73199 + 21439"``) and, given the values
 its calls returned so far, takes one step: either a call of a smaller procedure (the model writes
 ``Call: <text>\\n`` and stops) or its answer. ``trace`` walks the tree and yields every (prompt, response) pair
-the model must learn; the engine (``peftlab.retune.engine``) runs the same protocol with a model.
+the model must learn; the engine (``peftlab.recipes.retune.engine``) runs the same protocol with a model.
 
 Adding a task is one class: ``sample`` a problem of a given length, its ``root`` procedure, ``baseline`` and
 ``scratchpad`` examples and ``correct`` (is a final output right?). Register it in ``TASKS``.

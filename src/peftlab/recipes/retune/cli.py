@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from peftlab.retune.tasks import METHODS, TASKS
+from peftlab.recipes.retune.tasks import METHODS, TASKS
 
 
 def size_pairs(values: list[str], cast, flag: str) -> dict[int, float]:
@@ -23,7 +23,7 @@ def size_pairs(values: list[str], cast, flag: str) -> dict[int, float]:
 
 
 def _data_config(args: argparse.Namespace):
-    from peftlab.retune.data import RetuneData
+    from peftlab.recipes.retune.data import RetuneData
 
     return RetuneData(task=args.task, method=args.method, lengths=args.lengths,
                       problems_per_length=args.per_length, seed=args.seed,
@@ -38,7 +38,7 @@ def oversampling(args: argparse.Namespace) -> dict:
 
 def cmd_gen(args: argparse.Namespace) -> int:
     from peftlab.io import write_jsonl
-    from peftlab.retune.data import build
+    from peftlab.recipes.retune.data import build
 
     records = build(_data_config(args))
     write_jsonl(records, args.output)
@@ -48,7 +48,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from peftlab.io import write_jsonl
-    from peftlab.retune.data import PROMPT_FORMAT, build
+    from peftlab.recipes.retune.data import PROMPT_FORMAT, build
     from peftlab.training import TrainConfig, train
 
     config = TrainConfig.from_yaml(args.config, args.set)
@@ -64,10 +64,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from peftlab.retune.data import parse_lengths
-    from peftlab.retune.engine import EngineConfig, ModelGenerator, Oracle
-    from peftlab.retune.evaluate import EvalConfig, evaluate_method, problems_for, write_report
-    from peftlab.retune.tasks import get_task
+    from peftlab.recipes.retune.data import parse_lengths
+    from peftlab.recipes.retune.engine import EngineConfig, ModelGenerator, Oracle
+    from peftlab.recipes.retune.evaluate import EvalConfig, evaluate_method, problems_for, write_report
+    from peftlab.recipes.retune.tasks import get_task
 
     config = EvalConfig(args.task, parse_lengths(args.lengths), args.n, args.seed,
                         parse_lengths(args.train_lengths) if args.train_lengths else None, args.step_accuracy)
@@ -87,10 +87,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report["runs"][f"{method} (oracle)"] = {"method": method, "lengths": evaluate_method(config, method,
                                                                                              Oracle(table), engine)}
     for method, folder in runs:
-        from peftlab.module import load_with_base
+        from peftlab.adapters import load_for_inference
 
-        model, tokenizer = load_with_base(folder, args.model)
-        generator = ModelGenerator(model, tokenizer, args.max_new_tokens, args.batch_size)
+        loaded = load_for_inference(folder, args.model)
+        generator = ModelGenerator(loaded.model, loaded.tokenizer, args.max_new_tokens, args.batch_size)
         report["runs"][f"{method} ({Path(folder).parent.name or folder})"] = {
             "method": method, "module": folder, "lengths": evaluate_method(config, method, generator, engine)}
     for label, run in report["runs"].items():

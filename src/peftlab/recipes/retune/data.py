@@ -16,7 +16,7 @@ from typing import Any
 
 from peftlab.config import ConfigError
 from peftlab.data import PromptFormat
-from peftlab.retune.tasks import METHODS, get_task
+from peftlab.recipes.retune.tasks import METHODS, get_task
 
 # Prompts are raw text (the task templates already end in "\nSolution: " / "\nAnswer: ") behind one start token.
 # A model whose tokenizer adds no BOS (SmolLM2, Qwen2) would put the problem's first digit at position 0, where

@@ -1,0 +1,140 @@
+"""Modules on models: attach a method, save what it trained, load it back, fold it in, and load for inference.
+
+``load`` is ``attach`` + ``load_adapter_state_dict``: one construction path, whatever the folder's version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from peftlab.data import PromptFormat
+from peftlab.io import atomic_dir
+from peftlab.methods import DEFAULT_ADAPTER, MethodConfig, PeftlabModel, get_method
+from peftlab.module import MANIFEST, Adapter, Manifest, ModuleError, ModuleInfo, read, read_info, write, write_into
+
+
+def attach(model: nn.Module, method: str, config: MethodConfig | dict | None = None,
+           name: str = DEFAULT_ADAPTER) -> PeftlabModel:
+    """Give ``model`` fresh trainable parts of ``method`` under adapter ``name``."""
+    return get_method(method).attach(model, config, name)
+
+
+def manifest_of(model: PeftlabModel, prompt_format: PromptFormat | None = None) -> Manifest:
+    """The manifest that describes ``model``'s adapters (``prompt_format``: how its training prompts looked)."""
+    adapters = {name: Adapter(model.method.name, config.to_dict()) for name, config in model.adapters.items()}
+    return Manifest(adapters, base_name(model), prompt_format or model.prompt_format or PromptFormat())
+
+
+def tensors_of(model: PeftlabModel) -> dict[str, dict[str, Any]]:
+    return {name: model.adapter_state_dict(name) for name in model.adapters}
+
+
+def _check_attached(model: nn.Module) -> PeftlabModel:
+    if not isinstance(model, PeftlabModel):
+        raise ValueError("this model has no peftlab method attached (use peftlab.attach or peftlab.load first)")
+    return model
+
+
+def save(model: PeftlabModel, folder: str | Path, overwrite: bool = False,
+         prompt_format: PromptFormat | None = None) -> Path:
+    """Write the trained parts of ``model`` to ``folder`` atomically, as a module folder.
+
+    ``prompt_format`` records how training prompts were rendered, so generation renders them the same way.
+    """
+    model = _check_attached(model)
+    return write(folder, manifest_of(model, prompt_format), tensors_of(model), overwrite=overwrite)
+
+
+def save_into(model: PeftlabModel, folder: Path) -> None:
+    """``save`` into an existing folder, not atomically: for Trainer checkpoints, whose completion Trainer marks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_into(folder, manifest_of(_check_attached(model)), tensors_of(model))
+
+
+def load(folder: str | Path, model: nn.Module, trainable: bool = False) -> PeftlabModel:
+    """Attach the module saved in ``folder`` to ``model`` (the base model it was trained on)."""
+    module = read(folder)
+    where = str(Path(folder) / MANIFEST)
+    wrapped = model
+    for name, adapter in module.manifest.adapters.items():
+        wrapped = get_method(adapter.method).attach(wrapped, adapter.method_config(where), name)
+        wrapped.load_adapter_state_dict(module.tensors[name], name, where=f"{folder} (adapter {name!r})")
+    wrapped.prompt_format = module.manifest.prompt_format
+    if not trainable:
+        wrapped.requires_grad_(False)
+    return wrapped.train(trainable)
+
+
+def restore(model: PeftlabModel, folder: str | Path) -> None:
+    """Put the tensors saved in ``folder`` into ``model``'s adapters in place (resuming from a checkpoint)."""
+    for name, tensors in read(folder).tensors.items():
+        model.load_adapter_state_dict(tensors, name, where=f"{folder} (adapter {name!r})")
+
+
+def base_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "name_or_path", None) or None
+
+
+def parameter_report(model: nn.Module) -> dict[str, Any]:
+    """Trainable parameters and their share of the frozen base model (the papers' denominator).
+
+    For ReFT this counts 2dr + r per LoReFT intervention (R counted as its d·r entries, as pyreft does).
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    report = {"trainable_parameters": trainable, "base_parameters": base,
+              "trainable_percent": 100 * trainable / base if base else float("nan")}
+    interventions = getattr(model, "interventions", None)
+    if isinstance(interventions, nn.ModuleDict):
+        report["interventions"] = len(interventions)
+        report["per_intervention"] = {k: sum(p.numel() for p in iv.parameters()) for k, iv in interventions.items()}
+    return report
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference: a base model, or a module on its base model, with the prompt format it expects."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    prompt_format: PromptFormat
+    base_model: str
+    info: ModuleInfo | None = None  # the module's, when one was loaded
+
+
+def load_for_inference(adapter: str | Path | None = None, model: str | None = None, dtype: str = "float32",
+                       device: str | None = None) -> Loaded:
+    """The one loader behind the CLI, evaluations and recipes: the base model ``model`` (default: the module's,
+    else the embedded default), with the module in ``adapter`` attached when one is given."""
+    from peftlab.models import DEFAULT_MODEL, load_model
+
+    info = read_info(adapter) if adapter is not None else None
+    name = model or (info.base_model if info is not None else None) or DEFAULT_MODEL
+    base, tokenizer = load_model(name, dtype=dtype, device=device)
+    if info is None:
+        return Loaded(base, tokenizer, PromptFormat(), name)
+    return Loaded(load(adapter, base), tokenizer, info.prompt_format, name, info)
+
+
+def merge(folder: str | Path, out: str | Path, base_model: str | None = None, overwrite: bool = False) -> Path:
+    """Fold a module into its base weights and save a full model folder (with tokenizer) atomically."""
+    method = get_method(read_info(folder).method)
+    if not method.mergeable:
+        raise NotImplementedError(f"{folder}: method {method.name!r} cannot be folded into the base weights "
+                                  f"(it is not a weight update); serve it with its base model instead")
+    loaded = load_for_inference(folder, base_model)
+    merged = loaded.model.merge_and_unload()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        merged.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+__all__ = ["Loaded", "ModuleError", "attach", "base_name", "load", "load_for_inference", "merge", "parameter_report",
+           "restore", "save", "save_into"]

@@ -1,0 +1,70 @@
+"""Per-example information in one model call: which adapter each example uses, where each prompt ends.
+
+These fields travel explicitly from a record through ``data.encode`` and ``data.Collator`` to the forward or
+generate call of a ``PeftlabModel``, which binds them to its ``CallContext``; layers and hooks read them there, on
+every forward the call makes (decode steps included). Nothing is inferred from a convention such as labels.
+
+Shapes: one value per row ``[B]`` in a padded batch; one per token ``[1, T]`` in a packed row (each token carries
+its example's value). ``generate()`` repeats each row for beams and ``num_return_sequences``; ``CallContext``
+repeats per-row fields to match the rows it sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ExampleFields:
+    """What a call knows per example, under the keyword names a forward/generate call takes."""
+
+    prompt_lengths: torch.Tensor | None = None  # prompt tokens of each example, counted from its first real token
+    adapter_names: list[str] | None = None  # the adapters this batch uses
+    adapter_index: torch.Tensor | None = None  # each example's adapter, as an index into adapter_names
+
+    @classmethod
+    def pop(cls, kwargs: dict[str, Any]) -> ExampleFields:
+        """Take the fields out of a call's keyword arguments (the wrapped model does not know them)."""
+        return cls(**{f.name: kwargs.pop(f.name) for f in fields(cls) if f.name in kwargs})
+
+    def adapters(self) -> list[str] | None:
+        """Each example's adapter name (per row or per token, flattened), or None when the batch names none."""
+        if self.adapter_names is None:
+            return None
+        if self.adapter_index is None:
+            raise ValueError("adapter_names given without adapter_index (which example uses which adapter)")
+        return [self.adapter_names[i] for i in self.adapter_index.flatten().tolist()]
+
+
+class CallContext:
+    """The fields of the latest call, for layers and hooks. A call replaces them; they stay until the next call,
+    because gradient checkpointing runs the layers again during backward, after the call returned."""
+
+    def __init__(self) -> None:
+        self.fields = ExampleFields()
+        self.adapter_slots: torch.Tensor | None = None  # per example: the index of its adapter in the model
+
+    def bind(self, fields: ExampleFields, adapter_slots: torch.Tensor | None = None) -> None:
+        self.fields, self.adapter_slots = fields, adapter_slots
+
+    def clear(self) -> None:
+        self.bind(ExampleFields())
+
+
+def per_token(values: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """``values`` per row ``[B]`` or per token ``[B, T]`` as a ``[rows, T]`` tensor for a call of ``shape``.
+
+    A call with k times as many rows as examples is generate() repeating each example k times (beams, samples):
+    each value is repeated k times in place, as generate repeats the prompts.
+    """
+    rows, width = shape
+    if values.dim() == 2:
+        if tuple(values.shape) != (rows, width):
+            raise ValueError(f"per-token field of shape {tuple(values.shape)} does not fit a call of {rows}x{width}")
+        return values
+    if rows % len(values):
+        raise ValueError(f"{len(values)} examples do not divide the {rows} rows of this call")
+    return values.repeat_interleave(rows // len(values))[:, None].expand(rows, width)

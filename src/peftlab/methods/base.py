@@ -1,0 +1,211 @@
+"""The method protocol: a config, a ``Method`` that knows its files, and a ``PeftlabModel`` that owns what it attached.
+
+A ``Method`` is what is registered: its name, its config class, its capability flags, how to attach it to a model
+(``attach``) and how its tensors are laid out in a module folder (``write_files``/``read_files``, no model needed).
+A ``PeftlabModel`` is a base model with one method's trainable parts, held under adapter names: it moves them as
+plain tensors (``adapter_state_dict``/``load_adapter_state_dict``), gives the base model back (``unload``) and
+binds each call's per-example fields (``peftlab.context``) for its layers and hooks to read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from abc import ABC, ABCMeta, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from peftlab.config import from_dict
+from peftlab.context import CallContext, ExampleFields
+
+DEFAULT_ADAPTER = "default"
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Base of every method's settings; JSON-serialisable, every field has a default."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, where: str = "config") -> MethodConfig:
+        return from_dict(cls, values, where)
+
+
+class AdapterMismatchError(ValueError, RuntimeError):
+    """Saved tensors that do not fit the model they are loaded into; the message names the keys and shapes."""
+
+
+class Method(ABC):
+    """One tuning method: its config, what it allows, how it attaches and how its tensors sit in a folder."""
+
+    name: str
+    config_class: ClassVar[type[MethodConfig]]
+    mergeable: ClassVar[bool] = False  # its trained parts fold into the base weights (``peftlab merge``)
+    composable: ClassVar[bool] = False  # module arithmetic is defined on its tensors
+    supports_packing: ClassVar[bool] = False  # examples may share one row (see data.Collator)
+    routable: ClassVar[bool] = False  # one batch may use a different adapter per example
+
+    def make_config(self, values: MethodConfig | dict[str, Any] | None, where: str | None = None) -> MethodConfig:
+        if isinstance(values, MethodConfig):
+            return values
+        return self.config_class.from_dict(values, where=where or f"method {self.name!r}")
+
+    model_class: ClassVar[type[PeftlabModel]]
+
+    def attach(self, model: nn.Module, config: MethodConfig | dict[str, Any] | None = None,
+               name: str = DEFAULT_ADAPTER) -> PeftlabModel:
+        """``model`` with fresh trainable parts under adapter ``name``; only they require grad. Attaching to a
+        model of this method adds another adapter (where the method holds several)."""
+        if isinstance(model, PeftlabModel) and model.method is not self:
+            raise ValueError(f"cannot attach {self.name!r} to a model that carries {model.method.name!r}; "
+                             f"unload() it first")
+        wrapper = model if isinstance(model, PeftlabModel) else self.model_class(model, self)
+        if name in wrapper.adapters:
+            raise ValueError(f"this model already has an adapter named {name!r}")
+        if wrapper.adapters and not self.routable:
+            raise ValueError(f"a {self.name} model holds one adapter ({next(iter(wrapper.adapters))!r}); only "
+                             f"routable methods hold several")
+        wrapper.add_adapter(name, self.make_config(config))
+        return wrapper
+
+    @abstractmethod
+    def write_files(self, folder: Path, config: MethodConfig, tensors: dict[str, torch.Tensor],
+                    base_model: str | None) -> None:
+        """Write one adapter's tensors (from ``adapter_state_dict``) into ``folder``, in open formats."""
+
+    @abstractmethod
+    def read_files(self, folder: Path, config: MethodConfig) -> dict[str, torch.Tensor]:
+        """Read back what ``write_files`` wrote: the tensors ``load_adapter_state_dict`` takes."""
+
+
+class PeftlabModel(nn.Module, metaclass=ABCMeta):
+    """A causal LM with one method's trainable parts. Forward and generate are the model's own, plus the
+    per-example fields of ``peftlab.context``; every attribute it does not define is the wrapped model's, so
+    Trainer, generation and user code see the model they know."""
+
+    def __init__(self, model: PreTrainedModel, method: Method) -> None:
+        super().__init__()
+        self.model = model  # what a call runs: the causal LM, or peft's wrapper around it
+        self.method = method
+        self.adapters: dict[str, MethodConfig] = {}
+        self.context = CallContext()
+        self.prompt_format = None  # how training prompts were rendered (a data.PromptFormat), saved with the module
+        self._requires_grad = [p.requires_grad for p in model.parameters()]  # what unload() gives back
+        self.train(model.training)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def causal_lm(self) -> PreTrainedModel:
+        """The base causal LM inside any peft wrapper."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    # --- adapters ----------------------------------------------------------------------------------------------
+    @abstractmethod
+    def add_adapter(self, name: str, config: MethodConfig) -> None:
+        """Create fresh trainable parts under ``name``."""
+
+    @abstractmethod
+    def adapter_state_dict(self, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+        """The trained tensors of adapter ``name`` by key, detached (the base model's are not included)."""
+
+    @abstractmethod
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], name: str) -> None:
+        """Copy checked tensors into adapter ``name``."""
+
+    @abstractmethod
+    def _detach(self) -> PreTrainedModel:
+        """Remove every hook and injected layer; return the causal LM."""
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], name: str = DEFAULT_ADAPTER,
+                                where: str = "tensors") -> None:
+        """Fill adapter ``name`` with ``tensors``; keys and shapes must be exactly this adapter's."""
+        if name not in self.adapters:
+            raise KeyError(f"{where}: this model has no adapter {name!r}; it has {sorted(self.adapters)}")
+        expected = {k: tuple(v.shape) for k, v in self.adapter_state_dict(name).items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        if missing or unexpected:
+            raise AdapterMismatchError(f"{where}: tensors do not fit adapter {name!r} of this {self.method.name} "
+                                       f"model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+                                       f"{' ...' if len(missing) > 4 or len(unexpected) > 4 else ''}")
+        for key, shape in expected.items():
+            if found[key] != shape:
+                raise AdapterMismatchError(f"{where}: tensors do not fit this model: size mismatch for {key}: "
+                                           f"torch.Size({list(found[key])}) in the module, "
+                                           f"torch.Size({list(shape)}) in the model")
+        self._load_tensors(tensors, name)
+
+    def unload(self) -> PreTrainedModel:
+        """The base model exactly as it was: every hook removed, every injected layer unwrapped."""
+        base = self._detach()
+        for p, flag in zip(base.parameters(), self._requires_grad, strict=True):
+            p.requires_grad_(flag)
+        self.adapters = {}
+        self.context.clear()
+        return base
+
+    def merge_and_unload(self) -> PreTrainedModel:
+        """The base model with the trained parts folded into its weights (only where the method is mergeable)."""
+        raise NotImplementedError(f"method {self.method.name!r} cannot be folded into the base weights "
+                                  f"(it is not a weight update); serve it with its base model instead")
+
+    # --- calls -------------------------------------------------------------------------------------------------
+    def bind(self, kwargs: dict[str, Any]) -> None:
+        """Take the per-example fields out of a call's arguments and make them this call's context."""
+        fields = ExampleFields.pop(kwargs)
+        adapters = fields.adapters()
+        slots = None
+        if adapters is not None:
+            unknown = sorted(set(adapters) - set(self.adapters))
+            if unknown:
+                raise ValueError(f"adapters {unknown} are not in this model; it has {sorted(self.adapters)}")
+            if not self.method.routable and len(set(adapters)) > 1:
+                raise ValueError(f"method {self.method.name!r} cannot use a different adapter per example "
+                                 f"(it is not routable); this batch names {sorted(set(adapters))}")
+            order = list(self.adapters)
+            lookup = torch.tensor([order.index(n) for n in fields.adapter_names], device=fields.adapter_index.device)
+            slots = lookup[fields.adapter_index]
+        self.context.bind(fields, slots)
+
+    def forward(self, *args, **kwargs):
+        self.bind(kwargs)
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        self.bind(kwargs)
+        return self.model.generate(*args, **kwargs)
+
+
+# transformers 5.x renames the forward argument past_key_values to cache (the old name works until 5.40): hooks
+# read whichever one generate() passed, and our own calls use the name the model's forward declares.
+CACHE_ARGS = ("cache", "past_key_values")
+
+
+def cache_in(kwargs: dict[str, Any]) -> Any:
+    """The KV cache among a forward call's keyword arguments, under either name (None if there is none)."""
+    return next((kwargs[name] for name in CACHE_ARGS if kwargs.get(name) is not None), None)
+
+
+def cache_arg(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes its KV cache (looked up once per model class)."""
+    return _cache_arg_of(type(model))
+
+
+@functools.cache
+def _cache_arg_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"

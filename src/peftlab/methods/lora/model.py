@@ -1,0 +1,88 @@
+"""LoRA, DoRA and IA3 through peft. A saved adapter is a plain peft folder (``adapter_config.json`` +
+``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads unchanged."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import peft
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+
+from peftlab.methods.base import Method, PeftlabModel
+from peftlab.methods.lora.config import IA3Config, LoraConfig, PeftConfigMixin
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def write_peft_folder(folder: Path, config: peft.PeftConfig, tensors: dict[str, torch.Tensor],
+                      base_model: str | None) -> None:
+    """One peft adapter folder from its config and its tensors (keys as peft saves them)."""
+    config = copy.copy(config)
+    config.base_model_name_or_path = base_model
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
+
+
+def read_peft_folder(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / PEFT_WEIGHTS
+    if not path.exists():
+        pickled = folder / "adapter_model.bin"
+        raise FileNotFoundError(f"{folder}: no {PEFT_WEIGHTS}" + (
+            f"; {pickled.name} is a pickle, which peftlab does not load (it can run code): re-save it with "
+            f"safetensors (peft: save_pretrained(..., safe_serialization=True))" if pickled.exists() else ""))
+    return load_file(str(path))
+
+
+class PeftAdapterModel(PeftlabModel):
+    """A causal LM with one peft adapter (LoRA, DoRA or IA3) under peftlab's protocol."""
+
+    def add_adapter(self, name: str, config: PeftConfigMixin) -> None:
+        try:
+            self.model = peft.get_peft_model(self.model, config.to_peft(), adapter_name=name)
+        except ValueError as e:
+            raise ValueError(f"{self.method.name}: cannot attach to {type(self.model).__name__} "
+                             f"({self.model.config.model_type}): {e}. Set target_modules explicitly.") from e
+        self.adapters[name] = config
+
+    def adapter_state_dict(self, name: str = "default") -> dict[str, torch.Tensor]:
+        state = peft.get_peft_model_state_dict(self.model, adapter_name=name)
+        return {k: v.detach() for k, v in state.items()}
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], name: str) -> None:
+        peft.set_peft_model_state_dict(self.model, tensors, adapter_name=name)
+
+    def _detach(self) -> PreTrainedModel:
+        return self.model.unload()
+
+    def merge_and_unload(self) -> PreTrainedModel:
+        return self.model.merge_and_unload()
+
+
+class PeftAdapterMethod(Method):
+    """A method that is one peft adapter: peft computes, peftlab keeps the protocol and the format."""
+
+    model_class = PeftAdapterModel
+    mergeable = True
+    composable = True
+    supports_packing = True
+
+    def write_files(self, folder: Path, config: PeftConfigMixin, tensors: dict[str, torch.Tensor],
+                    base_model: str | None) -> None:
+        write_peft_folder(folder, config.to_peft(), tensors, base_model)
+
+    def read_files(self, folder: Path, config: PeftConfigMixin) -> dict[str, torch.Tensor]:
+        return read_peft_folder(folder)
+
+
+class LoraMethod(PeftAdapterMethod):
+    name = "lora"
+    config_class = LoraConfig
+
+
+class IA3Method(PeftAdapterMethod):
+    name = "ia3"
+    config_class = IA3Config

@@ -1,0 +1,4 @@
+"""Recipes: ways of using methods (data, inference engines, evaluations). Methods never import recipes.
+
+``retune``: recursive tuning, the model calls itself on smaller problems. ``dit`` (to come): diff interpretation.
+"""

@@ -1,0 +1,42 @@
+"""Results for scripts and for people: JSON written atomically, and PNG plots with one look across peftlab."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from peftlab.io import write_text
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """``data`` as indented JSON, atomically (a reader never sees half a file)."""
+    return write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+@contextmanager
+def plot(path: str | Path, xlabel: str, ylabel: str, title: str | None = None,
+         figsize: tuple[float, float] = (6.5, 4.0)) -> Iterator[Any]:
+    """Yield matplotlib axes to draw on; on exit, label them, add a grid (and a legend if anything is labelled)
+    and save a PNG to ``path``. Headless: no display is needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
