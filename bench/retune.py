@@ -22,6 +22,7 @@ import torch
 from peftlab.recipes.retune.engine import Engine, EngineConfig, ModelGenerator, Oracle
 from peftlab.recipes.retune.evaluate import problems_for
 from peftlab.recipes.retune.tasks import get_task
+from peftlab.report import portable_path
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER = ROOT / "runs" / "retune" / "addition-steps-retune" / "module"
@@ -80,8 +81,8 @@ def main() -> None:
     loaded = load_for_inference(args.adapter, args.model)
     generator = ModelGenerator(loaded.model, loaded.tokenizer, max_new_tokens=48, batch_size=args.problems)
     print(f"engine on {args.problems} {args.task} problems of {args.length} digits ({args.adapter})", flush=True)
-    result = {"device": "cpu", "threads": torch.get_num_threads(), "adapter": args.adapter, "task": args.task,
-              "length": args.length, "problems": args.problems,
+    result = {"device": "cpu", "threads": torch.get_num_threads(), "adapter": portable_path(args.adapter, ROOT),
+              "task": args.task, "length": args.length, "problems": args.problems,
               "engine": engine_speed(generator, args.task, args.length, args.problems),
               "memoisation_dp": memo_savings(), "target": "batched / one at a time >= 5x at 32 problems"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

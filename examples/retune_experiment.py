@@ -35,6 +35,7 @@ from pathlib import Path
 from peftlab.io import write_jsonl, write_text
 from peftlab.recipes.retune.cli import add_oversampling_args, oversampling
 from peftlab.recipes.retune.tasks import METHODS
+from peftlab.report import portable_path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "retune.yaml"
@@ -46,12 +47,6 @@ LENGTHS = {"addition": (6, 12), "addition-steps": (6, 12), "addition-steps-hints
 def read_back(value):
     """``value`` as JSON gives it back (integer keys become strings), to compare with what a file holds."""
     return json.loads(json.dumps(value))
-
-
-def shown_path(path: Path) -> str:
-    """``path`` relative to the repository when it is inside it (reports stay the same on every clone)."""
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def train_method(task: str, method: str, run: Path, args: argparse.Namespace) -> Path:
@@ -128,7 +123,7 @@ def main() -> None:
                         step_accuracy=args.step_accuracy)
     out = Path(args.result or ROOT / "examples" / "results" / f"retune-{args.task}.json")
     report = {"task": args.task, "n": args.n, "seed": config.seed, "train_lengths": config.train_lengths,
-              "training": {"config": shown_path(args.config), "steps": args.steps,
+              "training": {"config": portable_path(args.config, ROOT), "steps": args.steps,
                            "problems_per_length": args.per_length}, "runs": {}}
     for option in ("repeat", "share"):  # only when given, so reports of the default data still merge
         if getattr(args, option):
@@ -146,7 +141,7 @@ def main() -> None:
             evaluate_method(config, method, generator, checkpoint=evaluation)
             saved = json.loads(evaluation.read_text())
         log = json.loads((run / "train_log.json").read_text())
-        report["runs"][name] = {"method": method, "seed": args.seed, "module": str(module),
+        report["runs"][name] = {"method": method, "seed": args.seed, "module": portable_path(module, ROOT),
                                   "lengths": {str(length): saved[str(length)] for length in lengths},
                                   "train_seconds": log["metrics"]["train_runtime"],
                                   "losses": [h["loss"] for h in log["log_history"] if "loss" in h]}

@@ -247,6 +247,13 @@ def test_bad_settings_are_refused():
         wrapped(input_ids=torch.tensor([[3, 4, 5]]))
 
 
+def test_flash_attention_is_refused_with_the_reason():
+    model, _ = tiny_model()
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="4-D attention mask, which flash_attention_2 does not take.*sdpa"):
+        attach(model, "bitune", {"adapter": {"r": 4}})
+
+
 def _train(tiny_dir, tmp_path, pairs, steps, name="run", method=None, **training):
     model, tokenizer = load_model(str(tiny_dir))
     config = TrainConfig(model=str(tiny_dir), method=method or {"name": "bitune", "adapter": {"r": 4}},

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from peftlab import TrainConfig, attach, load, load_model, save, tiny_model, train
+from peftlab import TrainConfig, attach, load, load_model, load_records, save, tiny_model, train
 from peftlab.adapters import parameter_report
+from peftlab.data import Collator, encode
 from peftlab.methods.reft.config import parse_positions
 from peftlab.methods.reft.layer import INTERVENTIONS
 from peftlab.methods.reft.model import position_masks, prompt_spans
@@ -246,6 +247,21 @@ def test_rotation_stays_orthonormal_through_training_save_load_and_more_training
         loss.backward()
         optimizer.step()
     assert _orthogonality_error(reloaded) < 1e-5
+
+
+def test_one_step_moves_both_the_interventions_and_the_lora(pairs):
+    model, tokenizer = tiny_model()
+    wrapped = attach(model, "loreft", {"layers": [1], "rank": R, "lora": {"r": 2, "target_modules": ["q_proj"]}})
+    trained = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    optimizer = torch.optim.SGD(trained.values(), lr=0.1)
+    features, _ = encode(load_records(pairs), tokenizer)
+    wrapped.train()(**Collator(tokenizer.pad_token_id)(features)).loss.backward()
+    optimizer.step()
+    moved = {n for n, p in trained.items() if not torch.equal(p, before[n])}
+    assert any("interventions" in n for n in moved)
+    assert {n for n in trained if "lora_B" in n} <= moved  # lora_A's gradient is 0 while B is 0 (peft's init)
+    assert all(trained[n].grad.abs().sum() > 0 for n in trained if "interventions" in n)
 
 
 def test_reft_with_lora_trains_both_and_round_trips(tiny_dir, tmp_path, pairs):

@@ -102,3 +102,13 @@ def test_convert_command_both_ways(tmp_path, tiny_dir):
     assert back.reft_config == wrapped.reft_config
     with torch.no_grad():
         assert (back(input_ids=IDS).logits - wrapped(input_ids=IDS).logits).abs().max() < 1e-5
+
+
+def test_convert_of_a_module_that_is_not_reft_says_so(tmp_path, tiny_dir, capsys):
+    from peftlab import load_model, save
+    from peftlab.cli import main
+
+    save(attach(load_model(str(tiny_dir))[0], "lora", {"r": 2}), tmp_path / "lora")
+    assert main(["convert", str(tmp_path / "lora"), "-o", str(tmp_path / "out")]) == 2
+    assert "a lora module; convert reads pyreft folders and writes ReFT modules" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

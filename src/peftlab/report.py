@@ -11,6 +11,14 @@ from typing import Any
 from peftlab.io import write_text
 
 
+def portable_path(path: str | Path, root: str | Path | None = None) -> str:
+    """``path`` relative to ``root`` (default: the working directory) when it lies inside it, so a result file
+    reads the same on every clone; a path outside stays as given."""
+    root = Path(root or Path.cwd()).resolve()
+    resolved = Path(path).resolve()
+    return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(path)
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     """``data`` as indented JSON, atomically (a reader never sees half a file)."""
     return write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

@@ -24,7 +24,7 @@ from peftlab.data import PromptFormat
 from peftlab.evals.suite import Suite, make_split
 from peftlab.evals.tasks import get_family
 from peftlab.generation import generate
-from peftlab.report import plot, write_json
+from peftlab.report import plot, portable_path, write_json
 
 
 @dataclass
@@ -48,7 +48,7 @@ def load_candidate(adapter: str | None = None, model: str | None = None, dtype: 
     folder = Path(adapter)
     label = label or (folder.parent.name if folder.name == "module" else folder.name)
     return Candidate(label, loaded.model, loaded.tokenizer, loaded.prompt_format,
-                     {"model": model or loaded.info.base_model, "adapter": str(adapter),
+                     {"model": model or loaded.info.base_model, "adapter": portable_path(adapter),
                       "method": loaded.info.method, "trainable_parameters": loaded.info.trainable_parameters})
 
 

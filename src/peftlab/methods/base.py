@@ -174,9 +174,6 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
             unknown = sorted(set(adapters) - set(self.adapters))
             if unknown:
                 raise ValueError(f"adapters {unknown} are not in this model; it has {sorted(self.adapters)}")
-            if not self.method.routable and len(set(adapters)) > 1:
-                raise ValueError(f"method {self.method.name!r} cannot use a different adapter per example "
-                                 f"(it is not routable); this batch names {sorted(set(adapters))}")
             order = list(self.adapters)
             lookup = torch.tensor([order.index(n) for n in fields.adapter_names], device=fields.adapter_index.device)
             slots = lookup[fields.adapter_index]

@@ -88,11 +88,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                                                              Oracle(table), engine)}
     for method, folder in runs:
         from peftlab.adapters import load_for_inference
+        from peftlab.report import portable_path
 
         loaded = load_for_inference(folder, args.model)
         generator = ModelGenerator(loaded.model, loaded.tokenizer, args.max_new_tokens, args.batch_size)
         report["runs"][f"{method} ({Path(folder).parent.name or folder})"] = {
-            "method": method, "module": folder, "lengths": evaluate_method(config, method, generator, engine)}
+            "method": method, "module": portable_path(folder),
+            "lengths": evaluate_method(config, method, generator, engine)}
     for label, run in report["runs"].items():
         cells = "  ".join(f"{n}:{v['accuracy']:.2f}" for n, v in run["lengths"].items())
         print(f"{label:<32} {cells}")
