@@ -14,6 +14,7 @@ from pathlib import Path
 
 from peftlab import TrainConfig, generate, load_model, train
 from peftlab.evals.scoring import is_emoji_only
+from peftlab.report import portable_path
 
 HERE = Path(__file__).parent
 
@@ -56,7 +57,7 @@ def main() -> None:
     n_after = sum(r["emoji_only_after"] for r in rows)
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     capped = sum(r["after_ran_to_token_cap"] for r in rows)
-    report = {"config": args.config, "overrides": args.set, "module": str(result.module_dir),
+    report = {"config": portable_path(args.config), "overrides": args.set, "module": portable_path(result.module_dir),
               "prompts": len(rows), "emoji_only_before": n_before, "emoji_only_after": n_after,
               "after_ran_to_token_cap": capped, "max_new_tokens": args.max_new_tokens,
               "trainable_parameters": result.parameters["trainable_parameters"],

@@ -15,8 +15,9 @@ from peftlab.module import ModuleError
 
 V1 = Path(__file__).parent / "fixtures" / "v1"
 V1_METHODS = sorted(p.name for p in V1.iterdir() if (p / "peftlab.json").exists())
-SETTINGS = {"lora": {"r": 2}, "ia3": {}, "bitune": {"adapter": {"name": "lora", "r": 2}}}
 REFT = {"layers": "all", "rank": 2, "positions": "f1+l1", "share_weights": False}
+SETTINGS = {"lora": {"r": 2}, "ia3": {}, "bitune": {"adapter": {"name": "lora", "r": 2}},
+            **dict.fromkeys(("loreft", "noreft", "direft", "direft_orth", "consreft", "lobireft"), REFT)}
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3], [0, 0, 11, 23, 60, 8]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
 PROMPTS = torch.tensor([4, 3])
@@ -49,10 +50,11 @@ def _randomised(method: str, settings: dict):
 
 
 def test_every_registered_method_is_covered_here():
-    assert set(METHODS) == set(V1_METHODS)
+    assert set(METHODS) == set(SETTINGS)  # a new method adds its settings here, and the tests below cover it
+    assert set(V1_METHODS) <= set(METHODS)
 
 
-@pytest.mark.parametrize(("method", "settings"), [(m, SETTINGS.get(m, REFT)) for m in sorted(METHODS)]
+@pytest.mark.parametrize(("method", "settings"), sorted(SETTINGS.items())
                          + [("loreft", {**REFT, "lora": {"r": 2}})])
 def test_unload_gives_the_untouched_base_model_back(method, settings):
     base, _ = tiny_model()
@@ -90,10 +92,9 @@ def test_read_write_read_is_bit_identical(method, tmp_path):
             assert t.dtype == second.tensors[name][key].dtype and torch.equal(t, second.tensors[name][key]), key
 
 
-@pytest.mark.parametrize("method", V1_METHODS)
+@pytest.mark.parametrize("method", sorted(SETTINGS))
 def test_a_saved_model_and_its_module_tensors_agree(method, tmp_path):
-    settings = SETTINGS.get(method, REFT)
-    wrapped = _randomised(method, settings)
+    wrapped = _randomised(method, SETTINGS[method])
     save(wrapped, tmp_path / "m")
     module = read(tmp_path / "m")
     state = wrapped.adapter_state_dict()

@@ -30,14 +30,6 @@ class ExampleFields:
         """Take the fields out of a call's keyword arguments (the wrapped model does not know them)."""
         return cls(**{f.name: kwargs.pop(f.name) for f in fields(cls) if f.name in kwargs})
 
-    def adapters(self) -> list[str] | None:
-        """Each example's adapter name (per row or per token, flattened), or None when the batch names none."""
-        if self.adapter_names is None:
-            return None
-        if self.adapter_index is None:
-            raise ValueError("adapter_names given without adapter_index (which example uses which adapter)")
-        return [self.adapter_names[i] for i in self.adapter_index.flatten().tolist()]
-
 
 class CallContext:
     """The fields of the latest call, for layers and hooks. A call replaces them; they stay until the next call,

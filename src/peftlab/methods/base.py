@@ -152,26 +152,33 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
 
     def unload(self) -> PreTrainedModel:
         """The base model exactly as it was: every hook removed, every injected layer unwrapped."""
-        base = self._detach()
+        return self._restore(self._detach())
+
+    def merge_and_unload(self) -> PreTrainedModel:
+        """The base model with the trained parts folded into its weights (only where the method is mergeable)."""
+        return self._restore(self._merge())
+
+    def _merge(self) -> PreTrainedModel:
+        raise NotImplementedError(f"method {self.method.name!r} cannot be folded into the base weights "
+                                  f"(it is not a weight update); serve it with its base model instead")
+
+    def _restore(self, base: PreTrainedModel) -> PreTrainedModel:
+        """Give ``base`` its parameters' ``requires_grad`` back and leave this wrapper empty."""
         for p, flag in zip(base.parameters(), self._requires_grad, strict=True):
             p.requires_grad_(flag)
         self.adapters = {}
         self.context.clear()
         return base
 
-    def merge_and_unload(self) -> PreTrainedModel:
-        """The base model with the trained parts folded into its weights (only where the method is mergeable)."""
-        raise NotImplementedError(f"method {self.method.name!r} cannot be folded into the base weights "
-                                  f"(it is not a weight update); serve it with its base model instead")
-
     # --- calls -------------------------------------------------------------------------------------------------
     def bind(self, kwargs: dict[str, Any]) -> None:
         """Take the per-example fields out of a call's arguments and make them this call's context."""
         fields = ExampleFields.pop(kwargs)
-        adapters = fields.adapters()
         slots = None
-        if adapters is not None:
-            unknown = sorted(set(adapters) - set(self.adapters))
+        if fields.adapter_names is not None:
+            if fields.adapter_index is None:
+                raise ValueError("adapter_names given without adapter_index (which example uses which adapter)")
+            unknown = sorted(set(fields.adapter_names) - set(self.adapters))
             if unknown:
                 raise ValueError(f"adapters {unknown} are not in this model; it has {sorted(self.adapters)}")
             order = list(self.adapters)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from peftlab.methods.base import Method, PeftlabModel
+from peftlab.methods.base import DEFAULT_ADAPTER, Method, PeftlabModel
 from peftlab.methods.lora.config import IA3Config, LoraConfig, PeftConfigMixin
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -48,7 +48,7 @@ class PeftAdapterModel(PeftlabModel):
                              f"({self.model.config.model_type}): {e}. Set target_modules explicitly.") from e
         self.adapters[name] = config
 
-    def adapter_state_dict(self, name: str = "default") -> dict[str, torch.Tensor]:
+    def adapter_state_dict(self, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
         state = peft.get_peft_model_state_dict(self.model, adapter_name=name)
         return {k: v.detach() for k, v in state.items()}
 
@@ -58,7 +58,7 @@ class PeftAdapterModel(PeftlabModel):
     def _detach(self) -> PreTrainedModel:
         return self.model.unload()
 
-    def merge_and_unload(self) -> PreTrainedModel:
+    def _merge(self) -> PreTrainedModel:
         return self.model.merge_and_unload()
 
 
