@@ -15,7 +15,7 @@ would (the evaluations run as separate processes so each can be resumed on its o
 
     python examples/evals_baseline.py [--n 50]
     python examples/evals_baseline.py --n 100 --seeds 0 1 --runs base core-lora-150 \\
-        --result examples/results/evals-baseline-n100.json       # the second table in the README
+        --result examples/results/evals-baseline-n100.json       # the second table in docs/evals.md
 
 On a 2-core CPU shared with other jobs, run it with OMP_NUM_THREADS=1: two torch threads on two busy cores wait on
 each other's time slices and generation gets many times slower.

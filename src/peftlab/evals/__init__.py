@@ -1,8 +1,8 @@
 """Evaluation shared by every method: generated task families, seeded non-overlapping splits, batched scoring.
 
 ``tasks`` (the families), ``suite`` (suites, splits, training data), ``scoring`` (answer extraction), ``runner``
-(evaluation, tables, JSON, charts) and ``lm_eval_bridge`` (lm-evaluation-harness, optional). See README
-"Evaluation" and ``peftlab eval --help``.
+(evaluation, tables, JSON, charts) and ``lm_eval_bridge`` (lm-evaluation-harness, optional). See
+docs/evals.md and ``peftlab eval --help``.
 """
 
 from peftlab.evals.runner import Candidate, evaluate, format_table, load_candidate, rescore, run, write_report

@@ -137,7 +137,7 @@ def _digits(length: int, rng: random.Random, runs: float = 0.0) -> str:
 class Addition(Task):
     """a + b with both operands ``length`` digits. Re-Tuning drops the leading digit of both and prepends one.
 
-    Variants not in the paper (the README has what each measured):
+    Variants not in the paper (docs/experiments/retune.md has what each measured):
 
     - ``show_digit_sum`` (task ``addition-steps``) writes the one-digit sum before the carry and output
       (``"7+8+1=16. Carry 1, Output 6..."``) in Re-Tuning and scratchpad steps: the digits are copied where the
