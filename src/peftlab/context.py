@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+BASE_ADAPTER = "__base__"  # the name that routes an example to the base model alone (peft's convention)
+
 
 @dataclass
 class ExampleFields:
@@ -46,6 +48,14 @@ class CallContext:
         self.bind(ExampleFields())
 
 
+def per_row(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-row ``values`` for a call of ``rows`` rows: generate() repeats each example k times in place (beams,
+    samples), so each value is repeated k times."""
+    if rows % len(values):
+        raise ValueError(f"{len(values)} examples do not divide the {rows} rows of this call")
+    return values if rows == len(values) else values.repeat_interleave(rows // len(values))
+
+
 def per_token(values: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
     """``values`` per row ``[B]`` or per token ``[B, T]`` as a ``[rows, T]`` tensor for a call of ``shape``.
 
@@ -57,6 +67,4 @@ def per_token(values: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torc
         if tuple(values.shape) != (rows, width):
             raise ValueError(f"per-token field of shape {tuple(values.shape)} does not fit a call of {rows}x{width}")
         return values
-    if rows % len(values):
-        raise ValueError(f"{len(values)} examples do not divide the {rows} rows of this call")
-    return values.repeat_interleave(rows // len(values))[:, None].expand(rows, width)
+    return per_row(values, rows)[:, None].expand(rows, width)

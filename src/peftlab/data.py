@@ -153,7 +153,11 @@ LOADERS = {".jsonl": _load_jsonl, ".json": _load_json, ".csv": _load_csv}
 
 
 def load_records(source: str | Path | Sequence[dict]) -> list[Record]:
-    """Load and validate records from a ``.jsonl``, ``.json`` or ``.csv`` file or a list of dicts."""
+    """Load and validate records from a ``.jsonl``, ``.json`` or ``.csv`` file, a list of dicts, or a folder of
+    such files, one per adapter: each file's records train the adapter named after the file (``support.jsonl``:
+    adapter ``support``) unless a record names its own."""
+    if isinstance(source, (str, Path)) and Path(source).is_dir() and Path(source).suffix not in LOADERS:
+        return _load_folder(Path(source))
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.suffix not in LOADERS:
@@ -167,6 +171,18 @@ def load_records(source: str | Path | Sequence[dict]) -> list[Record]:
         origin = "the given list"
     if not records:
         raise DataError(f"{origin}: the dataset is empty")
+    return records
+
+
+def _load_folder(folder: Path) -> list[Record]:
+    files = sorted(p for p in folder.iterdir() if p.suffix in LOADERS)
+    if not files:
+        raise DataError(f"{folder}: a data folder holds one {'/'.join(sorted(LOADERS))} file per adapter; found none")
+    records = []
+    for path in files:
+        for record in load_records(path):
+            record.fields.setdefault("adapter", path.stem)
+            records.append(record)
     return records
 
 

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from peftlab.adapters import attach, parameter_report, restore, save, save_into
+from peftlab.adapters import parameter_report, restore, save, save_into
 from peftlab.config import ConfigError, from_dict, load_yaml
 from peftlab.data import IGNORE_INDEX, Collator, EncodeStats, PromptFormat, Record, encode, load_records
-from peftlab.methods import get_method
+from peftlab.methods import DEFAULT_ADAPTER, get_method
 from peftlab.models import DEFAULT_MODEL, load_model
 from peftlab.report import plot, write_json
 
@@ -43,11 +43,12 @@ class DataConfig:
     system_prompt: str | None = None
     max_length: int = 1024
     pack: bool | None = None  # None: pack examples into one row when the method allows it (no padding compute)
-    loss: str = "token"  # "token": mean over answer tokens; "example": mean per example, then over examples
+    loss: str | None = None  # token: mean over answer tokens | example: mean per example, then over examples |
+    # adapter: mean per adapter, summed over adapters | None: adapter for routable methods (multilora), else token
 
     def __post_init__(self) -> None:
-        if self.loss not in ("token", "example"):
-            raise ConfigError(f"data.loss must be 'token' or 'example', got {self.loss!r}")
+        if self.loss not in (None, "token", "example", "adapter"):
+            raise ConfigError(f"data.loss must be 'token', 'example' or 'adapter', got {self.loss!r}")
 
     @property
     def prompt_format(self) -> PromptFormat:
@@ -107,6 +108,23 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)), default=None)
 
 
+def _answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each predicted answer token [B, T-1], and which tokens are answer tokens."""
+    shift_labels = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shift_labels,
+                                                  ignore_index=IGNORE_INDEX, reduction="none")
+    return per_token, (shift_labels != IGNORE_INDEX).float()
+
+
+def _group_means(values: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor,
+                 size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of the valid ``values`` in each of ``size`` groups, and which groups have any."""
+    groups, valid = groups.flatten(), valid.flatten()
+    sums = torch.zeros(size, device=values.device).index_add(0, groups, values.flatten() * valid)
+    counts = torch.zeros(size, device=values.device).index_add(0, groups, valid)
+    return sums / counts.clamp(min=1), counts > 0
+
+
 def example_mean_loss(logits: torch.Tensor, labels: torch.Tensor,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy averaged over each example's answer tokens, then over examples.
@@ -114,39 +132,69 @@ def example_mean_loss(logits: torch.Tensor, labels: torch.Tensor,
     With the token mean, one long answer outweighs many short ones; here every example counts the same. Examples
     are rows, or, in packed rows (``position_ids`` restarting at 0), the spans between restarts.
     """
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    per_token = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
-                                                  ignore_index=IGNORE_INDEX, reduction="none")
-    rows, width = shift_labels.shape
+    per_token, valid = _answer_losses(logits, labels)
+    rows, width = per_token.shape
     if position_ids is not None:
         segment = (position_ids == 0).long().cumsum(-1)[:, 1:]  # the example each predicted token belongs to
     else:
-        segment = torch.zeros_like(shift_labels)
-    example = (torch.arange(rows, device=labels.device)[:, None] * (width + 1) + segment).flatten()
-    valid = (shift_labels != IGNORE_INDEX).flatten().float()
-    size = rows * (width + 1)
-    sums = torch.zeros(size, device=logits.device).index_add(0, example, per_token.flatten() * valid)
-    counts = torch.zeros(size, device=logits.device).index_add(0, example, valid)
-    present = counts > 0
-    return (sums[present] / counts[present]).mean()
+        segment = torch.zeros_like(per_token, dtype=torch.long)
+    example = torch.arange(rows, device=labels.device)[:, None] * (width + 1) + segment
+    means, present = _group_means(per_token, valid, example, rows * (width + 1))
+    return means[present].mean()
+
+
+def adapter_mean_loss(logits: torch.Tensor, labels: torch.Tensor, adapter_index: torch.Tensor,
+                      adapters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy averaged over each adapter's answer tokens, then summed over adapters.
+
+    Each adapter's gradient is then exactly what training it alone on its rows gives: a large adapter's data does
+    not drown a small one. ``adapter_index`` is per row [B] or per token [B, T] (packed). Returns the loss, each
+    adapter's mean and which adapters the batch has.
+    """
+    per_token, valid = _answer_losses(logits, labels)
+    index = adapter_index[:, None].expand(labels.shape) if adapter_index.dim() == 1 else adapter_index
+    means, present = _group_means(per_token, valid, index[:, 1:], adapters)
+    return means[present].sum(), means.detach(), present
 
 
 class _Trainer(Trainer):
-    """Trainer whose checkpoints are module folders (only what the method trains), with the per-example loss as an
-    option."""
+    """Trainer whose checkpoints are module folders (only what the method trains), with the per-example and the
+    per-adapter loss as options, per-adapter losses in the log, and the method's own gradient clipping."""
 
     def __init__(self, *args, loss: str = "token", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss = loss
-        if loss == "example":
+        self.adapter_losses: dict[str, list[float]] = {}  # since the last log: name -> [sum of means, batches]
+        if loss != "token":
             self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the accumulation steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss == "token":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         outputs = model(**inputs)
-        loss = example_mean_loss(outputs.logits, inputs["labels"], inputs.get("position_ids"))
+        if self.loss == "example":
+            loss = example_mean_loss(outputs.logits, inputs["labels"], inputs.get("position_ids"))
+        else:
+            names = inputs["adapter_names"]
+            loss, means, present = adapter_mean_loss(outputs.logits, inputs["labels"], inputs["adapter_index"],
+                                                     len(names))
+            if model.training:
+                for name, mean in zip(names, means[present.nonzero().flatten()].tolist(), strict=False):
+                    total = self.adapter_losses.setdefault(name, [0.0, 0])
+                    total[0] += mean
+                    total[1] += 1
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.adapter_losses:
+            logs.update({f"loss/{name}": round(total / batches, 4)  # the mean of its batch means since the last log
+                         for name, (total, batches) in sorted(self.adapter_losses.items())})
+            self.adapter_losses = {}
+        super().log(logs, start_time)
+
+    def _clip_grad_norm(self, model):
+        own = getattr(self.accelerator.unwrap_model(model), "clip_grad_norm_", None)
+        return own(self.args.max_grad_norm) if own is not None else super()._clip_grad_norm(model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         save_into(self.model, Path(output_dir or self.args.output_dir))
@@ -187,13 +235,14 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     train_source = train_data if train_data is not None else config.data.train
     if train_source is None:
         raise ConfigError("data.train: no training data given")
-    train_features, stats = encode(load_records(train_source), tokenizer, fmt, config.data.max_length)
+    train_records = load_records(train_source)
+    train_features, stats = encode(train_records, tokenizer, fmt, config.data.max_length)
     eval_source = eval_data if eval_data is not None else config.data.eval
     eval_features = encode(load_records(eval_source), tokenizer, fmt, config.data.max_length)[0] \
         if eval_source is not None else None
 
     set_seed(args.seed)  # the method's fresh weights are drawn here, before Trainer seeds again
-    wrapped = attach(model, method.name, method_config)
+    wrapped = method.attach_many(model, dict.fromkeys(_adapter_names(train_records, method), method_config))
     params = parameter_report(wrapped)
     log.info("%s: %s trainable parameters (%.4f%% of %s)", method.name, f"{params['trainable_parameters']:,}",
              params["trainable_percent"], f"{params['base_parameters']:,}")
@@ -201,9 +250,11 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     if pack and not method.supports_packing:
         raise ConfigError(f"data.pack: method {method.name!r} needs one example per row; set pack: false")
     collator = Collator(tokenizer.pad_token_id, pack=pack)
+    loss = config.data.loss or ("adapter" if method.routable else "token")
+    if loss == "adapter" and not method.routable:
+        raise ConfigError(f"data.loss: 'adapter' averages per adapter; method {method.name!r} trains one adapter")
     trainer = _Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
-                       data_collator=collator, processing_class=tokenizer, loss=config.data.loss,
-                       callbacks=callbacks)
+                       data_collator=collator, processing_class=tokenizer, loss=loss, callbacks=callbacks)
     use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache is only waste in training
     try:
         output = trainer.train(resume_from_checkpoint=resume)
@@ -217,6 +268,21 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     return TrainResult(wrapped, module_dir, output.metrics, stats, history, params)
 
 
+def _adapter_names(records: list[Record], method) -> list[str]:
+    """The adapters a run trains: every name the records give (a routable method), else the one default."""
+    named = sorted({r.fields["adapter"] for r in records if "adapter" in r.fields})
+    if not method.routable:
+        if named:
+            raise ConfigError(f"the training records name adapters {named[:5]}, but method {method.name!r} trains "
+                              f"one adapter; use multilora to train one adapter per name")
+        return [DEFAULT_ADAPTER]
+    unnamed = [r.where for r in records if "adapter" not in r.fields]
+    if unnamed or not named:
+        raise ConfigError(f"method {method.name!r} trains one adapter per name: every record needs an 'adapter' "
+                          f"field (or data.train a folder of one file per adapter); {unnamed[:3]} have none")
+    return named
+
+
 def write_training_report(folder: Path, history: list[dict[str, float]], metrics: dict[str, float],
                           stats: EncodeStats, params: dict[str, Any]) -> None:
     """``train_log.json`` (for scripts) and ``loss.png`` (for people) beside the checkpoints."""
@@ -225,8 +291,12 @@ def write_training_report(folder: Path, history: list[dict[str, float]], metrics
     points = [(h["step"], h["loss"]) for h in history if "loss" in h]
     if not points:
         return
+    adapters = sorted({k for h in history for k in h if k.startswith("loss/")})
     with plot(folder / "loss.png", "step", "training loss", figsize=(6, 3.5)) as ax:
         ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label="train")
         evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
         if evals:
             ax.plot(*zip(*evals, strict=True), marker="s", markersize=3, label="eval")
+        for key in adapters:  # one thin line per adapter (MultiLoRA)
+            ax.plot(*zip(*[(h["step"], h[key]) for h in history if key in h], strict=True), linewidth=0.8,
+                    alpha=0.7, label=key.removeprefix("loss/") if len(adapters) <= 12 else None)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from peftlab.config import from_dict
-from peftlab.context import CallContext, ExampleFields
+from peftlab.context import BASE_ADAPTER, CallContext, ExampleFields
 
 DEFAULT_ADAPTER = "default"
 
@@ -63,16 +63,22 @@ class Method(ABC):
                name: str = DEFAULT_ADAPTER) -> PeftlabModel:
         """``model`` with fresh trainable parts under adapter ``name``; only they require grad. Attaching to a
         model of this method adds another adapter (where the method holds several)."""
+        return self.attach_many(model, {name: self.make_config(config)})
+
+    def attach_many(self, model: nn.Module, configs: dict[str, MethodConfig]) -> PeftlabModel:
+        """``attach`` for several adapters at once (a routable method builds them in one go)."""
         if isinstance(model, PeftlabModel) and model.method is not self:
             raise ValueError(f"cannot attach {self.name!r} to a model that carries {model.method.name!r}; "
                              f"unload() it first")
         wrapper = model if isinstance(model, PeftlabModel) else self.model_class(model, self)
-        if name in wrapper.adapters:
-            raise ValueError(f"this model already has an adapter named {name!r}")
-        if wrapper.adapters and not self.routable:
-            raise ValueError(f"a {self.name} model holds one adapter ({next(iter(wrapper.adapters))!r}); only "
-                             f"routable methods hold several")
-        wrapper.add_adapter(name, self.make_config(config))
+        taken = sorted(set(configs) & (set(wrapper.adapters) | {BASE_ADAPTER}))
+        if taken:
+            raise ValueError(f"this model already has adapters named {taken}" if BASE_ADAPTER not in taken else
+                             f"{BASE_ADAPTER!r} names the base model; choose another adapter name")
+        if len(wrapper.adapters) + len(configs) > 1 and not self.routable:
+            raise ValueError(f"a {self.name} model holds one adapter; only routable methods (multilora) hold "
+                             f"several (asked for {sorted([*wrapper.adapters, *configs])})")
+        wrapper.add_adapters(configs)
         return wrapper
 
     @abstractmethod
@@ -117,6 +123,10 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def add_adapter(self, name: str, config: MethodConfig) -> None:
         """Create fresh trainable parts under ``name``."""
+
+    def add_adapters(self, configs: dict[str, MethodConfig]) -> None:
+        for name, config in configs.items():
+            self.add_adapter(name, config)
 
     @abstractmethod
     def adapter_state_dict(self, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
@@ -178,11 +188,14 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
         if fields.adapter_names is not None:
             if fields.adapter_index is None:
                 raise ValueError("adapter_names given without adapter_index (which example uses which adapter)")
-            unknown = sorted(set(fields.adapter_names) - set(self.adapters))
+            unknown = sorted(set(fields.adapter_names) - set(self.adapters) - {BASE_ADAPTER})
             if unknown:
                 raise ValueError(f"adapters {unknown} are not in this model; it has {sorted(self.adapters)}")
-            order = list(self.adapters)
-            lookup = torch.tensor([order.index(n) for n in fields.adapter_names], device=fields.adapter_index.device)
+            if BASE_ADAPTER in fields.adapter_names and not self.method.routable:
+                raise ValueError(f"{BASE_ADAPTER!r} (the base model alone) needs a routable method; "
+                                 f"{self.method.name!r} is not")
+            slot = {name: i for i, name in enumerate(self.adapters)} | {BASE_ADAPTER: -1}
+            lookup = torch.tensor([slot[n] for n in fields.adapter_names], device=fields.adapter_index.device)
             slots = lookup[fields.adapter_index]
         self.context.bind(fields, slots)
 

@@ -1,0 +1,98 @@
+"""The batched LoRA layer: N adapters stacked in one tensor per factor, one adapter per example (or per token).
+
+A: [N, r, in] and B: [N, out, r] in peft's orientation (``lora_A.weight`` is [r, in]); an adapter of smaller rank
+fills its first rows/columns and leaves zeros (exact: the zeros get zero gradients and stay zero). ``lora_delta``
+is the kernel: no dense per-example ΔW, no Python loop over adapters; a GPU kernel (punica-style SGMV/BGMV) can
+replace it without touching its callers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from peftlab.context import CallContext, per_row
+
+
+def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
+               slots: torch.Tensor) -> torch.Tensor:
+    """scaling[s] · B[s] A[s] x for each token x of ``x`` [R, T, in], s its adapter (-1: none, a zero delta).
+
+    ``slots`` is per row [R] (gather each row's factors: two batched matmuls, BGMV-like) or per token [R, T]
+    (tokens grouped by adapter into a padded [G, L, in] block: a segmented matmul, SGMV-like).
+    """
+    if slots.dim() == 1:
+        keep = (slots >= 0).to(x.dtype)
+        s = slots.clamp(min=0)
+        h = torch.bmm(x, lora_a[s].transpose(1, 2))  # [R, T, r]
+        return torch.bmm(h, lora_b[s].transpose(1, 2)) * (scaling[s] * keep)[:, None, None]
+    rows, width, _ = x.shape
+    flat, tokens = x.reshape(rows * width, -1), slots.reshape(-1)
+    order = torch.argsort(tokens, stable=True)
+    groups, counts = torch.unique_consecutive(tokens[order], return_counts=True)
+    group_of = torch.repeat_interleave(torch.arange(len(groups), device=x.device), counts)
+    position = torch.arange(len(order), device=x.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    block = flat.new_zeros(len(groups), int(counts.max()), flat.shape[1])
+    block[group_of, position] = flat[order]
+    grouped = lora_delta(block, lora_a, lora_b, scaling, groups)  # [G, L, out]: one adapter per group
+    out = grouped.new_empty(len(order), grouped.shape[-1])
+    out[order] = grouped[group_of, position]
+    return out.reshape(rows, width, -1)
+
+
+class MultiLoraLinear(nn.Module):
+    """``base(x) + lora_delta(dropout(x))`` with the adapter of each example read from the call's context."""
+
+    def __init__(self, base_layer: nn.Linear, context: CallContext, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.context = context
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        device, features = base_layer.weight.device, (base_layer.in_features, base_layer.out_features)
+        self.lora_A = nn.Parameter(torch.zeros(0, 0, features[0], device=device))
+        self.lora_B = nn.Parameter(torch.zeros(0, features[1], 0, device=device))
+        self.register_buffer("scaling", torch.zeros(0, device=device))
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[1]
+
+    @torch.no_grad()
+    def grow(self, ranks: list[int], scalings: list[float]) -> None:
+        """Append one adapter per entry (A: peft's Kaiming-uniform init, B: zeros), padding ranks to the largest."""
+        rank = max([self.rank, *ranks])
+        old_a, old_b = self.lora_A, self.lora_B
+        n_old, n_new = old_a.shape[0], len(ranks)
+        a = old_a.new_zeros(n_old + n_new, rank, old_a.shape[2])
+        b = old_b.new_zeros(n_old + n_new, old_b.shape[1], rank)
+        a[:n_old, :old_a.shape[1]], b[:n_old, :, :old_b.shape[2]] = old_a, old_b
+        bound = 1 / math.sqrt(a.shape[2])  # kaiming_uniform_(a=sqrt(5)) on a [r, in] matrix, as peft inits lora_A
+        for i, r in enumerate(ranks):
+            a[n_old + i, :r].uniform_(-bound, bound)
+        self.lora_A = nn.Parameter(a, requires_grad=old_a.requires_grad)
+        self.lora_B = nn.Parameter(b, requires_grad=old_b.requires_grad)
+        self.scaling = torch.cat([self.scaling, torch.tensor(scalings, device=a.device)])
+
+    @torch.no_grad()
+    def drop(self, slot: int) -> None:
+        keep = [i for i in range(self.lora_A.shape[0]) if i != slot]
+        self.lora_A = nn.Parameter(self.lora_A[keep], requires_grad=self.lora_A.requires_grad)
+        self.lora_B = nn.Parameter(self.lora_B[keep], requires_grad=self.lora_B.requires_grad)
+        self.scaling = self.scaling[keep]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        slots = self.context.adapter_slots
+        if slots is None:
+            if self.lora_A.shape[0] != 1:
+                raise ValueError(f"this MultiLoRA model holds {self.lora_A.shape[0]} adapters: name one per example "
+                                 f"(the record's 'adapter' field, generate(adapters=...), or '__base__')")
+            slots = torch.zeros(1, dtype=torch.long, device=x.device)
+        if slots.dim() == 1:
+            slots = per_row(slots, x.shape[0])
+        elif tuple(slots.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"per-token adapters {tuple(slots.shape)} do not fit inputs {tuple(x.shape[:2])}")
+        delta = lora_delta(self.dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scaling, slots)
+        return y + delta.to(y.dtype)

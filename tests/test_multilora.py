@@ -1,0 +1,243 @@
+"""MultiLoRA: many LoRAs in one batch equal peft LoRAs run alone, train as if alone, and move as peft folders."""
+
+import json
+
+import peft
+import pytest
+import torch
+
+from peftlab import DataConfig, TrainConfig, attach, load, load_records, read_info, save, tiny_model, train
+from peftlab.data import Collator, encode
+from peftlab.methods import AdapterMismatchError
+from peftlab.methods.multilora import lora_delta
+from peftlab.training import adapter_mean_loss
+
+# nine adapters: ranks 1-8 (zero-padded to 8 in the layer), one with rsLoRA and another alpha
+ADAPTERS = {f"a{i}": {"r": 1 + i % 8, "alpha": 4 + 2 * i, "use_rslora": i == 3} for i in range(9)}
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _randomised(adapters=ADAPTERS, targets=TARGETS):
+    model, tokenizer = tiny_model()
+    torch.manual_seed(0)
+    wrapped = model
+    for name, settings in adapters.items():
+        wrapped = attach(wrapped, "multilora", {**settings, "target_modules": targets}, name=name)
+    with torch.no_grad():
+        for layer in wrapped.lora_layers.values():
+            for name, settings in adapters.items():  # B is 0 at init: give every adapter a real effect
+                slot = list(wrapped.adapters).index(name)
+                layer.lora_B[slot, :, :settings["r"]].normal_(std=0.1)
+    return wrapped.eval(), tokenizer
+
+
+def _peft_alone(wrapped, name):
+    """A plain peft LoRA with adapter ``name``'s weights, on a fresh copy of the same base model."""
+    config = wrapped.adapters[name]
+    model = peft.get_peft_model(tiny_model()[0], config.to_peft())
+    peft.set_peft_model_state_dict(model, wrapped.adapter_state_dict(name))
+    return model.eval()
+
+
+def _rows():
+    torch.manual_seed(1)
+    return [torch.randint(0, 250, (n,)).tolist() for n in (3, 9, 6, 4, 7, 5, 8, 2, 6, 5, 4)]
+
+
+ROUTE = [*ADAPTERS, "__base__", "a4"]  # nine adapters, a base row, an adapter twice
+
+
+def _alone(wrapped, name, ids):
+    with torch.no_grad():
+        if name == "__base__":
+            return tiny_model()[0](input_ids=torch.tensor([ids])).logits[0]
+        return _peft_alone(wrapped, name)(input_ids=torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_mixed_batch_equals_peft_run_alone_per_example(pack):
+    wrapped, tokenizer = _randomised()
+    rows = _rows()
+    features = [{"input_ids": r, "attention_mask": [1] * len(r), "adapter": a}
+                for r, a in zip(rows, ROUTE, strict=True)]
+    batch = Collator(tokenizer.pad_token_id, pack=pack)(features)
+    with torch.no_grad():
+        logits = wrapped(**batch).logits
+    start = 0
+    for i, (r, name) in enumerate(zip(rows, ROUTE, strict=True)):
+        got = logits[0, start:start + len(r)] if pack else logits[i, :len(r)]
+        start += len(r)
+        reference = _alone(wrapped, name, r)
+        assert (got - reference).abs().max() < 1e-5, name
+        if name != "__base__":  # the adapter really changes the output
+            assert (reference - _alone(wrapped, "__base__", r)).abs().max() > 1e-2
+
+
+def test_the_kernel_by_rows_and_by_tokens_agrees_with_its_formula():
+    torch.manual_seed(0)
+    a, b, scaling = torch.randn(5, 3, 8), torch.randn(5, 6, 3), torch.rand(5)
+    x = torch.randn(4, 7, 8)
+    rows = torch.tensor([2, -1, 0, 2])
+    tokens = torch.randint(-1, 5, (4, 7))
+
+    def formula(slot, v):
+        return torch.zeros(6) if slot < 0 else scaling[slot] * (b[slot] @ (a[slot] @ v))
+
+    by_row = lora_delta(x, a, b, scaling, rows)
+    by_token = lora_delta(x, a, b, scaling, tokens)
+    for i in range(4):
+        for t in range(7):
+            assert torch.allclose(by_row[i, t], formula(int(rows[i]), x[i, t]), atol=1e-5)
+            assert torch.allclose(by_token[i, t], formula(int(tokens[i, t]), x[i, t]), atol=1e-5)
+
+
+def test_beams_and_sampling_route_each_prompt():
+    wrapped, _ = _randomised()
+    prompts = [[3, 4, 5], [7, 8, 9, 10, 11], [12, 13]]
+    names = ["a1", "__base__", "a7"]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    route = {"adapter_names": names, "adapter_index": torch.arange(3)}
+    settings = {"max_new_tokens": 4, "pad_token_id": 0, "eos_token_id": None}
+    for extra in ({"num_beams": 3, "num_return_sequences": 2, "do_sample": False},
+                  {"do_sample": True, "top_k": 1, "num_return_sequences": 2}):
+        out = wrapped.generate(input_ids=ids, attention_mask=mask, **route, **settings, **extra)
+        for i, (p, name) in enumerate(zip(prompts, names, strict=True)):
+            reference = tiny_model()[0] if name == "__base__" else _peft_alone(wrapped, name)
+            alone = reference.generate(input_ids=torch.tensor([p]), **settings, **extra)
+            for k in range(2):
+                assert out[2 * i + k, width:].tolist() == alone[k, len(p):].tolist(), (name, extra)
+
+
+def test_each_adapter_exports_as_a_plain_peft_folder_and_comes_back(tmp_path):
+    wrapped, _ = _randomised()
+    save(wrapped, tmp_path / "m")
+    info = read_info(tmp_path / "m")
+    assert info.method == "multilora" and len(info.manifest.adapters) == 9
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    for name in ("a0", "a5"):
+        folder = tmp_path / "m" / info.manifest.adapters[name].path
+        plain = peft.PeftModel.from_pretrained(tiny_model()[0], folder).eval()
+        with torch.no_grad():
+            ours = wrapped(input_ids=ids, adapter_names=[name], adapter_index=torch.tensor([0])).logits
+            assert (plain(input_ids=ids).logits - ours).abs().max() < 1e-5
+    restored = load(tmp_path / "m", tiny_model()[0])
+    route = {"adapter_names": list(ADAPTERS), "adapter_index": torch.arange(9)}
+    batch = torch.randint(0, 250, (9, 6))
+    with torch.no_grad():
+        assert torch.equal(restored(input_ids=batch, **route).logits, wrapped(input_ids=batch, **route).logits)
+
+
+def test_adapters_are_added_and_removed_in_place():
+    wrapped, _ = _randomised({"a": {"r": 2}, "b": {"r": 4}})
+    ids = torch.tensor([[5, 6, 7, 8]])
+
+    def run(name):
+        with torch.no_grad():
+            return wrapped(input_ids=ids, adapter_names=[name], adapter_index=torch.tensor([0])).logits
+
+    before = run("b")
+    attach(wrapped, "multilora", {"r": 8, "target_modules": TARGETS}, name="c")  # a larger rank: pads a and b
+    with torch.no_grad():
+        for layer in wrapped.lora_layers.values():
+            layer.lora_B[2].normal_()
+    assert torch.equal(run("b"), before)
+    wrapped.remove_adapter("a")
+    assert list(wrapped.adapters) == ["b", "c"] and torch.equal(run("b"), before)
+    assert (run("c") - _peft_alone(wrapped, "c")(input_ids=ids).logits).abs().max() < 1e-5
+    with pytest.raises(ValueError, match=r"adapters \['a'\] are not in this model; it has \['b', 'c'\]"):
+        run("a")  # never served by the base model instead
+
+
+def test_bad_adapters_are_refused_naming_both_sides(tmp_path):
+    wrapped, _ = _randomised({"a": {"r": 2}})
+    with pytest.raises(ValueError, match=r"adapter 'b' targets \['k_proj'\] .* share targets \['down_proj', "
+                                         r"'q_proj', 'v_proj'\]"):
+        attach(wrapped, "multilora", {"r": 2, "target_modules": ["k_proj"]}, name="b")
+    with pytest.raises(ValueError, match="already has adapters named \\['a'\\]"):
+        attach(wrapped, "multilora", {"r": 2, "target_modules": TARGETS}, name="a")
+    attach(wrapped, "multilora", {"r": 2, "target_modules": TARGETS}, name="b")
+    state = wrapped.adapter_state_dict("a")
+    key = next(k for k in state if k.endswith("lora_A.weight"))
+    with pytest.raises(AdapterMismatchError, match=rf"size mismatch for {key}: torch.Size\(\[4, 64\]\) in the module, "
+                                                   r"torch.Size\(\[2, 64\]\) in the model"):
+        wrapped.load_adapter_state_dict({**state, key: torch.zeros(4, 64)}, "b")
+    with pytest.raises(ValueError, match="multilora does not batch DoRA"):
+        attach(wrapped, "multilora", {"use_dora": True}, name="d")
+    with pytest.raises(ValueError, match="holds 2 adapters: name one per example"):
+        wrapped(input_ids=torch.tensor([[3, 4]]))
+
+
+def _standalone_peft(config, state):
+    model = peft.get_peft_model(tiny_model()[0], config.to_peft())
+    peft.set_peft_model_state_dict(model, state)
+    return model
+
+
+def test_training_together_equals_training_each_alone(pairs):
+    """10 AdamW steps on batches that mix three adapters (one with more rows than the others), the loss a mean per
+    adapter summed over adapters, gradients clipped per adapter: each adapter ends where training it alone on its
+    rows (a peft LoRA, token-mean loss, global clipping) ends."""
+    adapters = {"big": {"r": 4}, "small": {"r": 2}, "other": {"r": 3}}
+    wrapped, tokenizer = _randomised(adapters)
+    wrapped.train()
+    records = [{**p, "adapter": ("big", "big", "big", "small", "other", "big")[i]} for i, p in enumerate(pairs)]
+    features, _ = encode(load_records(records), tokenizer)
+    alone = {name: _standalone_peft(wrapped.adapters[name], wrapped.adapter_state_dict(name)).train()
+             for name in adapters}
+    start = {name: {k: v.clone() for k, v in wrapped.adapter_state_dict(name).items()} for name in adapters}
+    joint_opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for n, m in alone.items()}
+    collate = Collator(tokenizer.pad_token_id)
+    for step in range(10):
+        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(step)).tolist()
+        batch = [features[i] for i in order]
+        inputs = collate(batch)
+        out = wrapped(**inputs)
+        loss, _, _ = adapter_mean_loss(out.logits, inputs["labels"], inputs["adapter_index"], 3)
+        joint_opt.zero_grad()
+        loss.backward()
+        wrapped.clip_grad_norm_(0.5)
+        joint_opt.step()
+        for name, model in alone.items():
+            rows = collate([f for f in batch if f["adapter"] == name])
+            rows.pop("adapter_names"), rows.pop("adapter_index"), rows.pop("prompt_lengths")
+            opts[name].zero_grad()
+            model(**rows).loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.5)
+            opts[name].step()
+    for name, model in alone.items():
+        theirs = peft.get_peft_model_state_dict(model)
+        ours = wrapped.adapter_state_dict(name)
+        assert max((ours[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-5, name
+        assert min((ours[k] - start[name][k]).abs().max() for k in ours) > 1e-2  # every tensor moved
+
+
+def test_train_runs_one_adapter_per_file_and_logs_each_loss(tmp_path, tiny_dir, pairs):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, chunk in (("colours", pairs[:3]), ("animals", pairs[3:])):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in chunk))
+    config = TrainConfig(model=str(tiny_dir), method={"name": "multilora", "r": 4}, data=DataConfig(train=str(data)),
+                         training={"output_dir": str(tmp_path / "run"), "max_steps": 30, "learning_rate": 2e-2,
+                                   "logging_steps": 5, "per_device_train_batch_size": 6, "max_grad_norm": 1.0})
+    result = train(config)
+    assert list(result.model.adapters) == ["animals", "colours"]
+    history = json.loads((tmp_path / "run" / "train_log.json").read_text())["log_history"]
+    for name in ("animals", "colours"):
+        losses = [h[f"loss/{name}"] for h in history if f"loss/{name}" in h]
+        assert len(losses) == 6 and losses[-1] < 0.5 * losses[0], name
+    assert (tmp_path / "run" / "loss.png").exists()
+    assert (result.module_dir / "colours" / "adapter_model.safetensors").exists()
+
+
+def test_train_refuses_records_without_an_adapter_and_lora_with_named_adapters(tmp_path, tiny_dir, pairs):
+    from peftlab.config import ConfigError
+
+    base = {"model": str(tiny_dir), "training": {"output_dir": str(tmp_path / "r"), "max_steps": 1}}
+    with pytest.raises(ConfigError, match="every record needs an 'adapter' field"):
+        train(TrainConfig(method={"name": "multilora"}, **base), train_data=pairs)
+    named = [{**p, "adapter": "x"} for p in pairs]
+    with pytest.raises(ConfigError, match="name adapters \\['x'\\], but method 'lora' trains one adapter"):
+        train(TrainConfig(method={"name": "lora"}, **base), train_data=named)
