@@ -1,6 +1,7 @@
 """MultiLoRA: many LoRAs in one batch equal peft LoRAs run alone, train as if alone, and move as peft folders."""
 
 import json
+import re
 
 import peft
 import pytest
@@ -241,3 +242,108 @@ def test_train_refuses_records_without_an_adapter_and_lora_with_named_adapters(t
     named = [{**p, "adapter": "x"} for p in pairs]
     with pytest.raises(ConfigError, match="name adapters \\['x'\\], but method 'lora' trains one adapter"):
         train(TrainConfig(method={"name": "lora"}, **base), train_data=named)
+
+
+def _peft_folders(tmp_path, tiny_dir, names, targets=("q_proj", "v_proj"), base=None):
+    """Plain peft LoRA folders trained by nobody: random B, so each changes the model differently."""
+    from peftlab import load_model
+
+    folders = {}
+    for i, name in enumerate(names):
+        torch.manual_seed(10 + i)
+        model = peft.get_peft_model(load_model(str(tiny_dir))[0],
+                                    peft.LoraConfig(r=2 + i, lora_alpha=8, target_modules=list(targets)))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.3)
+        model.peft_config["default"].base_model_name_or_path = base or str(tiny_dir)
+        model.save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    return folders
+
+
+def test_cli_imports_peft_folders_and_exports_them_unchanged(tmp_path, tiny_dir, capsys):
+    from peftlab.cli import main
+
+    folders = _peft_folders(tmp_path, tiny_dir, ["x", "y"])
+    spec = ",".join(f"{n}={f}" for n, f in folders.items())
+    assert main(["multilora", "import", spec, "-o", str(tmp_path / "m")]) == 0
+    assert main(["info", str(tmp_path / "m"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["method"] == "multilora" and "zero-padded to rank 3" in info["ranks"]
+    assert main(["multilora", "export", str(tmp_path / "m"), "-o", str(tmp_path / "out")]) == 0
+    ids = torch.tensor([[5, 6, 7, 8]])
+    from peftlab import load_model
+
+    for name, folder in folders.items():
+        original = peft.PeftModel.from_pretrained(load_model(str(tiny_dir))[0], folder).eval()
+        exported = peft.PeftModel.from_pretrained(load_model(str(tiny_dir))[0], tmp_path / "out" / name).eval()
+        with torch.no_grad():
+            assert torch.equal(original(input_ids=ids).logits, exported(input_ids=ids).logits)
+
+
+def test_cli_import_names_both_sides_of_a_mismatch(tmp_path, tiny_dir, capsys):
+    from peftlab.cli import main
+
+    good = _peft_folders(tmp_path / "a", tiny_dir, ["x"])
+    other_base = _peft_folders(tmp_path / "b", tiny_dir, ["y"], base="another/model")
+    other_targets = _peft_folders(tmp_path / "c", tiny_dir, ["z"], targets=("k_proj",))
+    for name, folder, what in (("y", other_base["y"], "base_model 'another/model'"),
+                               ("z", other_targets["z"], "target_modules \\['k_proj'\\]")):
+        capsys.readouterr()
+        assert main(["multilora", "import", f"x={good['x']},{name}={folder}", "-o", str(tmp_path / "m")]) == 2
+        err = capsys.readouterr().err
+        assert re.search(rf"{folder} has {what}, {good['x']} has ", err), err
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_generate_serves_each_request_with_its_adapter(tmp_path, tiny_dir, capsys):
+    from peftlab import generate, load_model
+    from peftlab.cli import main
+
+    folders = _peft_folders(tmp_path, tiny_dir, ["x", "y"])
+    requests = [("say one", "y"), ("say two", "x"), ("say three", "__base__"), ("say four", "y")]
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "adapter": a}) + "\n" for p, a in requests))
+    spec = ",".join(f"{n}={f}" for n, f in folders.items())
+    assert main(["generate", "--adapters", spec, "--jsonl", str(path), "--max-new-tokens", "5"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["prompt"], r["adapter"]) for r in lines] == requests
+    model, tokenizer = load_model(str(tiny_dir))
+    for (prompt, name), line in zip(requests, lines, strict=True):
+        alone = model if name == "__base__" else peft.PeftModel.from_pretrained(load_model(str(tiny_dir))[0],
+                                                                                 folders[name])
+        assert line["answer"] == generate(alone.eval(), tokenizer, [prompt], max_new_tokens=5)[0]
+    path.write_text(json.dumps({"prompt": "a", "adapter": "x"}) + "\n" + json.dumps({"prompt": "b", "adapter": "q"}))
+    assert main(["generate", "--adapters", spec, "--jsonl", str(path)]) == 2
+    assert f"{path}:2: adapter 'q' is not served here" in capsys.readouterr().err
+
+
+def test_eval_routes_each_family_to_its_adapter(tmp_path, tiny_dir, capsys):
+    from peftlab import generate, load_model
+    from peftlab.cli import main
+    from peftlab.module import combine, write
+
+    families = ["arithmetic", "calendar"]
+    folders = _peft_folders(tmp_path, tiny_dir, families)
+    module = combine(folders)
+    write(tmp_path / "m", module.manifest, module.tensors)
+    out = tmp_path / "report.json"
+    args = ["eval", "--adapter", str(tmp_path / "m"), "--n", "3", "--families", *families, "--no-progress",
+            "--keep-examples", "3", "--route-by-family", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())["models"][0]
+    assert report["adapters"] == {f: f for f in families}
+    for family in families:
+        alone = peft.PeftModel.from_pretrained(load_model(str(tiny_dir))[0], folders[family]).eval()
+        tokenizer = load_model(str(tiny_dir))[1]
+        kept = report["examples"][family]
+        from peftlab.evals.tasks import get_family
+
+        assert [e["output"] for e in kept] == generate(alone, tokenizer, [e["prompt"] for e in kept],
+                                                       max_new_tokens=get_family(family).max_new_tokens)
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(tmp_path / "m"), "--n", "3", "--families", "arithmetic", "table_lookup",
+                 "--no-progress", "--route-by-family"]) == 2
+    assert "no adapter named after family 'table_lookup'" in capsys.readouterr().err

@@ -15,7 +15,18 @@ from transformers import PreTrainedTokenizerBase
 from peftlab.data import PromptFormat
 from peftlab.io import atomic_dir
 from peftlab.methods import DEFAULT_ADAPTER, MethodConfig, PeftlabModel, get_method
-from peftlab.module import MANIFEST, Adapter, Manifest, ModuleError, ModuleInfo, read, read_info, write, write_into
+from peftlab.module import (
+    Adapter,
+    Manifest,
+    Module,
+    ModuleError,
+    ModuleInfo,
+    combine,
+    read,
+    read_info,
+    write,
+    write_into,
+)
 
 
 def attach(model: nn.Module, method: str, config: MethodConfig | dict | None = None,
@@ -58,12 +69,17 @@ def save_into(model: PeftlabModel, folder: Path) -> None:
 
 def load(folder: str | Path, model: nn.Module, trainable: bool = False) -> PeftlabModel:
     """Attach the module saved in ``folder`` to ``model`` (the base model it was trained on)."""
-    module = read(folder)
-    where = str(Path(folder) / MANIFEST)
-    wrapped = model
-    for name, adapter in module.manifest.adapters.items():
-        wrapped = get_method(adapter.method).attach(wrapped, adapter.method_config(where), name)
-        wrapped.load_adapter_state_dict(module.tensors[name], name, where=f"{folder} (adapter {name!r})")
+    return load_module(read(folder), model, trainable, where=str(folder))
+
+
+def load_module(module: Module, model: nn.Module, trainable: bool = False, where: str = "module") -> PeftlabModel:
+    """Attach a module given as data (``module.read``, ``module.combine``) to ``model``."""
+    method = get_method(module.manifest.method)
+    configs = {name: adapter.method_config(f"{where}: adapter {name!r}")
+               for name, adapter in module.manifest.adapters.items()}
+    wrapped = method.attach_many(model, configs)
+    for name, tensors in module.tensors.items():
+        wrapped.load_adapter_state_dict(tensors, name, where=f"{where} (adapter {name!r})")
     wrapped.prompt_format = module.manifest.prompt_format
     if not trainable:
         wrapped.requires_grad_(False)
@@ -109,17 +125,22 @@ class Loaded:
 
 
 def load_for_inference(adapter: str | Path | None = None, model: str | None = None, dtype: str = "float32",
-                       device: str | None = None) -> Loaded:
+                       device: str | None = None, adapters: dict[str, str | Path] | None = None) -> Loaded:
     """The one loader behind the CLI, evaluations and recipes: the base model ``model`` (default: the module's,
-    else the embedded default), with the module in ``adapter`` attached when one is given."""
+    else the embedded default), with the module in ``adapter`` attached, or the single-adapter folders
+    ``adapters`` (name -> folder) combined into one MultiLoRA model that serves them side by side."""
     from peftlab.models import DEFAULT_MODEL, load_model
 
+    if adapter is not None and adapters:
+        raise ValueError("give one module folder or several adapter folders, not both")
+    module = combine(adapters) if adapters else read(adapter) if adapter is not None else None
     info = read_info(adapter) if adapter is not None else None
-    name = model or (info.base_model if info is not None else None) or DEFAULT_MODEL
+    name = model or (module.manifest.base_model if module is not None else None) or DEFAULT_MODEL
     base, tokenizer = load_model(name, dtype=dtype, device=device)
-    if info is None:
+    if module is None:
         return Loaded(base, tokenizer, PromptFormat(), name)
-    return Loaded(load(adapter, base), tokenizer, info.prompt_format, name, info)
+    where = str(adapter) if adapter is not None else ", ".join(f"{k}={v}" for k, v in adapters.items())
+    return Loaded(load_module(module, base, where=where), tokenizer, module.manifest.prompt_format, name, info)
 
 
 def merge(folder: str | Path, out: str | Path, base_model: str | None = None, overwrite: bool = False) -> Path:
@@ -136,5 +157,5 @@ def merge(folder: str | Path, out: str | Path, base_model: str | None = None, ov
     return Path(out)
 
 
-__all__ = ["Loaded", "ModuleError", "attach", "base_name", "load", "load_for_inference", "merge", "parameter_report",
-           "restore", "save", "save_into"]
+__all__ = ["Loaded", "ModuleError", "attach", "base_name", "load", "load_for_inference", "load_module", "merge",
+           "parameter_report", "restore", "save", "save_into"]

@@ -25,12 +25,26 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_for_generation(args: argparse.Namespace):
-    """(model, tokenizer, prompt format) from --adapter/--model, with the module's own prompt format."""
+    """(model, tokenizer, prompt format) from --adapter/--adapters/--model, with the module's own prompt format."""
     from peftlab.adapters import load_for_inference
 
-    loaded = load_for_inference(args.adapter, args.model, args.dtype, args.device)
+    served = _named_folders(getattr(args, "adapters", None))
+    loaded = load_for_inference(args.adapter, args.model, args.dtype, args.device, adapters=served)
     fmt = loaded.prompt_format if args.system is None else replace(loaded.prompt_format, system_prompt=args.system)
     return loaded.model, loaded.tokenizer, fmt
+
+
+def _named_folders(spec: str | None) -> dict[str, str] | None:
+    """``a=DIR,b=DIR`` as {name: folder}."""
+    if not spec:
+        return None
+    pairs = [item.split("=", 1) for item in spec.split(",") if item]
+    bad = [item for item, pair in zip(spec.split(","), pairs, strict=True) if len(pair) != 2 or not all(pair)]
+    if bad:
+        from peftlab.config import ConfigError
+
+        raise ConfigError(f"--adapters: {bad} should look like NAME=DIR (e.g. --adapters support=runs/a,sales=runs/b)")
+    return dict(pairs)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -55,6 +69,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from peftlab.generation import generate
 
     model, tokenizer, fmt = _load_for_generation(args)
+    if args.jsonl:
+        return _generate_requests(args, model, tokenizer, fmt)
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     answers = generate(model, tokenizer, prompts, fmt, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, **_sampling(args))
@@ -64,6 +80,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         for p, a in zip(prompts, answers, strict=True):
             print(f">>> {p}\n{a}\n" if len(prompts) > 1 else a)
+    return 0
+
+
+def _generate_requests(args: argparse.Namespace, model, tokenizer, fmt) -> int:
+    """--jsonl: every request with its own adapter, answered in one batched run; JSONL out, in the same order."""
+    from peftlab.data import DataError, load_requests
+    from peftlab.generation import generate
+
+    requests = load_requests(args.jsonl)
+    routed = [r for r in requests if "adapter" in r]
+    if routed and len(routed) != len(requests):
+        bare = next(r["where"] for r in requests if "adapter" not in r)
+        raise DataError(f"{bare}: no 'adapter' while other requests name one; name one on every request "
+                        f"('__base__' for the base model alone)")
+    served = set(getattr(model, "adapters", {})) | {"__base__"}
+    unknown = next((r for r in routed if r["adapter"] not in served), None)
+    if unknown is not None:
+        raise DataError(f"{unknown['where']}: adapter {unknown['adapter']!r} is not served here; serving "
+                        f"{sorted(served)}")
+    prompts = [r.get("prompt", r.get("messages")) for r in requests]
+    answers = generate(model, tokenizer, prompts, fmt, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, adapters=[r["adapter"] for r in routed] if routed else None,
+                       **_sampling(args))
+    for request, answer in zip(requests, answers, strict=True):
+        print(json.dumps({**{k: v for k, v in request.items() if k != "where"}, "answer": answer},
+                         ensure_ascii=False))
     return 0
 
 
@@ -110,6 +152,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             "prompt_format": asdict(info.prompt_format)}
     if len(adapters) > 1:
         data["adapters"] = {name: asdict(a) for name, a in adapters.items()}
+    ranks = sorted({a.config.get("r") for a in adapters.values()} - {None})
+    if info.method == "multilora" and len(ranks) > 1:
+        data["ranks"] = (f"{ranks}: served zero-padded to rank {ranks[-1]} in one stacked tensor per layer "
+                         f"(exact: the padding is zeros and stays zero)")
     if args.json:
         print(json.dumps(data, indent=2))
     else:
@@ -132,12 +178,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         raise ConfigError("give --adapter or --compare, not both")
     suite = get_suite(args.suite)
-    load = partial(load_candidate, dtype=args.dtype, device=args.device)
+    load_base = partial(load_candidate, dtype=args.dtype, device=args.device)
+    load = partial(load_base, route_by_family=args.route_by_family, fallback_adapter=args.fallback_adapter)
     if args.compare:
         from peftlab.module import read_info
 
         base = args.model or read_info(args.compare[0]).base_model or DEFAULT_MODEL
-        candidates = [] if args.no_base else [partial(load, None, base)]
+        candidates = [] if args.no_base else [partial(load_base, None, base)]
         candidates += [partial(load, folder, args.model) for folder in args.compare]
     else:
         candidates = [partial(load, args.adapter, args.model)]
@@ -217,6 +264,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_multilora_import(args: argparse.Namespace) -> int:
+    from peftlab.module import combine, write
+
+    module = combine(_named_folders(args.adapters))
+    write(args.output, module.manifest, module.tensors, overwrite=args.overwrite)
+    print(f"{len(module.tensors)} adapters -> multilora module {args.output}")
+    return 0
+
+
+def cmd_multilora_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from peftlab.module import ModuleError, read, split, write
+
+    parts = split(read(args.module))
+    names = args.adapter or list(parts)
+    unknown = sorted(set(names) - set(parts))
+    if unknown:
+        raise ModuleError(f"{args.module}: no adapters {unknown}; it has {sorted(parts)}")
+    for name in names:
+        write(Path(args.output) / name, parts[name].manifest, parts[name].tensors, overwrite=args.overwrite)
+    print(f"{len(names)} adapters -> plain peft LoRA folders under {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description=__doc__.split("\n")[0] + " See README.md.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -235,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Answer prompts (arguments, or one per line on stdin), batched, greedy by default.")
     p.add_argument("prompts", nargs="*", help="prompts to answer (default: read lines from stdin)")
     _add_model_args(p)
+    p.add_argument("--adapters", metavar="NAME=DIR,...",
+                   help="serve several LoRA folders (peft or peftlab) side by side as one MultiLoRA model")
+    p.add_argument("--jsonl", metavar="FILE", help="requests, one JSON object per line: {prompt | messages, adapter}; "
+                                                  "prints one JSON line per request with its answer, in order")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {prompt, answer}")
     p.set_defaults(func=cmd_generate)
@@ -264,6 +340,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("multilora", help="move LoRAs in and out of a MultiLoRA module",
+                       description="A MultiLoRA module serves many LoRAs side by side, one per example. Import peft "
+                                   "LoRA folders (or peftlab LoRA modules) of one base model and one set of target "
+                                   "modules into one; export its adapters as plain peft folders.")
+    actions = p.add_subparsers(dest="multilora_command", required=True, metavar="ACTION")
+    q = actions.add_parser("import", help="combine LoRA folders into one MultiLoRA module",
+                           description="Combine single-LoRA folders into one MultiLoRA module, each under its name.")
+    q.add_argument("adapters", metavar="NAME=DIR,...", help="e.g. support=runs/a/module,sales=peft-folder")
+    q.add_argument("-o", "--output", required=True, metavar="OUT", help="the module folder to write")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    q.set_defaults(func=cmd_multilora_import)
+    q = actions.add_parser("export", help="write adapters of a MultiLoRA module as plain peft LoRA folders",
+                           description="Write each adapter (or those named) to OUT/NAME as a peft LoRA folder.")
+    q.add_argument("module", help="a MultiLoRA module folder")
+    q.add_argument("-o", "--output", required=True, metavar="OUT", help="the folder to write them under")
+    q.add_argument("--adapter", action="append", metavar="NAME", help="only this adapter (repeatable)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing folders")
+    q.set_defaults(func=cmd_multilora_export)
+
     p = sub.add_parser("info", help="describe a saved module", description="Method, base model, parameters.")
     p.add_argument("folder", help="module folder")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -280,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="a saved module folder of any method")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="several module folders, evaluated beside the base")
     p.add_argument("--no-base", action="store_true", help="with --compare: leave the base model out")
+    p.add_argument("--route-by-family", action="store_true",
+                   help="a MultiLoRA module answers each family with the adapter named after it")
+    p.add_argument("--fallback-adapter", metavar="NAME", default=None,
+                   help="with --route-by-family: the adapter for families without one ('__base__': the base model)")
     p.add_argument("--suite", default="core", help="built-in suite (core, all, heldout-only) or a suite YAML file")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="default: test")
     p.add_argument("--n", type=int, default=100, help="instances per family and seed (default: 100)")

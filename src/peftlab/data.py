@@ -108,6 +108,36 @@ def _load_jsonl(path: Path) -> list[Record]:
     return records
 
 
+def load_requests(path: str | Path) -> list[dict[str, Any]]:
+    """Generation requests, one JSON object per line: ``prompt`` (text) or ``messages`` (a conversation ending with
+    the user's turn), and optionally ``adapter``. Each comes back with ``where`` (``file:line``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    requests = []
+    for lineno, line in enumerate(_read_text_lines(path), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
+            raise DataError(f"{where}: a request is an object with 'prompt' or 'messages' (and optionally "
+                            f"'adapter'), got {obj!r:.80}")
+        if "prompt" in obj and not isinstance(obj["prompt"], str):
+            raise DataError(f"{where}: field 'prompt' must be a string, got {type(obj['prompt']).__name__}")
+        if "messages" in obj:
+            to_record({"messages": [*obj["messages"], {"role": "assistant", "content": ""}]}, where)  # validates
+        if "adapter" in obj and not (isinstance(obj["adapter"], str) and obj["adapter"]):
+            raise DataError(f"{where}: field 'adapter' must be a non-empty adapter name, got {obj['adapter']!r}")
+        requests.append({**obj, "where": where})
+    if not requests:
+        raise DataError(f"{path}: no requests")
+    return requests
+
+
 def _load_json(path: Path) -> list[Record]:
     text = "".join(_read_text_lines(path))
     decoder = json.JSONDecoder()

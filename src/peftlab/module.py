@@ -227,3 +227,45 @@ def read_info(folder: str | Path) -> ModuleInfo:
             for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 shapes[f"{f.relative_to(folder).as_posix()}:{key}"] = list(st.get_slice(key).get_shape())
     return ModuleInfo(folder, manifest, shapes)
+
+
+def combine(sources: dict[str, str | Path], method: str = "multilora") -> Module:
+    """Single-adapter folders (plain peft LoRA folders, peftlab LoRA modules) as the named adapters of one module of
+    a routable ``method``, without a model: same base model, same prompt format, configs ``method`` accepts."""
+    target = get_method(method)
+    if not target.routable:
+        raise ModuleError(f"method {method!r} holds one adapter; combine folders into a routable method")
+    adapters, tensors = {}, {}
+    reference: tuple[Path, Manifest] | None = None
+    for name, folder in sources.items():
+        module = read(folder)
+        if len(module.manifest.adapters) != 1:
+            raise ModuleError(f"{folder}: holds adapters {sorted(module.manifest.adapters)}; combine takes one per "
+                              f"folder")
+        (adapter,), (state,) = module.manifest.adapters.values(), module.tensors.values()
+        try:
+            config = target.make_config(adapter.config, where=f"{folder}")
+        except ValueError as e:
+            raise ModuleError(f"{folder} ({adapter.method}): {e}") from None
+        if reference is None:
+            reference = (Path(folder), module.manifest, config)
+        for what, mine, theirs in (("base_model", module.manifest.base_model, reference[1].base_model),
+                                   ("prompt_format", module.manifest.prompt_format, reference[1].prompt_format),
+                                   ("target_modules", _targets(config), _targets(reference[2]))):
+            if mine != theirs:
+                raise ModuleError(f"{folder} has {what} {mine!r}, {reference[0]} has {theirs!r}: the adapters of one "
+                                  f"module share them")
+        adapters[name], tensors[name] = Adapter(method, config.to_dict()), state
+    return Module(Manifest(adapters, reference[1].base_model, reference[1].prompt_format), tensors)
+
+
+def _targets(config: MethodConfig) -> Any:
+    targets = getattr(config, "target_modules", None)
+    return sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
+
+
+def split(module: Module, method: str = "lora") -> dict[str, Module]:
+    """Each adapter of ``module`` as a module of its own under ``method`` (a MultiLoRA adapter as a plain LoRA)."""
+    return {name: Module(replace(module.manifest, adapters={DEFAULT_ADAPTER: Adapter(method, adapter.config)}),
+                         {DEFAULT_ADAPTER: module.tensors[name]})
+            for name, adapter in module.manifest.adapters.items()}

@@ -36,11 +36,28 @@ class Candidate:
     tokenizer: PreTrainedTokenizerBase
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
     info: dict[str, Any] = field(default_factory=dict)
+    route_by_family: bool = False  # each family's prompts go to the adapter named after the family
+    fallback_adapter: str | None = None  # ... or, for a family without one, to this adapter ("__base__": none)
+
+    def adapter_for(self, family: str) -> str | None:
+        if not self.route_by_family:
+            return None
+        served = getattr(self.model, "adapters", {})
+        if family in served:
+            return family
+        if self.fallback_adapter is None:
+            from peftlab.config import ConfigError
+
+            raise ConfigError(f"{self.label}: no adapter named after family {family!r} (it serves "
+                              f"{sorted(served)}); name a fallback adapter ('__base__': the base model)")
+        return self.fallback_adapter
 
 
 def load_candidate(adapter: str | None = None, model: str | None = None, dtype: str = "float32",
-                   device: str | None = None, label: str | None = None) -> Candidate:
-    """A base model (``adapter=None``) or a saved module of any method on its base model, with its prompt format."""
+                   device: str | None = None, label: str | None = None, route_by_family: bool = False,
+                   fallback_adapter: str | None = None) -> Candidate:
+    """A base model (``adapter=None``) or a saved module of any method on its base model, with its prompt format;
+    ``route_by_family``: a MultiLoRA module answers each family with the adapter named after it."""
     loaded = load_for_inference(adapter, model, dtype=dtype, device=device)
     if loaded.info is None:
         return Candidate(label or f"base ({Path(loaded.base_model).name})", loaded.model, loaded.tokenizer,
@@ -49,7 +66,8 @@ def load_candidate(adapter: str | None = None, model: str | None = None, dtype: 
     label = label or (folder.parent.name if folder.name == "module" else folder.name)
     return Candidate(label, loaded.model, loaded.tokenizer, loaded.prompt_format,
                      {"model": model or loaded.info.base_model, "adapter": portable_path(adapter),
-                      "method": loaded.info.method, "trainable_parameters": loaded.info.trainable_parameters})
+                      "method": loaded.info.method, "trainable_parameters": loaded.info.trainable_parameters},
+                     route_by_family, fallback_adapter)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -67,6 +85,7 @@ def evaluate(candidate: Candidate, suite: Suite, split: str = "test", n: int = 1
 
         raise ConfigError(f"families {missing} are not in the {split} split of suite {suite.name!r} "
                           f"({', '.join(suite.families_for(split))})")
+    routes = {f: candidate.adapter_for(f) for f in families}  # refused before any generation if one is missing
     per_seed: dict[str, list[float]] = {f: [] for f in families}
     examples: dict[str, list[dict[str, Any]]] = {f: [] for f in families}
     start = time.perf_counter()
@@ -82,7 +101,8 @@ def evaluate(candidate: Candidate, suite: Suite, split: str = "test", n: int = 1
                 bar.set_postfix_str(f"{fam_name} seed {seed}")
                 answers = generate(candidate.model, candidate.tokenizer, [instances[i].prompt for i in idx],
                                    candidate.prompt_format, max_new_tokens=fam.max_new_tokens,
-                                   batch_size=batch_size, progress=False)
+                                   batch_size=batch_size, progress=False,
+                                   adapters=[routes[fam_name]] * len(idx) if candidate.route_by_family else None)
                 for i, a in zip(idx, answers, strict=True):
                     outputs[i] = a
                 bar.update(len(idx))
@@ -104,7 +124,8 @@ def evaluate(candidate: Candidate, suite: Suite, split: str = "test", n: int = 1
             per = [statistics.fmean(per_seed[f][s] for f in members) for s in range(len(seeds))]
             mean, std = _mean_std(per)
             summary[group] = {"accuracy": mean, "std": std, "families": len(members)}
-    return {"label": candidate.label, **candidate.info, "prompt_format": vars(candidate.prompt_format),
+    routed = {"adapters": routes} if candidate.route_by_family else {}
+    return {"label": candidate.label, **candidate.info, **routed, "prompt_format": vars(candidate.prompt_format),
             "families": result_families, "summary": summary, "seconds": round(time.perf_counter() - start, 1),
             "examples": examples}
 
