@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,6 +345,45 @@ class Collator:
         if labels:
             batch["labels"] = torch.tensor([labels])
         return batch
+
+
+class AdapterBatches(torch.utils.data.Sampler):
+    """Training order for many adapters: every batch of ``rows * len(adapters)`` examples holds ``rows`` examples of
+    every adapter, so every adapter takes a step at every step, as it would trained alone with batch ``rows``.
+
+    Each adapter reads its own endless stream: its examples reshuffled at every pass (seeded by ``seed``, the pass and
+    the adapter's name), so at step t it sees the same examples whatever trains beside it. An epoch lasts until the
+    adapter with the most examples has seen each once; adapters with fewer go on with their next passes meanwhile.
+    """
+
+    def __init__(self, adapters: Sequence[str], rows: int = 1, seed: int = 0) -> None:
+        self.by_adapter: dict[str, list[int]] = {}
+        for i, name in enumerate(adapters):
+            self.by_adapter.setdefault(name, []).append(i)
+        self.rows, self.seed, self.epoch = rows, seed, 0
+        self.steps = -(-max(len(v) for v in self.by_adapter.values()) // rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps * self.rows * len(self.by_adapter)
+
+    def _stream(self, name: str, start: int, count: int) -> list[int]:
+        """Items ``start`` to ``start + count`` of the adapter's stream (pass p: its examples in a seeded order)."""
+        indices = self.by_adapter[name]
+        n, out = len(indices), []
+        for p in range(start // n, (start + count - 1) // n + 1):
+            g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{p}/{name}".encode()))
+            out += [indices[j] for j in torch.randperm(n, generator=g).tolist()]
+        return out[start - (start // n) * n:][:count]
+
+    def __iter__(self):
+        count = self.steps * self.rows
+        streams = [self._stream(name, self.epoch * count, count) for name in sorted(self.by_adapter)]
+        for step in range(self.steps):
+            for stream in streams:
+                yield from stream[step * self.rows:(step + 1) * self.rows]
 
 
 def _example_fields(features: list[dict[str, Any]], repeats: list[int] | None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from peftlab.adapters import parameter_report, restore, save, save_into
 from peftlab.config import ConfigError, from_dict, load_yaml
-from peftlab.data import IGNORE_INDEX, Collator, EncodeStats, PromptFormat, Record, encode, load_records
+from peftlab.data import IGNORE_INDEX, AdapterBatches, Collator, EncodeStats, PromptFormat, Record, encode, load_records
 from peftlab.methods import DEFAULT_ADAPTER, get_method
 from peftlab.models import DEFAULT_MODEL, load_model
 from peftlab.report import plot, write_json
@@ -43,6 +43,7 @@ class DataConfig:
     system_prompt: str | None = None
     max_length: int = 1024
     pack: bool | None = None  # None: pack examples into one row when the method allows it (no padding compute)
+    rows_per_adapter: int = 1  # multilora: every batch holds this many examples of every adapter
     loss: str | None = None  # token: mean over answer tokens | example: mean per example, then over examples |
     # adapter: mean per adapter, summed over adapters | None: adapter for routable methods (multilora), else token
 
@@ -161,9 +162,10 @@ class _Trainer(Trainer):
     """Trainer whose checkpoints are module folders (only what the method trains), with the per-example and the
     per-adapter loss as options, per-adapter losses in the log, and the method's own gradient clipping."""
 
-    def __init__(self, *args, loss: str = "token", **kwargs) -> None:
+    def __init__(self, *args, loss: str = "token", sampler: torch.utils.data.Sampler | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss = loss
+        self.sampler = sampler
         self.adapter_losses: dict[str, list[float]] = {}  # since the last log: name -> [sum of means, batches]
         if loss != "token":
             self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the accumulation steps
@@ -191,6 +193,9 @@ class _Trainer(Trainer):
                          for name, (total, batches) in sorted(self.adapter_losses.items())})
             self.adapter_losses = {}
         super().log(logs, start_time)
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.sampler or super()._get_train_sampler(train_dataset)
 
     def _clip_grad_norm(self, model):
         own = getattr(self.accelerator.unwrap_model(model), "clip_grad_norm_", None)
@@ -250,11 +255,17 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     if pack and not method.supports_packing:
         raise ConfigError(f"data.pack: method {method.name!r} needs one example per row; set pack: false")
     collator = Collator(tokenizer.pad_token_id, pack=pack)
+    sampler = None
+    if method.routable:  # every adapter in every batch: each steps as it would alone (see data.AdapterBatches)
+        adapters = [f["adapter"] for f in train_features]
+        args.per_device_train_batch_size = config.data.rows_per_adapter * len(set(adapters))
+        sampler = AdapterBatches(adapters, config.data.rows_per_adapter, args.seed)
     loss = config.data.loss or ("adapter" if method.routable else "token")
     if loss == "adapter" and not method.routable:
         raise ConfigError(f"data.loss: 'adapter' averages per adapter; method {method.name!r} trains one adapter")
     trainer = _Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
-                       data_collator=collator, processing_class=tokenizer, loss=loss, callbacks=callbacks)
+                       data_collator=collator, processing_class=tokenizer, loss=loss, sampler=sampler,
+                       callbacks=callbacks)
     use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache is only waste in training
     try:
         output = trainer.train(resume_from_checkpoint=resume)

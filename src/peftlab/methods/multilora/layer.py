@@ -60,8 +60,9 @@ class MultiLoraLinear(nn.Module):
         return self.lora_A.shape[1]
 
     @torch.no_grad()
-    def grow(self, ranks: list[int], scalings: list[float]) -> None:
-        """Append one adapter per entry (A: peft's Kaiming-uniform init, B: zeros), padding ranks to the largest."""
+    def grow(self, ranks: list[int], scalings: list[float], seeds: list[int]) -> None:
+        """Append one adapter per entry (A: peft's Kaiming-uniform init drawn from its own seed, B: zeros), padding
+        ranks to the largest."""
         rank = max([self.rank, *ranks])
         old_a, old_b = self.lora_A, self.lora_B
         n_old, n_new = old_a.shape[0], len(ranks)
@@ -69,8 +70,9 @@ class MultiLoraLinear(nn.Module):
         b = old_b.new_zeros(n_old + n_new, old_b.shape[1], rank)
         a[:n_old, :old_a.shape[1]], b[:n_old, :, :old_b.shape[2]] = old_a, old_b
         bound = 1 / math.sqrt(a.shape[2])  # kaiming_uniform_(a=sqrt(5)) on a [r, in] matrix, as peft inits lora_A
-        for i, r in enumerate(ranks):
-            a[n_old + i, :r].uniform_(-bound, bound)
+        for i, (r, seed) in enumerate(zip(ranks, seeds, strict=True)):
+            uniform = torch.rand(r, a.shape[2], generator=torch.Generator().manual_seed(seed))
+            a[n_old + i, :r] = (uniform * 2 - 1) * bound
         self.lora_A = nn.Parameter(a, requires_grad=old_a.requires_grad)
         self.lora_B = nn.Parameter(b, requires_grad=old_b.requires_grad)
         self.scaling = torch.cat([self.scaling, torch.tensor(scalings, device=a.device)])

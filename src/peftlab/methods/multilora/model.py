@@ -8,6 +8,7 @@ be loaded by peft alone, and peft LoRA folders come in as adapters.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import torch
@@ -70,8 +71,10 @@ class MultiLoraModel(PeftlabModel):
                                  f"{canonical_targets(self.causal_lm, reference[0])} and dropout {reference[1]}")
         if not self.lora_layers:
             self._inject(reference[0], reference[1])
-        for layer in self.lora_layers.values():
-            layer.grow([c.r for c in configs.values()], [c.scaling for c in configs.values()])
+        base_seed = torch.initial_seed()  # each adapter's init depends on its name, not on what trains beside it
+        for module, layer in self.lora_layers.items():
+            layer.grow([c.r for c in configs.values()], [c.scaling for c in configs.values()],
+                       [zlib.crc32(f"{base_seed}/{name}/{module}".encode()) for name in configs])
         written = canonical_targets(self.causal_lm, reference[0])
         for name, config in configs.items():  # the targets by name, so a saved adapter says what it touched
             self.adapters[name] = MultiLoraConfig(**{**config.to_dict(), "target_modules": written})
