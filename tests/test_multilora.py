@@ -11,6 +11,7 @@ from peftlab import DataConfig, TrainConfig, attach, load, load_records, read_in
 from peftlab.data import Collator, encode
 from peftlab.methods import AdapterMismatchError
 from peftlab.methods.multilora import lora_delta
+from peftlab.methods.multilora.layer import TokenGroups
 from peftlab.training import adapter_mean_loss
 
 # nine adapters: ranks 1-8 (zero-padded to 8 in the layer), one with rsLoRA and another alpha
@@ -85,11 +86,13 @@ def test_the_kernel_by_rows_and_by_tokens_agrees_with_its_formula():
         return torch.zeros(6) if slot < 0 else scaling[slot] * (b[slot] @ (a[slot] @ v))
 
     by_row = lora_delta(x, a, b, scaling, rows)
-    by_token = lora_delta(x, a, b, scaling, tokens)
+    masked = lora_delta(x, a, b, scaling, tokens)  # few adapters: every token through each, masked
+    grouped = lora_delta(x, a, b, scaling, tokens, TokenGroups.of(tokens, 3, masked_up_to=0))
     for i in range(4):
         for t in range(7):
             assert torch.allclose(by_row[i, t], formula(int(rows[i]), x[i, t]), atol=1e-5)
-            assert torch.allclose(by_token[i, t], formula(int(tokens[i, t]), x[i, t]), atol=1e-5)
+            assert torch.allclose(masked[i, t], formula(int(tokens[i, t]), x[i, t]), atol=1e-5)
+            assert torch.allclose(grouped[i, t], formula(int(tokens[i, t]), x[i, t]), atol=1e-5)
 
 
 def test_beams_and_sampling_route_each_prompt():

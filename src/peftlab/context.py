@@ -11,6 +11,7 @@ repeats per-row fields to match the rows it sees.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -40,9 +41,16 @@ class CallContext:
     def __init__(self) -> None:
         self.fields = ExampleFields()
         self.adapter_slots: torch.Tensor | None = None  # per example: the index of its adapter in the model
+        self._memo: dict[str, Any] = {}
 
     def bind(self, fields: ExampleFields, adapter_slots: torch.Tensor | None = None) -> None:
-        self.fields, self.adapter_slots = fields, adapter_slots
+        self.fields, self.adapter_slots, self._memo = fields, adapter_slots, {}
+
+    def memo(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()`` once per call, shared by every layer that asks (e.g. how a packed row's tokens group)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def clear(self) -> None:
         self.bind(ExampleFields())

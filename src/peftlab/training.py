@@ -112,8 +112,9 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 def _answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each predicted answer token [B, T-1], and which tokens are answer tokens."""
     shift_labels = labels[:, 1:]
-    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shift_labels,
-                                                  ignore_index=IGNORE_INDEX, reduction="none")
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                  shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                                  reduction="none").view(shift_labels.shape)
     return per_token, (shift_labels != IGNORE_INDEX).float()
 
 
@@ -173,7 +174,7 @@ class _Trainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss == "token":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        outputs = model(**inputs)
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})  # the model's own loss: not needed
         if self.loss == "example":
             loss = example_mean_loss(outputs.logits, inputs["labels"], inputs.get("position_ids"))
         else:

@@ -9,6 +9,7 @@ replace it without touching its callers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,29 +17,60 @@ from torch import nn
 from peftlab.context import CallContext, per_row
 
 
+@dataclass
+class TokenGroups:
+    """Tokens grouped by adapter: where each token goes in a padded [groups, longest, features] block, or, with
+    few adapters, a one-hot ``weights`` [tokens, groups] that masks every adapter's output to its own tokens."""
+
+    order: torch.Tensor  # token indices sorted by adapter
+    groups: torch.Tensor  # the adapter of each group
+    slot: torch.Tensor  # for each sorted token, its flat position in the block
+    longest: int
+    weights: torch.Tensor | None = None
+
+    MASKED_UP_TO = 256  # adapters x rank: beyond this, grouping beats computing every adapter on every token
+
+    @classmethod
+    def of(cls, slots: torch.Tensor, rank: int, masked_up_to: int = MASKED_UP_TO) -> TokenGroups:
+        tokens = slots.reshape(-1)
+        order = torch.argsort(tokens, stable=True)
+        groups, counts = torch.unique_consecutive(tokens[order], return_counts=True)
+        longest = int(counts.max())
+        group_of = torch.repeat_interleave(torch.arange(len(groups), device=slots.device), counts)
+        position = torch.arange(len(order), device=slots.device) - torch.repeat_interleave(counts.cumsum(0) - counts,
+                                                                                            counts)
+        weights = None
+        if len(groups) * rank <= masked_up_to:
+            weights = ((tokens[:, None] == groups[None]) & (groups[None] >= 0)).float()
+        return cls(order, groups, group_of * longest + position, longest, weights)
+
+
 def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
-               slots: torch.Tensor) -> torch.Tensor:
+               slots: torch.Tensor, groups: TokenGroups | None = None) -> torch.Tensor:
     """scaling[s] · B[s] A[s] x for each token x of ``x`` [R, T, in], s its adapter (-1: none, a zero delta).
 
     ``slots`` is per row [R] (gather each row's factors: two batched matmuls, BGMV-like) or per token [R, T]
-    (tokens grouped by adapter into a padded [G, L, in] block: a segmented matmul, SGMV-like).
+    (tokens grouped by adapter into a padded [G, L, in] block: a segmented matmul, SGMV-like; ``groups``, the
+    grouping, is the same for every layer of a call and can be computed once).
     """
     if slots.dim() == 1:
         keep = (slots >= 0).to(x.dtype)
         s = slots.clamp(min=0)
         h = torch.bmm(x, lora_a[s].transpose(1, 2))  # [R, T, r]
         return torch.bmm(h, lora_b[s].transpose(1, 2)) * (scaling[s] * keep)[:, None, None]
-    rows, width, _ = x.shape
-    flat, tokens = x.reshape(rows * width, -1), slots.reshape(-1)
-    order = torch.argsort(tokens, stable=True)
-    groups, counts = torch.unique_consecutive(tokens[order], return_counts=True)
-    group_of = torch.repeat_interleave(torch.arange(len(groups), device=x.device), counts)
-    position = torch.arange(len(order), device=x.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    block = flat.new_zeros(len(groups), int(counts.max()), flat.shape[1])
-    block[group_of, position] = flat[order]
-    grouped = lora_delta(block, lora_a, lora_b, scaling, groups)  # [G, L, out]: one adapter per group
-    out = grouped.new_empty(len(order), grouped.shape[-1])
-    out[order] = grouped[group_of, position]
+    groups = groups or TokenGroups.of(slots, lora_a.shape[1])
+    rows, width, features = x.shape
+    flat = x.reshape(rows * width, features)
+    if groups.weights is not None:  # few adapters: every token through all of them, each masked to its own
+        used, rank = groups.groups.clamp(min=0), lora_a.shape[1]
+        h = flat @ lora_a[used].reshape(-1, features).T  # [n, G * r]
+        h = (h.view(len(flat), len(used), rank) * (groups.weights * scaling[used])[:, :, None]).flatten(1)
+        return (h @ lora_b[used].permute(1, 0, 2).reshape(lora_b.shape[1], -1).T).reshape(rows, width, -1)
+    block = flat.new_zeros(len(groups.groups) * groups.longest, features).index_copy(0, groups.slot, flat[groups.order])
+    grouped = lora_delta(block.view(len(groups.groups), groups.longest, features), lora_a, lora_b, scaling,
+                         groups.groups)  # [G, L, out]: one adapter per group
+    out = grouped.new_empty(rows * width, grouped.shape[-1])
+    out[groups.order] = grouped.reshape(-1, grouped.shape[-1]).index_select(0, groups.slot)
     return out.reshape(rows, width, -1)
 
 
@@ -96,5 +128,8 @@ class MultiLoraLinear(nn.Module):
             slots = per_row(slots, x.shape[0])
         elif tuple(slots.shape) != tuple(x.shape[:2]):
             raise ValueError(f"per-token adapters {tuple(slots.shape)} do not fit inputs {tuple(x.shape[:2])}")
-        delta = lora_delta(self.dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scaling, slots)
+        groups = self.context.memo("token_groups", lambda: TokenGroups.of(slots, self.rank)) \
+            if slots.dim() == 2 else None
+        delta = lora_delta(self.dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scaling, slots,
+                           groups)
         return y + delta.to(y.dtype)
