@@ -62,13 +62,8 @@ class PeftAdapterModel(PeftlabModel):
         return self.model.merge_and_unload()
 
 
-class PeftAdapterMethod(Method):
-    """A method that is one peft adapter: peft computes, peftlab keeps the protocol and the format."""
-
-    model_class = PeftAdapterModel
-    mergeable = True
-    composable = True
-    supports_packing = True
+class PeftFolderFiles:
+    """For methods whose adapters are saved as plain peft folders (their config is a ``PeftConfigMixin``)."""
 
     def write_files(self, folder: Path, config: PeftConfigMixin, tensors: dict[str, torch.Tensor],
                     base_model: str | None) -> None:
@@ -76,6 +71,15 @@ class PeftAdapterMethod(Method):
 
     def read_files(self, folder: Path, config: PeftConfigMixin) -> dict[str, torch.Tensor]:
         return read_peft_folder(folder)
+
+
+class PeftAdapterMethod(PeftFolderFiles, Method):
+    """A method that is one peft adapter: peft computes, peftlab keeps the protocol and the format."""
+
+    model_class = PeftAdapterModel
+    mergeable = True
+    composable = True
+    supports_packing = True
 
 
 class LoraMethod(PeftAdapterMethod):

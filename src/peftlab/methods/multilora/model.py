@@ -9,14 +9,13 @@ be loaded by peft alone, and peft LoRA folders come in as adapters.
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from peftlab.methods.base import DEFAULT_ADAPTER, Method, PeftlabModel
-from peftlab.methods.lora import read_peft_folder, write_peft_folder
+from peftlab.methods.lora.model import PeftFolderFiles
 from peftlab.methods.multilora.config import MultiLoraConfig
 from peftlab.methods.multilora.layer import MultiLoraLinear
 
@@ -140,17 +139,10 @@ class MultiLoraModel(PeftlabModel):
         return squares.sum().sqrt()
 
 
-class MultiLoraMethod(Method):
+class MultiLoraMethod(PeftFolderFiles, Method):
     name = "multilora"
     config_class = MultiLoraConfig
     model_class = MultiLoraModel
     composable = True
     supports_packing = True
     routable = True
-
-    def write_files(self, folder: Path, config: MultiLoraConfig, tensors: dict[str, torch.Tensor],
-                    base_model: str | None) -> None:
-        write_peft_folder(folder, config.to_peft(), tensors, base_model)
-
-    def read_files(self, folder: Path, config: MultiLoraConfig) -> dict[str, torch.Tensor]:
-        return read_peft_folder(folder)
