@@ -19,40 +19,13 @@ resumes. The table goes to examples/results/multilora-families.json (+ .png).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import LORA, ROOT, evaluate_once, train_once  # examples/common.py
+
 RUNS = ROOT / "runs" / "multilora-families"
 RESULT = ROOT / "examples" / "results" / "multilora-families.json"
-LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
-TRAINING = {"learning_rate": 2e-3, "lr_scheduler_type": "cosine", "warmup_steps": 5, "logging_steps": 10,
-            "save_strategy": "no"}
-
-
-def train_once(folder: Path, method: dict, records: list[dict], steps: int, batch: int, seed: int,
-               model: str) -> float:
-    """Train unless ``folder/module`` exists; the training's wall time (seconds), read back from its log."""
-    from peftlab import DataConfig, TrainConfig, train
-
-    if not (folder / "module").exists():
-        config = TrainConfig(model=model, method=method, data=DataConfig(template="chat", max_length=512),
-                             training={**TRAINING, "output_dir": str(folder), "max_steps": steps,
-                                       "per_device_train_batch_size": batch, "seed": seed},
-                             output=str(folder / "module"))
-        train(config, train_data=records)
-    return json.loads((folder / "train_log.json").read_text())["metrics"]["train_runtime"]
-
-
-def evaluate_once(out: Path, adapter: Path, families: list[str], n: int, model: str) -> dict:
-    from peftlab.evals.runner import load_candidate, run, write_report
-    from peftlab.evals.suite import get_suite
-
-    if not out.exists():
-        candidate = load_candidate(str(adapter), model, route_by_family=True, fallback_adapter="default")
-        write_report(run([candidate], get_suite("core"), n=n, families=families, keep_examples=n), out, chart=False)
-    return json.loads(out.read_text())["models"][0]
 
 
 def main() -> None:
@@ -87,7 +60,8 @@ def main() -> None:
         modules = {"shared": home / "shared" / "module", "multilora": home / "multilora" / "module",
                    "separate": served}
         for name, module in modules.items():
-            result = evaluate_once(home / f"eval-{name}-n{args.n}.json", module, families, args.n, args.model)
+            result = evaluate_once(home / f"eval-{name}-n{args.n}.json", module, families, args.n, args.model,
+                                   route_by_family=True)
             runs.setdefault(name, []).append({"seed": seed, "train_seconds": times[name],
                                               "families": {f: v["accuracy"] for f, v in result["families"].items()},
                                               "mean": result["summary"]["trained"]["accuracy"]})

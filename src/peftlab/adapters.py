@@ -143,8 +143,10 @@ def load_for_inference(adapter: str | Path | None = None, model: str | None = No
     return Loaded(load_module(module, base, where=where), tokenizer, module.manifest.prompt_format, name, info)
 
 
-def merge(folder: str | Path, out: str | Path, base_model: str | None = None, overwrite: bool = False) -> Path:
-    """Fold a module into its base weights and save a full model folder (with tokenizer) atomically."""
+def merge(folder: str | Path, out: str | Path, base_model: str | None = None, overwrite: bool = False,
+          extra_files: dict[str, str] | None = None) -> Path:
+    """Fold a module into its base weights and save a full model folder (with tokenizer, and ``extra_files``:
+    name -> text) atomically."""
     method = get_method(read_info(folder).method)
     if not method.mergeable:
         raise NotImplementedError(f"{folder}: method {method.name!r} cannot be folded into the base weights "
@@ -154,6 +156,8 @@ def merge(folder: str | Path, out: str | Path, base_model: str | None = None, ov
     with atomic_dir(out, overwrite=overwrite) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(out)
 
 

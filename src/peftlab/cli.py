@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: train, generate, chat, merge, info, eval, data, convert, retune."""
+"""The ``peftlab`` command: train, generate, chat, merge, info, eval, data, convert, multilora, compose, retune."""
 
 from __future__ import annotations
 
@@ -415,13 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
                             description="The task families, their suites, caps and scoring rules.")
     q.set_defaults(func=cmd_data_families)
 
+    from peftlab.compose.cli import add_compose_command
     from peftlab.recipes.retune.cli import add_commands as add_retune_commands
 
     add_retune_commands(sub)
+    add_compose_command(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from peftlab.compose import ComposeError, ExpressionError
     from peftlab.config import ConfigError
     from peftlab.data import DataError
     from peftlab.methods import AdapterMismatchError
@@ -430,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModuleError, AdapterMismatchError, FileExistsError, NotImplementedError) as e:
+    except (ConfigError, DataError, ModuleError, AdapterMismatchError, ComposeError, ExpressionError,
+            FileExistsError, NotImplementedError) as e:
         print(f"peftlab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -49,6 +49,7 @@ class Method(ABC):
     config_class: ClassVar[type[MethodConfig]]
     mergeable: ClassVar[bool] = False  # its trained parts fold into the base weights (``peftlab merge``)
     composable: ClassVar[bool] = False  # module arithmetic is defined on its tensors
+    not_composable_because: ClassVar[str] = "its trained parts are not an additive weight update"
     supports_packing: ClassVar[bool] = False  # examples may share one row (see data.Collator)
     routable: ClassVar[bool] = False  # one batch may use a different adapter per example
 

@@ -257,6 +257,8 @@ class BituneMethod(Method):
     name = "bitune"
     config_class = BituneConfig
     model_class = BituneModel
+    not_composable_because = ("its two LoRAs feed two passes whose keys and values are mixed by learned "
+                              "coefficients, so its parameters do not add up to a weight update")
 
     def write_files(self, folder: Path, config: BituneConfig, tensors: dict[str, torch.Tensor],
                     base_model: str | None) -> None:

@@ -59,6 +59,11 @@ class LoraConfig(PeftConfigMixin, MethodConfig):
     use_rslora: bool = False
     bias: str = "none"
 
+    @property
+    def scaling(self) -> float:
+        """peft's factor on B·A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
     def to_peft(self) -> peft.LoraConfig:
         return peft.LoraConfig(task_type="CAUSAL_LM", r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                                target_modules=self.target_modules, use_dora=self.use_dora,

@@ -20,8 +20,3 @@ class MultiLoraConfig(LoraConfig):
             raise ValueError(f"multilora trains no biases (bias={self.bias!r}); use the lora method for that")
         if self.r < 1:
             raise ValueError(f"r must be at least 1, got {self.r}")
-
-    @property
-    def scaling(self) -> float:
-        """peft's factor on B·A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)

@@ -215,6 +215,9 @@ class ReftMethod(Method):
     config_class = ReftConfig
     model_class = ReftModel
     supports_packing = True  # positions are found per example inside a packed row (see prompt_spans)
+    not_composable_because = ("an intervention edits hidden states through its learned projection R, which enters "
+                              "nonlinearly (h + Rᵀ(Wh + b − Rh)): a sum of interventions' parameters is not a sum of "
+                              "their effects, and applying two in turn depends on their order")
 
     def __init__(self, name: str) -> None:
         if name not in INTERVENTIONS:
