@@ -7,9 +7,11 @@
 - distribution: two LoRAs on disjoint halves of one family's training data, averaged and summed, against each
                 alone and against one LoRA on all of it (PEM's distribution generalisation).
 - unlearning:   a LoRA trained on a family in which half the answers end with an emoji learns both; subtracting
-                λ x a LoRA trained on emoji answers alone (other families) should bring the emoji rate back to the
-                base model's while the task's accuracy and the loss on neutral text move < 5 %. λ is chosen on
-                the validation split (the smallest λ of the grid whose emoji rate is the base's), reported on test.
+                λ x a LoRA of the style alone should bring the emoji rate back to the base model's while the task's
+                accuracy and the loss on neutral text move < 5 %. The style LoRA learns the base model's own
+                answers to other families' prompts with an emoji after each, so it carries the style and no task.
+                λ is chosen on the validation split (the smallest λ of the grid whose emoji rate is the base's)
+                and reported on the test split.
 - analogy:      analogy(emoji task, plain task, plain Y) = emoji task − plain task + plain Y: does Y's LoRA pick up
                 the emoji style, and keep Y's accuracy?
 
@@ -22,6 +24,7 @@ so a stopped run resumes. Results: examples/results/compose-<experiment>.json (+
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -132,12 +135,27 @@ def distribution(seed: int, n: int, model: str) -> dict:
     return out
 
 
+def base_answers(model: str) -> list[dict]:
+    """Other families' training prompts with the base model's own greedy answers (made once, kept)."""
+    path = RUNS / "base-answers.json"
+    if not path.exists():
+        from peftlab.adapters import load_for_inference
+        from peftlab.generation import generate
+        from peftlab.report import write_json
+
+        loaded = load_for_inference(None, model)
+        rows = records(STYLE_FAMILIES, TRAIN_PER_FAMILY // len(STYLE_FAMILIES))
+        answers = generate(loaded.model, loaded.tokenizer, [r["prompt"] for r in rows], loaded.prompt_format,
+                           max_new_tokens=48, batch_size=16)
+        write_json(path, [{**r, "response": a} for r, a in zip(rows, answers, strict=True) if a])
+    return json.loads(path.read_text())
+
+
 def style_modules(seed: int, model: str) -> tuple[Path, Path]:
-    """(the task LoRA with half its answers styled, the LoRA of the style alone on other families)."""
+    """(the task LoRA with half its answers styled, the LoRA of the style alone)."""
     home = RUNS / "style" / f"seed{seed}"
     task = lora(home / "task", styled(records(TASK), 0.5, seed), seed, model)
-    style = lora(home / "style", styled(records(STYLE_FAMILIES, TRAIN_PER_FAMILY // len(STYLE_FAMILIES)), 1.0, seed),
-                 seed, model)
+    style = lora(home / "style", styled(base_answers(model), 1.0, seed), seed, model)
     return task, style
 
 
