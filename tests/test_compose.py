@@ -210,6 +210,10 @@ def test_ia3_uses_pem_operators(tmp_path, tiny_dir):
         peft.PeftModel.from_pretrained(load_model(str(tiny_dir))[0], out)  # loads in plain peft
     with pytest.raises(ComposeError, match="IA3 vectors have none"):
         compose("a + b", modules, tmp_path / "svd", export="svd", rank=2)
+    compose("-0.5*a", {"a": modules["a"]}, tmp_path / "merged", export="merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert (merged(input_ids=IDS).logits - _logits(tiny_dir, tmp_path / "-0.5xa")).abs().max() < 1e-5
 
 
 # --- full models: task vectors, TIES, DARE ------------------------------------------------------------------------
@@ -338,3 +342,20 @@ def test_search_keeps_the_best_point_with_its_table_and_plot(tmp_path, loras):
     assert (tmp_path / "best" / "search.png").stat().st_size > 0
     assert len(json.loads((tmp_path / "best" / "search.json").read_text())["points"]) == 4
     assert not list(tmp_path.glob(".best.search*"))
+
+
+def test_search_with_the_eval_scorer_records_what_peftlab_eval_measures(tmp_path, loras, capsys):
+    from peftlab.cli import main
+    from peftlab.evals.runner import evaluate, load_candidate
+    from peftlab.evals.suite import get_suite
+
+    assert main(["compose", "lam*a + (1 - lam)*b", "-m", f"a={loras['a']}", "-m", f"b={loras['b']}", "-o",
+                 str(tmp_path / "best"), "--search", "lam=0.2,0.8", "--families", "list_ops", "--n", "3"]) == 0
+    table = json.loads((tmp_path / "best" / "search.json").read_text())
+    assert [p["numbers"]["lam"] for p in table["points"]] == [0.2, 0.8]
+    again = evaluate(load_candidate(str(tmp_path / "best")), get_suite("core"), split="validation", n=3,
+                     families=["list_ops"], progress=False)
+    assert again["summary"]["all"]["accuracy"] == table["best"]["score"]
+    assert main(["compose", "lam*a", "-m", f"a={loras['a']}", "-o", str(tmp_path / "x"), "--search", "lam=1,2",
+                 "--families", "list_ops", "--split", "test"]) == 2
+    assert "would leak it" in capsys.readouterr().err
