@@ -2,8 +2,10 @@
 
     python examples/compose/experiments.py [multitask distribution unlearning analogy] [--seeds 0 1 2] [--n 100]
 
-- multitask:    LoRA for family X + LoRA for family Y (the sum, and PEM's average): accuracy on X and on Y against
-                each alone and the base; the share of each one's gain the composition keeps (goal >= 80 %).
+- multitask:    LoRA for family X + LoRA for family Y: the sum, PEM's average, λ·(X + Y) with λ chosen on the
+                validation split (``compose.search``), and TIES (density 0.2, on the LoRAs folded into model
+                folders). Accuracy on X and on Y against each alone and the base, and the share of each one's gain
+                over the base that the composition keeps (goal >= 80 %).
 - distribution: two LoRAs on disjoint halves of one family's training data, averaged and summed, against each
                 alone and against one LoRA on all of it (PEM's distribution generalisation).
 - unlearning:   a LoRA trained on a family in which half the answers end with an emoji learns both; subtracting
@@ -43,6 +45,7 @@ STYLE_FAMILIES = ["arithmetic", "fact_choice", "table_lookup", "string_ops"]
 NEUTRAL_FAMILIES = ["arithmetic", "fact_choice", "table_lookup", "string_ops", "format_following"]
 TASK, OTHER = "unit_conversion", "list_ops"  # the styled task (unlearning), Y of the analogy
 LAMBDAS = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+SEARCH_LAMBDAS = [0.6, 0.7, 0.8]
 
 
 def has_emoji(text: str) -> bool:
@@ -100,20 +103,42 @@ def composed(out: Path, expression: str, modules: dict[str, Path]) -> Path:
     return out
 
 
+def merged(module: Path, out: Path) -> Path:
+    """``module`` folded into its base model: a model folder (for TIES, which acts on dense task vectors)."""
+    from peftlab.adapters import merge
+
+    if not out.exists():
+        merge(module, out)
+    return out
+
+
 def multitask(seed: int, n: int, model: str) -> dict:
+    from peftlab.compose import compose, eval_scorer, search
+
     home, rows = RUNS / "multitask" / f"seed{seed}", {}
     for x, y in PAIRS:
         modules = {"x": family_lora(x, seed, model), "y": family_lora(y, seed, model)}
         pair = {"base": evaluate_once(RUNS / f"base-{x}-{y}-n{n}.json", None, [x, y], n, model),
                 "x": evaluate_once(home / f"{x}-alone.json", modules["x"], [x], n, model),
                 "y": evaluate_once(home / f"{y}-alone.json", modules["y"], [y], n, model)}
+        folder = home / f"{x}+{y}"
         row = {}
-        for name, expression in (("sum", "x + y"), ("average", "0.5*x + 0.5*y")):
-            folder = composed(home / f"{x}+{y}" / name, expression, modules)
-            result = evaluate_once(home / f"{x}+{y}-{name}.json", folder, [x, y], n, model)
+        for name in ("sum", "average", "searched", "ties"):
+            out, as_model = folder / name, name == "ties"
+            if not out.exists() and name == "searched":  # λ chosen on the validation split by peftlab's search
+                search("lam*x + lam*y", modules, out, {"lam": SEARCH_LAMBDAS}, eval_scorer([x, y], n=n // 2))
+            elif not out.exists() and name == "ties":  # TIES (density 0.2, λ = 1) on the LoRAs as model folders
+                compose("x + y", {k: merged(m, home / f"merged-{k}-{x if k == 'x' else y}")
+                                  for k, m in modules.items()}, out, base=model, ties=0.2)
+            elif not out.exists():
+                compose("x + y" if name == "sum" else "0.5*x + 0.5*y", modules, out)
+            result = evaluate_once(folder.parent / f"{x}+{y}-{name}.json", None if as_model else out, [x, y], n,
+                                   str(out) if as_model else model)
             row[name] = {f: accuracy(result, f) for f in (x, y)}
             row[name]["kept"] = {f: kept(accuracy(result, f), accuracy(pair[k], f), accuracy(pair["base"], f))
                                  for f, k in ((x, "x"), (y, "y"))}
+        row["searched"]["lambda"] = json.loads((folder / "searched" / "search.json").read_text())["best"][
+            "numbers"]["lam"]
         row["alone"] = {x: accuracy(pair["x"], x), y: accuracy(pair["y"], y)}
         row["base"] = {f: accuracy(pair["base"], f) for f in (x, y)}
         rows[f"{x}+{y}"] = row

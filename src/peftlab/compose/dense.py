@@ -8,8 +8,8 @@ Full models: θ = θ₀ + Σ cᵢ·(θᵢ − θ₀), tensor by tensor from the 
 in float32, cast back once. Options on the task vectors τᵢ = θᵢ − θ₀, per tensor:
 - DARE (Yu et al. 2023): drop each entry with probability p, rescale the rest by 1/(1 − p); seeded.
 - TIES (Yadav et al. 2023): keep each τᵢ's top ``density`` share by magnitude, elect each entry's sign from
-  Σ cᵢτᵢ, and keep only the entries that agree with it. The coefficients play TIES' λ: with density 1 and no sign
-  conflicts it is plain task arithmetic.
+  Σ cᵢτᵢ, and average, entry by entry, the cᵢτᵢ that agree with it (the paper's disjoint mean: divided by how
+  many agree). Equal coefficients λ are the paper's λ: "x + y" is TIES with λ = 1.
 """
 
 from __future__ import annotations
@@ -52,14 +52,15 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def combine_deltas(deltas: list[torch.Tensor], coefficients: list[float], ties: float | None = None,
                    dare_drop: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Σ cᵢτᵢ, optionally after DARE and/or TIES (DARE first, as in DARE-TIES)."""
+    """Σ cᵢτᵢ, or with ``ties`` TIES' disjoint mean; DARE (``dare_drop``) first, as in DARE-TIES."""
     if dare_drop is not None:
         deltas = [dare(d, dare_drop, generator) for d in deltas]
     if ties is None:
         return sum(c * d for c, d in zip(coefficients, deltas, strict=True))
     weighted = [c * trim(d, ties) for c, d in zip(coefficients, deltas, strict=True)]
     sign = torch.sign(sum(weighted))
-    return sum(w * (torch.sign(w) == sign) for w in weighted)
+    agree = [(torch.sign(w) == sign) & (w != 0) for w in weighted]
+    return sum(w * a for w, a in zip(weighted, agree, strict=True)) / sum(agree).clamp(min=1)
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
