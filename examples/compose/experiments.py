@@ -112,6 +112,19 @@ def merged(module: Path, out: Path) -> Path:
     return out
 
 
+def alignment(modules: dict[str, Path]) -> dict[str, float]:
+    """How much two LoRAs' updates overlap: the cosine of their flattened ΔW, per target layer."""
+    from peftlab.compose.lora import terms
+    from peftlab.compose.operands import read_operand
+
+    layers = terms([read_operand(k, v) for k, v in modules.items()], dict.fromkeys(modules, 1.0))
+    cosines = []
+    for x, y in layers.values():
+        dx, dy = x.scale * x.b @ x.a, y.scale * y.b @ y.a
+        cosines.append(float((dx * dy).sum() / (dx.norm() * dy.norm())))
+    return {"mean": statistics.fmean(cosines), "max": max(cosines), "min": min(cosines)}
+
+
 def multitask(seed: int, n: int, model: str) -> dict:
     from peftlab.compose import compose, eval_scorer, search
 
@@ -139,6 +152,7 @@ def multitask(seed: int, n: int, model: str) -> dict:
                                  for f, k in ((x, "x"), (y, "y"))}
         row["searched"]["lambda"] = json.loads((folder / "searched" / "search.json").read_text())["best"][
             "numbers"]["lam"]
+        row["delta_w_cosine"] = alignment(modules)
         row["alone"] = {x: accuracy(pair["x"], x), y: accuracy(pair["y"], y)}
         row["base"] = {f: accuracy(pair["base"], f) for f in (x, y)}
         rows[f"{x}+{y}"] = row
@@ -157,6 +171,7 @@ def distribution(seed: int, n: int, model: str) -> dict:
     out = {name: accuracy(evaluate_once(home / f"eval-{name}.json", folder, [family], n, model), family)
            for name, folder in candidates.items()}
     out["base"] = accuracy(evaluate_once(RUNS / f"base-{family}-n{n}.json", None, [family], n, model), family)
+    out["delta_w_cosine"] = alignment(halves)
     return out
 
 
