@@ -112,3 +112,23 @@ def test_convert_of_a_module_that_is_not_reft_says_so(tmp_path, tiny_dir, capsys
     assert main(["convert", str(tmp_path / "lora"), "-o", str(tmp_path / "out")]) == 2
     assert "a lora module; convert reads pyreft folders and writes ReFT modules" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_trained_alongside_is_exported_beside_not_dropped(tmp_path, tiny_dir, capsys):
+    import peft
+
+    from peftlab import load_model, save
+    from peftlab.cli import main
+
+    wrapped = attach(load_model(str(tiny_dir))[0], "loreft", {"layers": [1], "rank": 2, "lora": {"r": 2}}).eval()
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    save(wrapped, tmp_path / "module")
+    assert main(["convert", str(tmp_path / "module"), "-o", str(tmp_path / "pyreft")]) == 0
+    assert "pyreft keeps no LoRA" in capsys.readouterr().out
+    exported = peft.PeftModel.from_pretrained(load_model(str(tiny_dir))[0], tmp_path / "pyreft" / "lora")
+    theirs = peft.get_peft_model_state_dict(exported)
+    ours = {k.removeprefix("lora."): v for k, v in wrapped.adapter_state_dict().items() if k.startswith("lora.")}
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)

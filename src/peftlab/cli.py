@@ -258,9 +258,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not isinstance(get_method(method), ReftMethod):
             raise ModuleError(f"{args.source}: a {method} module; convert reads pyreft folders and writes ReFT "
                               f"modules ({', '.join(sorted(INTERVENTIONS))}) in pyreft's layout")
-        save_pyreft(load_for_inference(args.source, args.model, args.dtype).model, args.output,
-                    overwrite=args.overwrite)
+        model = load_for_inference(args.source, args.model, args.dtype).model
+        save_pyreft(model, args.output, overwrite=args.overwrite)
         print(f"peftlab module {args.source} -> pyreft layout {args.output}")
+        if model.reft_config.lora is not None:
+            print(f"pyreft keeps no LoRA: the one trained alongside is in {args.output}/lora as a plain peft folder; "
+                  f"apply it with peft.PeftModel.from_pretrained to the base model under the interventions")
     return 0
 
 

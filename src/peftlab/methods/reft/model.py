@@ -154,7 +154,7 @@ class ReftModel(PeftlabModel):
     def _load_tensors(self, tensors: dict[str, torch.Tensor], name: str) -> None:
         for key, iv in self.interventions.items():
             iv.import_state({k[len(key) + 1:]: t for k, t in tensors.items() if k.startswith(key + ".")}, key)
-        lora = {k[len(LORA) + 1:]: t for k, t in tensors.items() if k.startswith(LORA + ".")}
+        lora = lora_part(tensors)
         if lora:
             peft.set_peft_model_state_dict(self.model, lora)
 
@@ -209,6 +209,11 @@ class ReftModel(PeftlabModel):
         return module.register_forward_hook(hook)
 
 
+def lora_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of the LoRA trained alongside the interventions, keyed as peft saves them."""
+    return {k[len(LORA) + 1:]: t for k, t in tensors.items() if k.startswith(LORA + ".")}
+
+
 class ReftMethod(Method):
     """One registered method per intervention type (loreft, noreft, direft, direft_orth, consreft, lobireft)."""
 
@@ -229,9 +234,8 @@ class ReftMethod(Method):
         own = {k: t.contiguous() for k, t in tensors.items() if not k.startswith(LORA + ".")}
         save_file(own, str(folder / WEIGHTS), metadata={"format": "pt", "intervention": self.name})
         if config.lora is not None:
-            lora = {k[len(LORA) + 1:]: t for k, t in tensors.items() if k.startswith(LORA + ".")}
             peft_config = LoraConfig.from_dict(config.lora, where=f"{self.name}.lora").to_peft()
-            write_peft_folder(folder / LORA, peft_config, lora, base_model)
+            write_peft_folder(folder / LORA, peft_config, lora_part(tensors), base_model)
 
     def read_files(self, folder: Path, config: ReftConfig) -> dict[str, torch.Tensor]:
         path = folder / WEIGHTS

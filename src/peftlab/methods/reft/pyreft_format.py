@@ -19,9 +19,10 @@ from torch import nn
 
 from peftlab.io import atomic_dir
 from peftlab.methods import get_method
+from peftlab.methods.lora import LoraConfig, write_peft_folder
 from peftlab.methods.reft.config import ReftConfig
 from peftlab.methods.reft.layer import PYREFT_NAMES
-from peftlab.methods.reft.model import ReftModel
+from peftlab.methods.reft.model import LORA, ReftModel, lora_part
 
 _KEY = re.compile(r"^layer[._](\d+)[._]comp[._](.+?)[._]unit[._]pos[._]nunit[._]1#(\d+)$")
 _ROTATION_PARAMETRIZED = ("rotate_layer.parametrizations.weight.original",
@@ -67,7 +68,8 @@ def _from_pyreft_state(kind: str, saved: dict[str, torch.Tensor], where: str) ->
 
 
 def save_pyreft(model: ReftModel, folder: str | Path, overwrite: bool = False) -> Path:
-    """Write ``model``'s interventions in pyreft's layout (``config.json`` + ``intkey_*.bin``)."""
+    """Write ``model``'s interventions in pyreft's layout (``config.json`` + ``intkey_*.bin``). pyreft keeps no
+    LoRA: one trained alongside goes beside them as a plain peft folder, ``lora/``, never silently dropped."""
     import transformers
 
     cfg, rows, keys = model.reft_config, [], list(model.interventions)
@@ -85,6 +87,10 @@ def save_pyreft(model: ReftModel, folder: str | Path, overwrite: bool = False) -
                   "intervention_constant_sources": [True] * len(keys), "mode": "parallel",
                   "transformers_version": transformers.__version__}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if cfg.lora is not None:
+            peft_config = LoraConfig.from_dict(cfg.lora, where=f"{model.kind}.lora").to_peft()
+            write_peft_folder(tmp / LORA, peft_config, lora_part(model.adapter_state_dict()),
+                              getattr(model.causal_lm.config, "name_or_path", None))
     return Path(folder)
 
 
