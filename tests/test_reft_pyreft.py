@@ -132,3 +132,24 @@ def test_a_lora_trained_alongside_is_exported_beside_not_dropped(tmp_path, tiny_
     theirs = peft.get_peft_model_state_dict(exported)
     ours = {k.removeprefix("lora."): v for k, v in wrapped.adapter_state_dict().items() if k.startswith("lora.")}
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+
+def test_import_takes_the_activation_pyreft_does_not_record(tmp_path, tiny_dir):
+    from peftlab import load, load_model, save
+    from peftlab.cli import main
+
+    wrapped = attach(load_model(str(tiny_dir))[0], "loreft", {"layers": [1], "rank": 4, "act": "relu"}).eval()
+    with torch.no_grad():
+        for name, p in wrapped.interventions.named_parameters():
+            if "rotate_layer" not in name:
+                p.normal_()
+        want = wrapped(input_ids=IDS).logits
+    save(wrapped, tmp_path / "module")
+    assert main(["convert", str(tmp_path / "module"), "-o", str(tmp_path / "pyreft")]) == 0
+    for act, same in (("linear", False), ("relu", True)):
+        out = tmp_path / f"back-{act}"
+        assert main(["convert", str(tmp_path / "pyreft"), "-o", str(out), "--model", str(tiny_dir), "--act", act]) == 0
+        back = load(out, load_model(str(tiny_dir))[0])
+        assert back.reft_config.act == act
+        with torch.no_grad():
+            assert ((back(input_ids=IDS).logits - want).abs().max() < 1e-5) == same

@@ -251,7 +251,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if is_pyreft_folder(args.source):
         model, _ = load_model(args.model or DEFAULT_MODEL, args.dtype)
-        save(load_pyreft(args.source, model, positions=args.positions), args.output, overwrite=args.overwrite)
+        settings = {"act": args.act, "dropout": args.dropout, "dtype": args.intervention_dtype}
+        save(load_pyreft(args.source, model, positions=args.positions, **settings), args.output,
+             overwrite=args.overwrite)
         print(f"pyreft interventions {args.source} -> peftlab module {args.output}")
     else:
         method = read_info(args.source).method
@@ -333,12 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert ReFT interventions between pyreft's layout and a peftlab module",
                        description="A pyreft folder (config.json + intkey_*.bin) becomes a peftlab module, and a "
                                    "peftlab ReFT module becomes a pyreft folder. pyreft does not record positions, "
-                                   "so give --positions when importing.")
+                                   "the activation, dropout or the interventions' dtype, so give them when "
+                                   "importing (a module trained with an activation imported as linear is wrong).")
     p.add_argument("source", help="a pyreft folder or a peftlab ReFT module folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write")
     p.add_argument("--model", default=None, help="base model (importing: the one the interventions were trained "
                                                  f"on, default {DEFAULT_MODEL}; exporting: the module's)")
     p.add_argument("--positions", default="l1", help="positions the pyreft interventions use (default: l1)")
+    p.add_argument("--act", default="linear", help="importing: the interventions' activation, as in ReFT "
+                                                   "configs (default: linear)")
+    p.add_argument("--dropout", type=float, default=0.0, help="importing: the interventions' dropout (default 0)")
+    p.add_argument("--intervention-dtype", default="float32",
+                   help="importing: the interventions' dtype (default: float32)")
     p.add_argument("--dtype", default="float32", help="base model dtype (default: float32)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)
