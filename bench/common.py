@@ -1,10 +1,24 @@
-"""Shared by the benchmarks: wall time of generation and of one training step, the trainable-parameter lines."""
+"""Shared by the benchmarks: wall time of generation and of one training step, medians with their spread, memory
+from /proc, the trainable-parameter lines."""
 
 from __future__ import annotations
 
+import statistics
 import time
+from pathlib import Path
 
 import torch
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def memory_mb(field: str = "VmRSS") -> float:
+    """This process's memory from /proc/self/status in MiB: ``VmRSS`` now, ``VmHWM`` its peak. (Not ru_maxrss: a
+    child started by exec inherits its parent's, so it would report the parent's peak.)"""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(f"{field}:"))) / 1024
 
 
 def timed(fn) -> float:

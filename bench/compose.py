@@ -16,26 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import memory_mb, spread  # bench/common.py
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def peak_mb() -> float:
-    """This process's peak resident memory (VmHWM, MiB). Not ru_maxrss: a child started by exec inherits its
-    parent's, so it would report the parent's peak."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
 
 def make_loras(folder: Path, count: int, rslora: bool = False) -> dict[str, Path]:
@@ -63,12 +53,12 @@ def make_loras(folder: Path, count: int, rslora: bool = False) -> dict[str, Path
 
 def child(task: str, workdir: Path) -> None:
     """Run in a fresh process; print its timings and peak memory as JSON."""
-    start_mb = peak_mb()
+    start_mb = memory_mb("VmHWM")
     import peftlab  # noqa: F401  (the imports are part of the start-up, not of the work)
     from peftlab import load_model
     from peftlab.compose import compose
 
-    ready_mb = peak_mb()
+    ready_mb = memory_mb("VmHWM")
     t = time.perf_counter()
     if task == "load":  # every weight touched: safetensors maps the file, so an untouched model is not resident
         model = load_model(MODEL)[0]
@@ -77,7 +67,7 @@ def child(task: str, workdir: Path) -> None:
         modules = json.loads((workdir / "modules.json").read_text())
         expression = " + ".join(f"0.1*{name}" for name in modules)
         compose(expression, modules, workdir / "merged", export="merged", overwrite=True)
-    print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": peak_mb(), "startup_mb": ready_mb,
+    print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": memory_mb("VmHWM"), "startup_mb": ready_mb,
                       "interpreter_mb": start_mb}))
 
 

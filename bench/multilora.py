@@ -31,7 +31,7 @@ from pathlib import Path
 
 import peft
 import torch
-from common import timed  # bench/common.py
+from common import memory_mb, spread, timed  # bench/common.py
 
 from peftlab import attach, load_model, load_records
 from peftlab.adapters import load
@@ -42,10 +42,6 @@ from peftlab.module import Adapter, Manifest, write
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def random_b(model: torch.nn.Module, std: float = 0.02) -> None:
@@ -156,20 +152,14 @@ def bench_generation(contenders: dict, inputs: dict, new_tokens: int, pad: int, 
     return times, {k: tokens / statistics.median(v) for k, v in times.items()}, outputs
 
 
-def resident_mb() -> float:
-    """This process's resident memory now (VmRSS), in MiB."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
-
-
 def measure_load(folder: str, model_name: str) -> None:
     """In a fresh process (the parent's freed memory would hide the growth): memory and time of loading a module."""
     model = load_model(model_name)[0]
-    before = resident_mb()
+    before = memory_mb()
     start = time.perf_counter()
     load(folder, model)
     seconds = time.perf_counter() - start
-    print(json.dumps({"load_seconds": seconds, "rss_mb_base_model": before, "rss_mb_with_module": resident_mb()}))
+    print(json.dumps({"load_seconds": seconds, "rss_mb_base_model": before, "rss_mb_with_module": memory_mb()}))
 
 
 def bench_resident(model_name, count: int, inputs: dict, new_tokens: int, pad: int, repeats: int, workdir: Path):

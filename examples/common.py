@@ -51,6 +51,7 @@ def response_loss(adapter: Path | None, records: list[dict], model: str, batch: 
     from peftlab import load_records
     from peftlab.adapters import load_for_inference
     from peftlab.data import Collator, PromptFormat, encode
+    from peftlab.training import answer_losses
 
     loaded = load_for_inference(str(adapter) if adapter else None, model)
     fmt = loaded.prompt_format if adapter else PromptFormat(template="chat")
@@ -61,8 +62,6 @@ def response_loss(adapter: Path | None, records: list[dict], model: str, batch: 
         for i in range(0, len(features), batch):
             inputs = collate(features[i:i + batch])
             logits = loaded.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            labels = inputs["labels"][:, 1:]
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(),
-                                                       ignore_index=-100, reduction="sum")
-            total, tokens = total + float(losses), tokens + int((labels != -100).sum())
+            per_token, answer = answer_losses(logits, inputs["labels"])
+            total, tokens = total + float((per_token * answer).sum()), tokens + int(answer.sum())
     return total / tokens

@@ -114,13 +114,13 @@ def merged(module: Path, out: Path) -> Path:
 
 def alignment(modules: dict[str, Path]) -> dict[str, float]:
     """How much two LoRAs' updates overlap: the cosine of their flattened ΔW, per target layer."""
-    from peftlab.compose.lora import terms
+    from peftlab.compose.lora import dense, terms
     from peftlab.compose.operands import read_operand
 
     layers = terms([read_operand(k, v) for k, v in modules.items()], dict.fromkeys(modules, 1.0))
     cosines = []
     for x, y in layers.values():
-        dx, dy = x.scale * x.b @ x.a, y.scale * y.b @ y.a
+        dx, dy = dense([x]), dense([y])
         cosines.append(float((dx * dy).sum() / (dx.norm() * dy.norm())))
     return {"mean": statistics.fmean(cosines), "max": max(cosines), "min": min(cosines)}
 

@@ -109,7 +109,7 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)), default=None)
 
 
-def _answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each predicted answer token [B, T-1], and which tokens are answer tokens."""
     shift_labels = labels[:, 1:]
     per_token = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -134,7 +134,7 @@ def example_mean_loss(logits: torch.Tensor, labels: torch.Tensor,
     With the token mean, one long answer outweighs many short ones; here every example counts the same. Examples
     are rows, or, in packed rows (``position_ids`` restarting at 0), the spans between restarts.
     """
-    per_token, valid = _answer_losses(logits, labels)
+    per_token, valid = answer_losses(logits, labels)
     rows, width = per_token.shape
     if position_ids is not None:
         segment = (position_ids == 0).long().cumsum(-1)[:, 1:]  # the example each predicted token belongs to
@@ -153,7 +153,7 @@ def adapter_mean_loss(logits: torch.Tensor, labels: torch.Tensor, adapter_index:
     not drown a small one. ``adapter_index`` is per row [B] or per token [B, T] (packed). Returns the loss, each
     adapter's mean and which adapters the batch has.
     """
-    per_token, valid = _answer_losses(logits, labels)
+    per_token, valid = answer_losses(logits, labels)
     index = adapter_index[:, None].expand(labels.shape) if adapter_index.dim() == 1 else adapter_index
     means, present = _group_means(per_token, valid, index[:, 1:], adapters)
     return means[present].sum(), means.detach(), present

@@ -36,12 +36,12 @@ def cmd_compose(args: argparse.Namespace) -> int:
     modules = _modules(args.module)
     if args.search:
         grid = dict(parse_grid(spec) for spec in args.search)
-        scorer = import_scorer(args.scorer) if args.scorer != "eval" else eval_scorer(
-            args.families or [], n=args.n, split=args.split, suite=args.suite, model=args.base)
         if args.scorer == "eval" and not args.families:
             from peftlab.compose import ComposeError
 
             raise ComposeError("--search with the eval scorer needs --families to score on")
+        scorer = import_scorer(args.scorer) if args.scorer != "eval" else eval_scorer(
+            args.families, n=args.n, split=args.split, suite=args.suite, model=args.base)
         table = search(args.expression, modules, args.output, grid, scorer, overwrite=args.overwrite, **options)
         print(json.dumps({"output": args.output, "best": table["best"]}, indent=2))
         return 0

@@ -64,7 +64,7 @@ def compose(expression: str | Expression, modules: dict[str, str | Path], out: s
 
         def written(summary: dict) -> str:
             record["result"] = summary
-            return json.dumps(record, indent=2) + "\n"
+            return _text(record)
 
         task_vectors(Path(resolve_model_path(base)), operands, coefficients, Path(out), ties, dare, seed, overwrite,
                      record=written)
@@ -74,12 +74,16 @@ def compose(expression: str | Expression, modules: dict[str, str | Path], out: s
                         operands[0].manifest.prompt_format)
     record["base_model"] = manifest.base_model
     if export == "merged":
-        _merged(out, manifest, config, tensors, base, overwrite, json.dumps(record, indent=2) + "\n")
+        _merged(out, manifest, config, tensors, base, overwrite, _text(record))
         return record
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_into(tmp, manifest, {DEFAULT_ADAPTER: tensors})
-        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / RECORD).write_text(_text(record))
     return record
+
+
+def _text(record: dict) -> str:
+    return json.dumps(record, indent=2) + "\n"
 
 
 def _adapter(kind: str, operands: list[Operand], coefficients: dict[str, float], mode: str, export: str,
@@ -101,10 +105,7 @@ def _adapter(kind: str, operands: list[Operand], coefficients: dict[str, float],
         factors, k, report = lora.truncate(layers, rank, energy)
         return (*lora.to_peft(factors, k, template), report)
     factors = {layer: lora.concat(layer_terms) for layer, layer_terms in layers.items()}
-    total = next(iter(factors.values()))[0].shape[1]
-    if any(b.shape[1] != total for b, _ in factors.values()):
-        raise ComposeError("the modules' ranks differ between layers, so their concatenation has no single rank; "
-                           "use --export svd")
+    total = next(iter(factors.values()))[0].shape[1]  # Σr, the same on every layer (operands share their layers)
     return (*lora.to_peft(factors, total, template), {"rank": total, "relative_error": 0.0,
                                                       "rule": "rank concatenation (exact)"})
 

@@ -80,10 +80,10 @@ def task_vectors(base: Path, operands: list[Operand], coefficients: dict[str, fl
                  overwrite: bool = False, record: Callable[[dict], str] | None = None) -> dict:
     """Write θ₀ + Σ cᵢ(θᵢ − θ₀) as a model folder shaped like ``base`` (same shards, config and tokenizer files);
     ``record`` turns the returned summary into the text of ``compose.json``, written with the folder."""
-    for what, value, low, high in (("--ties density", ties, 0, 1), ("--dare drop rate", dare_drop, 0, 1)):
-        if value is not None and not (low < value <= high if what.startswith("--ties") else low <= value < high):
-            raise ComposeError(f"{what} must be in {'(0, 1]' if what.startswith('--ties') else '[0, 1)'}, "
-                               f"got {value}")
+    if ties is not None and not 0 < ties <= 1:
+        raise ComposeError(f"--ties density must be in (0, 1], got {ties}")
+    if dare_drop is not None and not 0 <= dare_drop < 1:
+        raise ComposeError(f"--dare drop rate must be in [0, 1), got {dare_drop}")
     where = {o.name: _tensor_files(o.folder) for o in operands}
     base_files = _tensor_files(base)
     for o in operands:

@@ -78,8 +78,8 @@ def _svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def frobenius(b: torch.Tensor, a: torch.Tensor) -> float:
-    """‖B @ A‖_F without forming B @ A."""
-    return float(torch.linalg.matrix_norm(torch.linalg.qr(b.double())[1] @ torch.linalg.qr(a.double().T)[1].T))
+    """‖B @ A‖_F without forming B @ A: the norm of its singular values."""
+    return float(torch.linalg.vector_norm(_svd(b, a)[1]))
 
 
 def rank_for_energy(spectra: list[torch.Tensor], energy: float) -> int:
