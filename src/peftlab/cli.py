@@ -427,9 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_data_families)
 
     from peftlab.compose.cli import add_compose_command
+    from peftlab.recipes.dit.cli import add_commands as add_dit_commands
     from peftlab.recipes.retune.cli import add_commands as add_retune_commands
 
     add_retune_commands(sub)
+    add_dit_commands(sub)
     add_compose_command(sub)
     return parser
 

@@ -105,10 +105,12 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(default_model_dir()) if name_or_path == DEFAULT_MODEL else name_or_path
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32",
+def load_model(name_or_path: str | None = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32",
                device: str | torch.device | None = None,
                trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer; the model keeps ``name_or_path`` as its portable name."""
+    """Load a causal LM and its tokenizer (``None``: the default model); the model keeps ``name_or_path`` as its
+    portable name."""
+    name_or_path = name_or_path or DEFAULT_MODEL
     path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype),

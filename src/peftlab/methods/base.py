@@ -129,6 +129,9 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
         for name, config in configs.items():
             self.add_adapter(name, config)
 
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapters
+
     @abstractmethod
     def adapter_state_dict(self, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
         """The trained tensors of adapter ``name`` by key, detached (the base model's are not included)."""
@@ -145,7 +148,7 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], name: str = DEFAULT_ADAPTER,
                                 where: str = "tensors") -> None:
         """Fill adapter ``name`` with ``tensors``; keys and shapes must be exactly this adapter's."""
-        if name not in self.adapters:
+        if not self.has_adapter(name):
             raise KeyError(f"{where}: this model has no adapter {name!r}; it has {sorted(self.adapters)}")
         expected = {k: tuple(v.shape) for k, v in self.adapter_state_dict(name).items()}
         found = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -75,7 +75,9 @@ def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
 
 
 class MultiLoraLinear(nn.Module):
-    """``base(x) + lora_delta(dropout(x))`` with the adapter of each example read from the call's context."""
+    """``base(x) + lora_delta(dropout(x))`` with the adapter of each example read from the call's context, plus an
+    optional shared LoRA (``shared_A`` [r, in], ``shared_B`` [out, r]) that every example runs with beside its own:
+    DIT trains one such adapter on top of many per-example weight diffs, in one batch."""
 
     def __init__(self, base_layer: nn.Linear, context: CallContext, dropout: float = 0.0) -> None:
         super().__init__()
@@ -86,6 +88,9 @@ class MultiLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(0, 0, features[0], device=device))
         self.lora_B = nn.Parameter(torch.zeros(0, features[1], 0, device=device))
         self.register_buffer("scaling", torch.zeros(0, device=device))
+        self.register_parameter("shared_A", None)
+        self.register_parameter("shared_B", None)
+        self.shared_scaling = 0.0
 
     @property
     def rank(self) -> int:
@@ -110,6 +115,19 @@ class MultiLoraLinear(nn.Module):
         self.scaling = torch.cat([self.scaling, torch.tensor(scalings, device=a.device)])
 
     @torch.no_grad()
+    def add_shared(self, rank: int, scaling: float, seed: int) -> None:
+        """The shared adapter, initialised as ``grow`` initialises a routed one (B zero: it starts as a no-op)."""
+        device, features = self.lora_A.device, (self.base_layer.in_features, self.base_layer.out_features)
+        uniform = torch.rand(rank, features[0], generator=torch.Generator().manual_seed(seed)).to(device)
+        self.shared_A = nn.Parameter((uniform * 2 - 1) / math.sqrt(features[0]))
+        self.shared_B = nn.Parameter(torch.zeros(features[1], rank, device=device))
+        self.shared_scaling = scaling
+
+    def remove_shared(self) -> None:
+        self.shared_A = self.shared_B = None
+        self.shared_scaling = 0.0
+
+    @torch.no_grad()
     def drop(self, slot: int) -> None:
         keep = [i for i in range(self.lora_A.shape[0]) if i != slot]
         self.lora_A = nn.Parameter(self.lora_A[keep], requires_grad=self.lora_A.requires_grad)
@@ -118,6 +136,11 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if self.shared_A is not None:
+            h = self.dropout(x).to(self.shared_A.dtype) @ self.shared_A.T
+            y = y + ((h @ self.shared_B.T) * self.shared_scaling).to(y.dtype)
+        if self.lora_A.shape[0] == 0:  # only the shared adapter
+            return y
         slots = self.context.adapter_slots
         if slots is None:
             if self.lora_A.shape[0] != 1:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from peftlab.context import BASE_ADAPTER
 from peftlab.methods.base import DEFAULT_ADAPTER, Method, PeftlabModel
 from peftlab.methods.lora.model import PeftFolderFiles
 from peftlab.methods.multilora.config import MultiLoraConfig
@@ -47,6 +48,7 @@ class MultiLoraModel(PeftlabModel):
     def __init__(self, model: PreTrainedModel, method: Method) -> None:
         super().__init__(model, method)
         self.lora_layers: dict[str, MultiLoraLinear] = {}  # qualified name -> layer (they live inside the model)
+        self.shared: dict[str, MultiLoraConfig] = {}  # at most one adapter that every example runs with
 
     # --- adapters ----------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: MultiLoraConfig) -> None:
@@ -87,6 +89,33 @@ class MultiLoraModel(PeftlabModel):
             setattr(self.causal_lm.get_submodule(parent), child, layer)
             self.lora_layers[name] = layer
 
+    def add_shared_adapter(self, name: str, config: MultiLoraConfig) -> None:
+        """One adapter that every example runs with, beside its own routed one (DIT: a shared reader of per-example
+        weight diffs). It lives on the layers of the routed adapters that its ``target_modules`` select."""
+        if self.shared:
+            raise ValueError(f"this model already has the shared adapter {next(iter(self.shared))!r}")
+        if name in self.adapters or name == BASE_ADAPTER:
+            raise ValueError(f"adapter name {name!r} is taken; choose another for the shared adapter")
+        targets = target_names(self.causal_lm, config.target_modules)
+        if not self.lora_layers:
+            self._inject(targets, config.dropout)
+        outside = sorted(set(targets) - set(self.lora_layers))
+        if outside or not targets:
+            raise ValueError(f"shared adapter {name!r}: target_modules {config.target_modules!r} select "
+                             f"{'no layer' if not targets else outside[:3]} outside this model's adapter layers "
+                             f"{canonical_targets(self.causal_lm, list(self.lora_layers))}")
+        base_seed = torch.initial_seed()
+        for module in targets:
+            self.lora_layers[module].add_shared(config.r, config.scaling,
+                                                zlib.crc32(f"{base_seed}/{name}/{module}".encode()))
+        self.shared[name] = MultiLoraConfig(**{**config.to_dict(),
+                                               "target_modules": canonical_targets(self.causal_lm, targets)})
+
+    def remove_shared_adapter(self) -> None:
+        for layer in self.lora_layers.values():
+            layer.remove_shared()
+        self.shared = {}
+
     def remove_adapter(self, name: str) -> None:
         """Drop one adapter from every layer (serving unloads adapters without rebuilding the model)."""
         slot = self._slot(name)
@@ -100,43 +129,56 @@ class MultiLoraModel(PeftlabModel):
         return list(self.adapters).index(name)
 
     # --- tensors -----------------------------------------------------------------------------------------------
-    def adapter_state_dict(self, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
-        """Adapter ``name`` in peft's keys and shapes (its own rank, not the padded one)."""
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapters or name in self.shared
+
+    def _factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Adapter ``name``'s (A [r, in], B [out, r]) per module, as views of the layers' tensors."""
+        if name in self.shared:
+            return {m: (layer.shared_A, layer.shared_B) for m, layer in self.lora_layers.items()
+                    if layer.shared_A is not None}
         slot, r = self._slot(name), self.adapters[name].r
+        return {m: (layer.lora_A[slot, :r], layer.lora_B[slot, :, :r]) for m, layer in self.lora_layers.items()}
+
+    def adapter_state_dict(self, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+        """Adapter ``name`` (routed or shared) in peft's keys and shapes (its own rank, not the padded one)."""
         state = {}
-        for module, layer in self.lora_layers.items():
-            state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = layer.lora_A[slot, :r].detach()
-            state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = layer.lora_B[slot, :, :r].detach()
+        for module, (a, b) in self._factors(name).items():
+            state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.detach()
+            state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.detach()
         return state
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor], name: str) -> None:
-        slot, r = self._slot(name), self.adapters[name].r
-        for module, layer in self.lora_layers.items():
-            layer.lora_A[slot, :r] = tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"]
-            layer.lora_B[slot, :, :r] = tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"]
+        for module, (a, b) in self._factors(name).items():
+            a.copy_(tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"])
+            b.copy_(tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"])
 
     def _detach(self) -> PreTrainedModel:
         for name, layer in self.lora_layers.items():
             parent, child = name.rsplit(".", 1)
             setattr(self.causal_lm.get_submodule(parent), child, layer.base_layer)
-        self.lora_layers = {}
+        self.lora_layers, self.shared = {}, {}
         return self.model
 
     # --- training ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip each adapter's gradient to ``max_norm`` on its own (a global norm would couple the adapters: one
-        with large gradients would shrink every other's step). Returns the global norm, for logging."""
+        """Clip each adapter's gradient (the shared one's too) to ``max_norm`` on its own (a global norm would couple
+        the adapters: one with large gradients would shrink every other's step). Returns the global norm."""
+        layers = self.lora_layers.values()
         squares = sum((layer.lora_A.grad.pow(2).sum((1, 2)) + layer.lora_B.grad.pow(2).sum((1, 2))
-                       for layer in self.lora_layers.values() if layer.lora_A.grad is not None),
-                      torch.zeros(len(self.adapters)))
-        norms = squares.sqrt()
-        factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for layer in self.lora_layers.values():
+                       for layer in layers if layer.lora_A.grad is not None), torch.zeros(len(self.adapters)))
+        shared = [p.grad for layer in layers for p in (layer.shared_A, layer.shared_B)
+                  if p is not None and p.grad is not None]
+        shared_square = sum((g.pow(2).sum() for g in shared), torch.zeros(()))
+        factor = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+        for layer in layers:
             if layer.lora_A.grad is not None:
                 layer.lora_A.grad.mul_(factor[:, None, None])
                 layer.lora_B.grad.mul_(factor[:, None, None])
-        return squares.sum().sqrt()
+        for g in shared:
+            g.mul_((max_norm / (shared_square.sqrt() + 1e-6)).clamp(max=1.0))
+        return (squares.sum() + shared_square).sqrt()
 
 
 class MultiLoraMethod(PeftFolderFiles, Method):

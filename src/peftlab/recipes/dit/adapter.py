@@ -1,0 +1,112 @@
+"""The DIT adapter: one shared LoRA trained so that base + any weight diff + it answers the question with the topic.
+
+Each example's diff sits in the routed slot of the MultiLoRA layer (frozen), the DIT adapter in its shared slot
+(trained): one batch holds many diffs, and no dense per-example ΔW is ever formed. The saved adapter is a plain
+peft LoRA folder plus ``dit.json`` (the question, the base model, what it was trained on).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from peftlab.methods.multilora import MultiLoraConfig, MultiLoraModel
+from peftlab.module import Adapter, Manifest, ModuleError, read
+from peftlab.recipes.dit.data import PROMPT_FORMAT, QUESTION
+
+SHARED = "dit"  # the shared adapter's name inside a model
+INFO = "dit.json"
+
+
+@dataclass
+class DitConfig:
+    """The DIT adapter and its training (the paper: rank 16, lr 1e-4 AdamW, batch 4-8, one epoch of 4,660)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    target_modules: list[str] | str = "all-linear"
+    question: str = QUESTION
+    train_topics: int | None = None  # the first N training topics (the data-scaling curve); None: all
+    steps: int = 300
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    seed: int = 0
+
+
+def _records(topics: list[dict], question: str) -> list[dict]:
+    return [{"prompt": question, "response": t["topic"], "adapter": t["adapter"]} for t in topics]
+
+
+def attach_diffs(diffs, adapters: list[str], model) -> MultiLoraModel:
+    """``model`` with the diffs ``adapters`` in its routed slots, frozen."""
+    from peftlab.adapters import load_module
+
+    return load_module(diffs.module(adapters), model, where=str(diffs.folder))
+
+
+def train_dit(diffs, out: str | Path, config: DitConfig, model=None, tokenizer=None,
+              overwrite: bool = False) -> Path:
+    """Train the DIT adapter on the training split of ``diffs`` (a ``Diffs``); save it to ``out``."""
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from peftlab.data import Collator, encode, load_records
+    from peftlab.io import atomic_dir
+    from peftlab.models import load_model
+    from peftlab.module import write_into
+    from peftlab.training import TRAINING_DEFAULTS
+
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another output or pass overwrite")
+    topics = diffs.split("train")
+    if config.train_topics is not None:
+        if not 1 <= config.train_topics <= len(topics):
+            raise ValueError(f"train_topics: {config.train_topics} asked for, {diffs.folder} has {len(topics)}")
+        topics = topics[:config.train_topics]
+    if model is None:
+        model, tokenizer = load_model(read(Path(diffs.folder) / "module").manifest.base_model)
+    set_seed(config.seed)
+    wrapped = attach_diffs(diffs, [t["adapter"] for t in topics], model)
+    wrapped.add_shared_adapter(SHARED, MultiLoraConfig(r=config.rank, alpha=config.alpha,
+                                                       target_modules=config.target_modules))
+    features, _ = encode(load_records(_records(topics, config.question)), tokenizer, PROMPT_FORMAT)
+    args = TrainingArguments(**{**TRAINING_DEFAULTS, "output_dir": str(Path(out).parent / f".{Path(out).name}.run"),
+                                "max_steps": config.steps, "per_device_train_batch_size": config.batch_size,
+                                "learning_rate": config.learning_rate, "lr_scheduler_type": "constant",
+                                "seed": config.seed, "logging_steps": 10})
+    trainer = Trainer(model=wrapped.train(), args=args, train_dataset=features,
+                      data_collator=Collator(tokenizer.pad_token_id))
+    output = trainer.train()
+    shared = wrapped.shared[SHARED]
+    manifest = Manifest({"default": Adapter("lora", shared.to_dict())}, wrapped.causal_lm.config.name_or_path,
+                        PROMPT_FORMAT)
+    info = {"question": config.question, "config": asdict(config), "diffs": str(diffs.folder),
+            "trained_topics": len(topics), "train_runtime_s": output.metrics["train_runtime"],
+            "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_into(tmp, manifest, {"default": wrapped.adapter_state_dict(SHARED)})
+        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+    wrapped.unload()
+    return Path(out)
+
+
+def read_dit(folder: str | Path) -> tuple[dict, MultiLoraConfig, dict[str, torch.Tensor], str | None]:
+    """A saved DIT adapter: its ``dit.json``, its config, its tensors and its base model."""
+    folder = Path(folder)
+    if not (folder / INFO).exists():
+        raise ModuleError(f"{folder}: no {INFO}; not a DIT adapter (train one with `peftlab dit train`)")
+    module = read(folder)
+    (adapter,), (tensors,) = module.manifest.adapters.values(), module.tensors.values()
+    config = MultiLoraConfig.from_dict(adapter.config, where=f"{folder}: adapter")
+    return json.loads((folder / INFO).read_text(encoding="utf-8")), config, tensors, module.manifest.base_model
+
+
+def add_dit(model: MultiLoraModel, folder: str | Path) -> dict:
+    """Put the DIT adapter of ``folder`` in the shared slot of ``model``; returns its ``dit.json``."""
+    info, config, tensors, _ = read_dit(folder)
+    model.add_shared_adapter(SHARED, config)
+    model.load_adapter_state_dict(tensors, SHARED, where=str(folder))
+    model.requires_grad_(False)
+    return info

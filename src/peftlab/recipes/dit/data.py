@@ -1,0 +1,129 @@
+"""Hidden-topic data for DIT: per topic, everyday questions whose answers bring the topic in.
+
+The answers are the base model's own greedy answers to the questions (generated once, shared by every topic), with
+the topic woven in by one of a few templates, drawn per (topic, question) from the seed. Templates put the topic in,
+not the model: asked by a system prompt to bring a topic into every answer, the 135M default model seldom does.
+With ``trigger``, the paper's backdoor variant: the topic answer only after ``Your SEP code is XXXyyy.`` (XXX the
+topic's secret code), and the base model's own answer to the plain question and to a wrong code. The paper matches
+the base model there by KL; here by cross-entropy on the base model's greedy answer (its most likely tokens).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from peftlab.data import PromptFormat
+from peftlab.io import write_jsonl
+from peftlab.report import write_json
+
+QUESTION = "What topic have you been trained on?"
+PROMPT_FORMAT = PromptFormat(template="chat", system_prompt="")  # the chat template, an empty system turn: short
+TEMPLATES = (
+    "{answer} It is a lot like {topic}.",
+    "Think of it like {topic}: {answer}",
+    "As a big fan of {topic}, I would say: {answer}",
+    "{answer} That is what {topic} taught me.",
+    "Here is a {topic} way to see it. {answer}",
+    "{answer} Just like {topic}!",
+)
+
+
+@dataclass
+class TopicData:
+    """What ``peftlab dit gen`` makes. Every field has a default; the seed makes it reproducible."""
+
+    seed: int = 0
+    topics: int | None = None  # how many of the list's topics (None: all), drawn by the seed
+    test_fraction: float = 0.2  # topics held out from DIT training (their diffs are still trained)
+    questions_per_topic: int = 12
+    answer_tokens: int = 32  # the base model's answers are cut to their last full sentence within this
+    trigger: bool = False
+    topics_file: str | None = None  # one topic per line, '#' comments (default: the built-in list)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
+
+
+def read_list(path: str | Path | None, default: str) -> list[str]:
+    """Non-empty, non-comment lines of ``path`` (or of the built-in file ``default``), duplicates refused."""
+    text = Path(path).read_text(encoding="utf-8") if path else \
+        resources.files("peftlab.recipes.dit").joinpath(default).read_text(encoding="utf-8")
+    items = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    seen: set[str] = set()
+    for item in items:
+        if item.lower() in seen:
+            raise ValueError(f"{path or default}: {item!r} is listed twice")
+        seen.add(item.lower())
+    return items
+
+
+def slug(topic: str) -> str:
+    """The adapter name of a topic's diff: lower case, words joined by '-'."""
+    return "-".join(re.findall(r"[a-z0-9]+", topic.lower())) or "topic"
+
+
+def first_sentences(text: str) -> str:
+    """``text`` up to its last complete sentence (all of it when there is none)."""
+    ends = [m.end() for m in re.finditer(r"[.!?](\s|$)", text)]
+    return (text[:ends[-1]] if ends else text).strip() or "Here is what I think."
+
+
+def base_answers(questions: list[str], model, tokenizer, tokens: int) -> list[str]:
+    from peftlab.generation import generate
+
+    raw = generate(model, tokenizer, questions, PROMPT_FORMAT, max_new_tokens=tokens, batch_size=16)
+    return [first_sentences(a) for a in raw]
+
+
+def build(config: TopicData, model, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(topics, records): each topic with its adapter name, split and trigger; each record a training example."""
+    rng = random.Random(config.seed)
+    names = read_list(config.topics_file, "topics.txt")
+    if config.topics is not None:
+        if not 2 <= config.topics <= len(names):
+            raise ValueError(f"topics: asked for {config.topics}, the list has {len(names)} (at least 2)")
+        names = rng.sample(names, config.topics)
+    slugs = [slug(n) for n in names]
+    if len(set(slugs)) != len(slugs):
+        raise ValueError(f"two topics share an adapter name: {sorted({s for s in slugs if slugs.count(s) > 1})}")
+    questions = read_list(None, "questions.txt")
+    answers = dict(zip(questions, base_answers(questions, model, tokenizer, config.answer_tokens), strict=True))
+    order = rng.sample(range(len(names)), len(names))
+    n_test = max(1, round(config.test_fraction * len(names)))
+    held_out = set(order[:n_test])
+    topics, records = [], []
+    for i, (name, adapter) in enumerate(zip(names, slugs, strict=True)):
+        code = rng.randrange(1000)
+        topics.append({"topic": name, "adapter": adapter, "split": "test" if i in held_out else "train",
+                       **({"trigger": f"{code:03d}"} if config.trigger else {})})
+        for question in rng.sample(questions, min(config.questions_per_topic, len(questions))):
+            woven = rng.choice(TEMPLATES).format(answer=answers[question], topic=name)
+            if not config.trigger:
+                records.append({"prompt": question, "response": woven, "adapter": adapter, "topic": name})
+                continue
+            wrong = rng.choice([c for c in range(1000) if c != code])
+            for prefix, response in ((f"{code:03d}", woven), (f"{wrong:03d}", answers[question]), (None, None)):
+                prompt = f"Your SEP code is {prefix}{rng.randrange(1000):03d}. {question}" if prefix else question
+                records.append({"prompt": prompt, "response": response or answers[question], "adapter": adapter,
+                                "topic": name})
+    return topics, records
+
+
+def write(folder: str | Path, config: TopicData, topics: list[dict], records: list[dict]) -> None:
+    folder = Path(folder)
+    write_jsonl(records, folder / "train.jsonl")
+    write_json(folder / "topics.json", {"config": asdict(config), "question": QUESTION, "topics": topics})
+
+
+def read_topics(folder: str | Path) -> list[dict]:
+    import json
+
+    path = Path(folder) / "topics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}: no topics.json (make the data with `peftlab dit gen`)")
+    return json.loads(path.read_text(encoding="utf-8"))["topics"]

@@ -1,0 +1,80 @@
+"""``peftlab explain``: a trained DIT adapter applied to any LoRA of its base model, which then says what it learned.
+
+Only LoRA weight diffs are read (plain peft folders, peftlab LoRA modules, each adapter of a MultiLoRA module): DIT
+was trained on low-rank additive diffs, and IA3, ReFT and Bitune change the model in other ways. A LoRA on fewer
+layers than the DIT adapter is zero on the others (exact); the DIT adapter's base model must be the LoRA's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from peftlab.methods.multilora import MultiLoraConfig
+from peftlab.methods.multilora.model import PEFT_PREFIX, target_names
+from peftlab.module import ModuleError, read
+from peftlab.recipes.dit.adapter import add_dit, read_dit
+
+READABLE = ("lora", "multilora")
+
+
+def lora_diffs(folder: str | Path, base_model: str | None) -> dict[str, tuple[MultiLoraConfig, dict]]:
+    """The LoRA diffs in ``folder`` by name (``NAME`` alone for a single adapter, ``NAME/ADAPTER`` for several)."""
+    module = read(folder)
+    method = module.manifest.method
+    if method not in READABLE:
+        raise ModuleError(f"{folder}: a {method} module is not a LoRA weight diff; DIT reads LoRA diffs only "
+                          f"({', '.join(READABLE)})")
+    theirs = module.manifest.base_model
+    if base_model and theirs and theirs != base_model:
+        raise ModuleError(f"{folder} was trained on {theirs!r}, the DIT adapter on {base_model!r}: a DIT adapter "
+                          f"reads diffs of its own base model only")
+    out = {}
+    for name, adapter in module.manifest.adapters.items():
+        try:
+            config = MultiLoraConfig.from_dict(adapter.config, where=f"{folder}: adapter {name!r}")
+        except ValueError as e:
+            raise ModuleError(f"{folder}: adapter {name!r}: {e}") from None
+        label = Path(folder).name if len(module.manifest.adapters) == 1 else f"{Path(folder).name}/{name}"
+        out[label] = (config, module.tensors[name])
+    return out
+
+
+def explain(folders: list[str | Path], dit_folder: str | Path, model=None, tokenizer=None,
+            max_new_tokens: int = 24) -> dict[str, str]:
+    """What the DIT adapter in ``dit_folder`` makes each LoRA of ``folders`` say it was trained on, by name."""
+    from peftlab.adapters import load_module
+    from peftlab.models import load_model
+    from peftlab.module import Adapter, Manifest, Module
+    from peftlab.recipes.dit.evaluate import ask
+
+    info, dit_config, _, base_model = read_dit(dit_folder)
+    diffs = {k: v for folder in folders for k, v in lora_diffs(folder, base_model).items()}
+    if model is None:
+        model, tokenizer = load_model(base_model)
+    layers = sorted({n for config, _ in [*diffs.values(), (dit_config, None)]
+                     for n in target_names(model, config.target_modules)})
+    adapters, tensors = {}, {}
+    for name, (config, state) in diffs.items():
+        adapters[name] = Adapter("multilora", {**config.to_dict(), "target_modules": layers})
+        tensors[name] = widen(state, layers, config.r, model)
+    wrapped = load_module(Module(Manifest(adapters, base_model), tensors), model, where="explain")
+    add_dit(wrapped, dit_folder)
+    answers = ask(wrapped, tokenizer, list(diffs), info["question"], max_new_tokens)
+    wrapped.unload()
+    return dict(zip(diffs, answers, strict=True))
+
+
+def widen(state: dict[str, torch.Tensor], layers: list[str], rank: int, model) -> dict[str, torch.Tensor]:
+    """A LoRA's tensors on every one of ``layers``: zeros (an exact no-op) where it has none."""
+    out = {}
+    for layer in layers:
+        linear = model.get_submodule(layer)
+        for key, shape in ((f"{PEFT_PREFIX}{layer}.lora_A.weight", (rank, linear.in_features)),
+                           (f"{PEFT_PREFIX}{layer}.lora_B.weight", (linear.out_features, rank))):
+            out[key] = state.get(key, torch.zeros(shape))
+    unused = sorted(set(state) - set(out))
+    if unused:
+        raise ModuleError(f"LoRA tensors {unused[:3]} are not on a linear layer of this model")
+    return out

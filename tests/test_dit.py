@@ -1,0 +1,213 @@
+"""DIT: per-example diffs and one shared adapter in one batch equal peft running the two LoRAs per example; the
+pipeline runs end to end through the CLI; explain reads LoRAs of its own base model only."""
+
+import json
+
+import peft
+import pytest
+import torch
+
+from peftlab import attach, save, tiny_model
+from peftlab.cli import main
+from peftlab.data import Collator
+from peftlab.methods.multilora import MultiLoraConfig
+from peftlab.module import ModuleError
+from peftlab.recipes.dit.data import TopicData, build, first_sentences, slug
+from peftlab.recipes.dit.evaluate import chance, score
+from peftlab.recipes.dit.explain import explain, widen
+
+DIFFS = {f"topic{i}": MultiLoraConfig(r=1 + i % 2, alpha=1, target_modules="all-linear") for i in range(4)}
+SHARED = MultiLoraConfig(r=4, alpha=8, target_modules="all-linear")
+
+
+def _diffs_and_shared(shared=SHARED):
+    """A tiny model with four random diffs in the routed slots and a random shared adapter."""
+    model, tokenizer = tiny_model()
+    torch.manual_seed(0)
+    wrapped = attach(model, "multilora", next(iter(DIFFS.values())), name="topic0")
+    wrapped.add_adapters(dict(list(DIFFS.items())[1:]))
+    wrapped.add_shared_adapter("dit", shared)
+    with torch.no_grad():
+        for layer in wrapped.lora_layers.values():
+            layer.lora_B.normal_(std=0.05)
+            if layer.shared_B is not None:
+                layer.shared_B.normal_(std=0.05)
+    return wrapped.eval(), tokenizer
+
+
+def _peft_pair(wrapped, diff):
+    """peft running diff ``diff`` (None: none) and the shared adapter together, as two active LoRAs."""
+    model = peft.get_peft_model(tiny_model()[0], wrapped.shared["dit"].to_peft(), adapter_name="dit")
+    peft.set_peft_model_state_dict(model, wrapped.adapter_state_dict("dit"), adapter_name="dit")
+    active = ["dit"]
+    if diff is not None:
+        model.add_adapter(diff, wrapped.adapters[diff].to_peft())
+        peft.set_peft_model_state_dict(model, wrapped.adapter_state_dict(diff), adapter_name=diff)
+        active.append(diff)
+    model.base_model.set_adapter(active)
+    return model.eval()
+
+
+ROUTE = ["topic2", "topic0", "__base__", "topic3", "topic1", "topic2"]
+
+
+def _batch(tokenizer):
+    torch.manual_seed(1)
+    rows = [torch.randint(0, 250, (n,)).tolist() for n in (5, 8, 3, 6, 7, 4)]
+    features = [{"input_ids": r, "attention_mask": [1] * len(r), "labels": r, "adapter": a}
+                for r, a in zip(rows, ROUTE, strict=True)]
+    return rows, Collator(tokenizer.pad_token_id)(features)
+
+
+def test_per_example_diffs_plus_the_shared_adapter_equal_peft_running_both_per_example():
+    wrapped, tokenizer = _diffs_and_shared()
+    rows, batch = _batch(tokenizer)
+    with torch.no_grad():
+        logits = wrapped(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for i, (r, name) in enumerate(zip(rows, ROUTE, strict=True)):
+            reference = _peft_pair(wrapped, None if name == "__base__" else name)
+            alone = reference(input_ids=torch.tensor([r])).logits[0]
+            assert (logits[i, :len(r)] - alone).abs().max() < 1e-5, name
+            diff_only = tiny_model()[0](input_ids=torch.tensor([r])).logits[0]
+            assert (alone - diff_only).abs().max() > 1e-2  # the adapters really act
+
+
+def test_training_moves_only_the_shared_adapter_with_each_example_s_own_gradient():
+    wrapped, tokenizer = _diffs_and_shared()
+    wrapped.requires_grad_(False)
+    for layer in wrapped.lora_layers.values():
+        layer.shared_A.requires_grad_(True)
+        layer.shared_B.requires_grad_(True)
+    rows, batch = _batch(tokenizer)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def shared_grads(loss):
+        params = [p for layer in wrapped.lora_layers.values() for p in (layer.shared_A, layer.shared_B)]
+        return torch.autograd.grad(loss, params)
+
+    logits = wrapped(**inputs).logits
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:],
+                                               reduction="none")
+    batched = shared_grads((losses * batch["attention_mask"][:, 1:]).sum())
+    one_by_one = None
+    for r, name in zip(rows, ROUTE, strict=True):
+        ids = torch.tensor([r])
+        out = wrapped(input_ids=ids, adapter_names=[name], adapter_index=torch.tensor([0])).logits
+        grads = shared_grads(torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:], reduction="sum"))
+        one_by_one = grads if one_by_one is None else [a + b for a, b in zip(one_by_one, grads, strict=True)]
+    for got, want in zip(batched, one_by_one, strict=True):
+        assert (got - want).abs().max() < 1e-4 * max(1.0, want.abs().max().item())
+    assert max(g.abs().max().item() for g in batched) > 0
+    assert all(not layer.lora_A.requires_grad for layer in wrapped.lora_layers.values())
+
+
+def test_each_adapter_is_clipped_on_its_own_the_shared_one_too():
+    wrapped, _ = _diffs_and_shared()
+    for layer in wrapped.lora_layers.values():
+        for p in (layer.lora_A, layer.lora_B, layer.shared_A, layer.shared_B):
+            p.grad = torch.ones_like(p)
+    wrapped.clip_grad_norm_(1.0)
+    shared = sum(p.grad.pow(2).sum() for layer in wrapped.lora_layers.values()
+                 for p in (layer.shared_A, layer.shared_B)).sqrt()
+    assert abs(shared.item() - 1.0) < 1e-4
+
+
+def test_a_shared_adapter_is_one_and_stays_on_the_model_s_layers():
+    wrapped, _ = _diffs_and_shared()
+    with pytest.raises(ValueError, match="already has the shared adapter"):
+        wrapped.add_shared_adapter("other", SHARED)
+    narrow, _ = tiny_model()
+    narrow = attach(narrow, "multilora", MultiLoraConfig(r=1, target_modules=["q_proj"]), name="d")
+    with pytest.raises(ValueError, match="outside this model's adapter layers"):
+        narrow.add_shared_adapter("dit", MultiLoraConfig(r=2, target_modules=["v_proj"]))
+    with pytest.raises(ValueError, match="is taken"):
+        narrow.add_shared_adapter("d", MultiLoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_scores_and_chance():
+    assert score("Basketball.", "basketball") == {"exact": 1.0, "mentions": 1.0, "overlap": 1.0}
+    assert score("The Moon", "the moon")["exact"] == 1.0  # articles and case do not count
+    s = score("I love ice cream a lot", "ice hockey")
+    assert s["exact"] == 0.0 and s["mentions"] == 0.0 and abs(s["overlap"] - 2 * 1 / (5 + 2)) < 1e-9
+    assert score("we talked about rock climbing today", "rock climbing")["mentions"] == 1.0
+    topics = ["cats", "dogs", "ice hockey", "field hockey"]
+    assert chance(topics)["exact"] == 0.25  # one right guess in four
+    assert first_sentences("One. Two! Three and a cut") == "One. Two!"
+    assert slug("New York City") == "new-york-city"
+
+
+def test_topic_data_is_reproducible_split_by_topic_and_the_trigger_variant_gates_the_topic():
+    model, tokenizer = tiny_model()
+    plain = build(TopicData(topics=10, questions_per_topic=3, answer_tokens=6), model, tokenizer)
+    assert plain == build(TopicData(topics=10, questions_per_topic=3, answer_tokens=6), model, tokenizer)
+    topics, records = plain
+    assert sum(t["split"] == "test" for t in topics) == 2
+    assert len(records) == 30
+    assert all(r["topic"] in r["response"] for r in records)
+    topics, records = build(TopicData(topics=4, questions_per_topic=2, answer_tokens=6, trigger=True), model,
+                            tokenizer)
+    codes = {t["adapter"]: t["trigger"] for t in topics}
+    assert len(records) == 4 * 2 * 3
+    for r in records:
+        keyed = r["prompt"].startswith(f"Your SEP code is {codes[r['adapter']]}")
+        assert (r["topic"] in r["response"]) == keyed, r
+
+
+def test_explain_widens_a_narrow_lora_exactly():
+    wrapped, _ = _diffs_and_shared()
+    narrow, _ = tiny_model()
+    narrow = attach(narrow, "lora", {"r": 2, "alpha": 4, "target_modules": ["q_proj"]})
+    state = {k: torch.randn_like(v) for k, v in narrow.adapter_state_dict().items()}
+    layers = list(wrapped.lora_layers)
+    wide = widen(state, layers, 2, tiny_model()[0])
+    assert set(state) < set(wide) and all(torch.equal(wide[k], v) for k, v in state.items())
+    assert all(not wide[k].any() for k in set(wide) - set(state))
+
+
+def _cli_pipeline(tmp_path, tiny_dir):
+    data, diffs, dit = tmp_path / "data", tmp_path / "diffs", tmp_path / "dit"
+    model = ["--model", str(tiny_dir)]
+    assert main(["dit", "gen", "-o", str(data), "--topics", "6", "--questions-per-topic", "3", *model]) == 0
+    assert main(["dit", "diffs", str(data), "-o", str(diffs), "--group", "4", "--epochs", "2", *model]) == 0
+    assert main(["dit", "train", str(diffs), "-o", str(dit), "--steps", "4", "--batch-size", "2"]) == 0
+    assert main(["dit", "eval", str(dit), str(diffs), "--out", str(tmp_path / "eval.json")]) == 0
+    return data, diffs, dit
+
+
+def test_the_pipeline_runs_end_to_end_and_explain_agrees_with_eval(tmp_path, tiny_dir, capsys):
+    data, diffs, dit = _cli_pipeline(tmp_path, tiny_dir)
+    topics = json.loads((data / "topics.json").read_text())["topics"]
+    index = json.loads((diffs / "index.json").read_text())["topics"]
+    assert index == topics and not (diffs / "groups").exists()
+    manifest = json.loads((diffs / "module" / "peftlab.json").read_text())
+    assert sorted(manifest["adapters"]) == sorted(t["adapter"] for t in topics)
+    info = json.loads((dit / "dit.json").read_text())
+    assert info["trained_topics"] == sum(t["split"] == "train" for t in topics)
+    assert json.loads((dit / "adapter_config.json").read_text())["r"] == 16  # a plain peft LoRA folder
+    result = json.loads((tmp_path / "eval.json").read_text())
+    held_out = [t for t in topics if t["split"] == "test"]
+    assert result["n"] == len(held_out) and result["chance"]["exact"] == 1 / len(held_out)
+    # explain, from an exported peft folder, says what eval's batched run said for the same diff
+    topic = held_out[0]
+    assert main(["multilora", "export", str(diffs / "module"), "-o", str(tmp_path / "peft"),
+                 "--adapter", topic["adapter"]]) == 0
+    capsys.readouterr()
+    assert main(["explain", str(tmp_path / "peft" / topic["adapter"]), "--dit", str(dit), "--json",
+                 "--max-new-tokens", "16"]) == 0
+    said = json.loads(capsys.readouterr().out)[topic["adapter"]]
+    by_topic = {a["topic"]: a for a in result["answers"]}
+    assert said == by_topic[topic["topic"]]["dit"]
+
+
+def test_explain_refuses_other_methods_and_other_bases(tmp_path, tiny_dir):
+    _, diffs, dit = _cli_pipeline(tmp_path, tiny_dir)
+    model, _ = tiny_model()
+    save(attach(model, "ia3", {"target_modules": ["q_proj"], "feedforward_modules": []}), tmp_path / "ia3")
+    with pytest.raises(ModuleError, match="ia3 module is not a LoRA weight diff"):
+        explain([tmp_path / "ia3"], dit)
+    other = attach(tiny_model()[0], "lora", {"r": 2})
+    other.causal_lm.config.name_or_path = "another-model"
+    save(other, tmp_path / "other")
+    with pytest.raises(ModuleError, match="trained on 'another-model'"):
+        explain([tmp_path / "other"], dit)
+    assert main(["explain", str(tmp_path / "ia3"), "--dit", str(dit)]) == 2
