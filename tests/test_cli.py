@@ -59,12 +59,25 @@ def test_bad_data_line_is_reported_with_exit_code_2(tmp_path, tiny_dir, capsys):
     err = capsys.readouterr().err
     assert f"{data}:2: missing field 'response'" in err
     assert not (tmp_path / "run" / "module").exists()
+    # the data is read before any model is loaded: a bad file is named even when the model is missing too
+    assert main(["train", str(config), "--set", f"model={tmp_path / 'no-model'}"]) == 2
+    assert f"{data}:2: missing field 'response'" in capsys.readouterr().err
 
 
 def test_unknown_config_key_is_reported(tmp_path, tiny_dir, capsys):
     config = _write_config(tmp_path, tiny_dir, tmp_path / "x.jsonl")
     assert main(["train", str(config), "--set", "trainig.max_steps=3"]) == 2
     assert "unknown key(s) ['trainig']" in capsys.readouterr().err
+
+
+def test_an_unknown_method_and_a_missing_model_folder_are_named(tmp_path, tiny_dir, pairs, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    config = _write_config(tmp_path, tiny_dir, data)
+    assert main(["train", str(config), "--set", "method.name=lorax"]) == 2
+    assert "unknown method 'lorax'" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "no" / "such"), "hi"]) == 2
+    assert f"model '{tmp_path / 'no' / 'such'}': no such model folder" in capsys.readouterr().err
 
 
 def test_batched_generation_equals_one_at_a_time(tiny_dir):

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from peftlab.config import ConfigError
 from peftlab.io import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -112,6 +113,9 @@ def load_model(name_or_path: str | None = DEFAULT_MODEL, dtype: str | torch.dtyp
     portable name."""
     name_or_path = name_or_path or DEFAULT_MODEL
     path = resolve_model_path(name_or_path)
+    local = Path(path).is_absolute() or path.startswith(".") or os.sep in path and Path(path).parent.is_dir()
+    if local and not Path(path).is_dir():  # a local path, not a hub id: say so rather than ask the hub
+        raise ConfigError(f"model {name_or_path!r}: no such model folder")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype),
                                                  trust_remote_code=trust_remote_code)

@@ -233,22 +233,23 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
             log.warning("resume_from_checkpoint: no complete checkpoint in %s; starting fresh", args.output_dir)
     resume = str(resume) if resume else None
 
+    train_source = train_data if train_data is not None else config.data.train
+    if train_source is None:
+        raise ConfigError("data.train: no training data given")
+    train_records = load_records(train_source)  # bad data fails here, before a model is loaded
+    eval_source = eval_data if eval_data is not None else config.data.eval
+    eval_records = load_records(eval_source) if eval_source is not None else None
+    adapter_names = _adapter_names(train_records, method)
     if model is None:
         model, tokenizer = load_model(config.model, dtype=config.dtype)
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
     fmt = config.data.prompt_format
-    train_source = train_data if train_data is not None else config.data.train
-    if train_source is None:
-        raise ConfigError("data.train: no training data given")
-    train_records = load_records(train_source)
     train_features, stats = encode(train_records, tokenizer, fmt, config.data.max_length)
-    eval_source = eval_data if eval_data is not None else config.data.eval
-    eval_features = encode(load_records(eval_source), tokenizer, fmt, config.data.max_length)[0] \
-        if eval_source is not None else None
+    eval_features = encode(eval_records, tokenizer, fmt, config.data.max_length)[0] if eval_records else None
 
     set_seed(args.seed)  # the method's fresh weights are drawn here, before Trainer seeds again
-    wrapped = method.attach_many(model, dict.fromkeys(_adapter_names(train_records, method), method_config))
+    wrapped = method.attach_many(model, dict.fromkeys(adapter_names, method_config))
     params = parameter_report(wrapped)
     log.info("%s: %s trainable parameters (%.4f%% of %s)", method.name, f"{params['trainable_parameters']:,}",
              params["trainable_percent"], f"{params['base_parameters']:,}")

@@ -5,6 +5,7 @@ which registers it with an explicit ``register_method`` call. See ``methods.base
 
 from __future__ import annotations
 
+from peftlab.config import ConfigError
 from peftlab.methods.base import (
     DEFAULT_ADAPTER,
     AdapterMismatchError,
@@ -28,7 +29,7 @@ def register_method(method: Method) -> Method:
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+        raise ConfigError(f"unknown method {name!r}; available: {sorted(METHODS)}")
     return METHODS[name]
 
 
