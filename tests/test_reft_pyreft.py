@@ -40,6 +40,19 @@ def test_round_trip_through_pyreft_layout(tmp_path, kind):
         assert (restored(input_ids=IDS).logits - wrapped(input_ids=IDS).logits).abs().max() < 1e-5
 
 
+def test_untied_layers_are_exported_in_pyreft_order_so_pyvene_pairs_positions_right(tmp_path):
+    wrapped = _trained("loreft", layers=[0, 1], positions="f1+l2", share_weights=False)
+    save_pyreft(wrapped, tmp_path / "p")
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    keys = config["sorted_keys"]
+    assert [row[0] for row in config["representations"]] == [0, 1, 0, 1]
+    assert [k.rsplit("#", 1)[1] for k in keys] == ["0", "0", "1", "1"]
+    # pyreft (get_intervention_locations, share_weights=False) gives the first half of the interventions the
+    # first positions and the second half the last ones: each must be the group peftlab trained it for
+    half = len(keys) // 2
+    assert [wrapped.groups[k] for k in keys] == ["first"] * half + ["last"] * half
+
+
 def test_old_dotted_key_names_are_read(tmp_path):
     wrapped = _trained("loreft")
     save_pyreft(wrapped, tmp_path / "p")

@@ -72,10 +72,10 @@ def save_pyreft(model: ReftModel, folder: str | Path, overwrite: bool = False) -
     LoRA: one trained alongside goes beside them as a plain peft folder, ``lora/``, never silently dropped."""
     import transformers
 
-    cfg, rows, keys = model.reft_config, [], list(model.interventions)
+    cfg, rows, keys = model.reft_config, [], pyreft_order(model.interventions)
     with atomic_dir(folder, overwrite=overwrite) as tmp:
-        for key, iv in model.interventions.items():
-            layer = int(_KEY.match(key).group(1))
+        for key in keys:
+            iv, layer = model.interventions[key], int(_KEY.match(key).group(1))
             row = dict.fromkeys(_FIELDS)
             row.update(layer=layer, component=cfg.component, unit="pos", max_number_of_units=1,
                        low_rank_dimension=cfg.rank)
@@ -92,6 +92,16 @@ def save_pyreft(model: ReftModel, folder: str | Path, overwrite: bool = False) -
             write_peft_folder(tmp / LORA, peft_config, lora_part(model.adapter_state_dict()),
                               getattr(model.causal_lm.config, "name_or_path", None))
     return Path(folder)
+
+
+def pyreft_order(keys) -> list[str]:
+    """Intervention keys in the order pyreft lists them: every ``#0`` ("first" positions) by layer, then every
+    ``#1`` ("last"), as its ``layers += layers`` builds them. pyvene gives the first half of this list the first
+    positions and the second half the last ones, so a layer-by-layer order would pair them wrongly."""
+    def place(key: str) -> tuple[int, int]:
+        m = _KEY.match(key)
+        return int(m.group(3)), int(m.group(1))
+    return sorted(keys, key=place)
 
 
 def read_pyreft_config(folder: str | Path, positions: str = "l1", **settings: Any) -> tuple[str, ReftConfig]:
