@@ -79,6 +79,23 @@ def test_positions_parse_and_masks():
     assert no_labels["all"].nonzero().tolist() == [[0, 7], [1, 9]]
 
 
+@pytest.mark.parametrize(("n", "positions", "paper", "pyreft"), [
+    (1, "l1", (0, 1), (0, 0)),  # pyreft: a one-token prompt gets no intervention
+    (3, "f2+l2", (1, 2), (1, 1)),
+    (4, "f3+l1", (3, 1), (2, 1)),
+    (5, "f3+l1", (3, 1), (2, 1)),
+    (8, "f3+l3", (3, 3), (3, 3)),
+])
+def test_short_prompts_follow_the_paper_or_pyreft(n, positions, paper, pyreft):
+    first, last = parse_positions(positions)
+    mask = torch.ones(1, n, dtype=torch.long)
+    spans = prompt_spans(mask, None, torch.tensor([n]), mask.shape)
+    for rule, (p, s) in (("paper", paper), ("pyreft", pyreft)):
+        m = position_masks(*spans, first=first, last=last, every_token=False, short_prompts=rule)
+        assert m["first"][0].nonzero().flatten().tolist() == list(range(p)), rule
+        assert m["last"][0].nonzero().flatten().tolist() == list(range(n - s, n)), rule
+
+
 def _reft(kind="loreft", **settings):
     model, tokenizer = tiny_model()
     config = {"layers": [0, 1], "positions": "f2+l2", "share_weights": False, "rank": R, **settings}

@@ -34,8 +34,9 @@ def test_round_trip_through_pyreft_layout(tmp_path, kind):
     saved = torch.load(tmp_path / "p" / names[1], weights_only=True)
     if kind == "loreft":
         assert set(saved) == {"weight", "bias", "rotate_layer"} and saved["rotate_layer"].shape == (64, 4)
-    assert read_pyreft_config(tmp_path / "p", "f1+l2")[0] == kind
-    restored = load_pyreft(tmp_path / "p", tiny_model()[0], positions="f1+l2")
+    kind_read, config_read = read_pyreft_config(tmp_path / "p", "f1+l2")
+    assert kind_read == kind and config_read.short_prompts == "pyreft"  # imported modules cut prompts as pyreft
+    restored = load_pyreft(tmp_path / "p", tiny_model()[0], positions="f1+l2", short_prompts="paper")
     with torch.no_grad():
         assert (restored(input_ids=IDS).logits - wrapped(input_ids=IDS).logits).abs().max() < 1e-5
 
@@ -110,7 +111,7 @@ def test_convert_command_both_ways(tmp_path, tiny_dir):
     assert main(["convert", str(tmp_path / "module"), "-o", str(tmp_path / "pyreft")]) == 0
     assert (tmp_path / "pyreft" / "config.json").exists()
     assert main(["convert", str(tmp_path / "pyreft"), "-o", str(tmp_path / "back"), "--model", str(tiny_dir),
-                 "--positions", "f1+l1"]) == 0
+                 "--positions", "f1+l1", "--short-prompts", "paper"]) == 0
     back = load(tmp_path / "back", load_model(str(tiny_dir))[0])
     assert back.reft_config == wrapped.reft_config
     with torch.no_grad():

@@ -251,7 +251,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if is_pyreft_folder(args.source):
         model, _ = load_model(args.model or DEFAULT_MODEL, args.dtype)
-        settings = {"act": args.act, "dropout": args.dropout, "dtype": args.intervention_dtype}
+        settings = {"act": args.act, "dropout": args.dropout, "dtype": args.intervention_dtype,
+                    "short_prompts": args.short_prompts}
         save(load_pyreft(args.source, model, positions=args.positions, **settings), args.output,
              overwrite=args.overwrite)
         print(f"pyreft interventions {args.source} -> peftlab module {args.output}")
@@ -263,6 +264,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         model = load_for_inference(args.source, args.model, args.dtype).model
         save_pyreft(model, args.output, overwrite=args.overwrite)
         print(f"peftlab module {args.source} -> pyreft layout {args.output}")
+        config = model.reft_config
+        if config.short_prompts != "pyreft":
+            print(f"note: pyreft cuts prompts shorter than {2 * max(config.first, config.last)} tokens its own way "
+                  f"(first and last positions <= n // 2); this module was trained with the paper's rule")
         if model.reft_config.lora is not None:
             print(f"pyreft keeps no LoRA: the one trained alongside is in {args.output}/lora as a plain peft folder; "
                   f"apply it with peft.PeftModel.from_pretrained to the base model under the interventions")
@@ -347,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.0, help="importing: the interventions' dropout (default 0)")
     p.add_argument("--intervention-dtype", default="float32",
                    help="importing: the interventions' dtype (default: float32)")
+    p.add_argument("--short-prompts", default="pyreft", choices=["pyreft", "paper"],
+                   help="importing: how prompts shorter than the positions are cut (default: pyreft, as the "
+                        "module was trained)")
     p.add_argument("--dtype", default="float32", help="base model dtype (default: float32)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)

@@ -10,6 +10,7 @@ from peftlab.methods.base import MethodConfig
 
 COMPONENTS = ("block_output", "block_input", "attention_output", "mlp_output")
 GENERATION_MODES = ("prompt", "every_token")
+SHORT_PROMPT_RULES = ("paper", "pyreft")
 _POSITIONS = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
 
 
@@ -21,6 +22,9 @@ class ReftConfig(MethodConfig):
     positions: "f{p}+l{s}": the first p and last s prompt positions (the paper's notation; "l1" = last token).
     share_weights: one intervention per layer for all positions (tied) or one for the prefix, one for the suffix.
     generation: "prompt" (the paper's default: intervene the prompt only) or "every_token".
+    short_prompts: how a prompt shorter than first + last positions is cut: "paper" (first <- min(p, n // 2),
+        last <- min(s, ceil(n / 2)) when n < p + s) or "pyreft" (both <- min(., n // 2) on every prompt; set on
+        import, so a module behaves as it did in pyreft).
     lora: settings of a LoRA trained together with the interventions (peftlab's LoraConfig fields), or None.
     """
 
@@ -34,6 +38,7 @@ class ReftConfig(MethodConfig):
     dtype: str = "float32"
     add_bias: bool = False
     generation: str = "prompt"
+    short_prompts: str = "paper"
     lora: dict[str, Any] | None = None
     seed: int | None = None
 
@@ -42,6 +47,8 @@ class ReftConfig(MethodConfig):
             raise ValueError(f"component {self.component!r} is not one of {COMPONENTS}")
         if self.generation not in GENERATION_MODES:
             raise ValueError(f"generation {self.generation!r} is not one of {GENERATION_MODES}")
+        if self.short_prompts not in SHORT_PROMPT_RULES:
+            raise ValueError(f"short_prompts {self.short_prompts!r} is not one of {SHORT_PROMPT_RULES}")
         self.first, self.last = parse_positions(self.positions)
 
     def layer_indices(self, num_layers: int) -> list[int]:

@@ -61,15 +61,19 @@ def prompt_spans(attention_mask: torch.Tensor | None, position_ids: torch.Tensor
 
 
 def position_masks(start: torch.Tensor, end: torch.Tensor, real: torch.Tensor, first: int, last: int,
-                   every_token: bool) -> dict[str, torch.Tensor]:
+                   every_token: bool, short_prompts: str = "paper") -> dict[str, torch.Tensor]:
     """Boolean masks [B, T] for the groups "first", "last" and "all" (= both) of the ReFT positions.
 
     ``start``/``end`` give each token's prompt span (see ``prompt_spans``). When a prompt of n tokens is shorter
     than first + last, the paper's rule applies: first <- min(first, n // 2) and last <- min(last, ceil(n / 2)),
-    so the two never overlap. With ``every_token`` the tokens after the prompt join the "last" group.
+    so the two never overlap. ``short_prompts="pyreft"`` is pyreft's rule instead: first <- min(first, n // 2) and
+    last <- min(last, n // 2) on every prompt (a one-token prompt gets no intervention). With ``every_token`` the
+    tokens after the prompt join the "last" group.
     """
     n = end - start
-    if first and last:
+    if short_prompts == "pyreft":
+        p, s = (n // 2).clamp(max=first), (n // 2).clamp(max=last)
+    elif first and last:
         short = n < first + last
         p = torch.where(short, (n // 2).clamp(max=first), torch.full_like(n, first))
         s = torch.where(short, ((n + 1) // 2).clamp(max=last), torch.full_like(n, last))
@@ -181,7 +185,8 @@ class ReftModel(PeftlabModel):
         if mask is None and kwargs.get("position_ids") is None:
             mask = torch.ones(shape, dtype=torch.long, device=device)
         spans = prompt_spans(mask, kwargs.get("position_ids"), self.context.fields.prompt_lengths, shape)
-        self._masks = position_masks(*spans, config.first, config.last, config.generation == "every_token")
+        self._masks = position_masks(*spans, config.first, config.last, config.generation == "every_token",
+                                     config.short_prompts)
 
     def _intervene(self, keys: list[str], h: torch.Tensor) -> torch.Tensor:
         for key in keys:

@@ -120,6 +120,7 @@ def read_pyreft_config(folder: str | Path, positions: str = "l1", **settings: An
     per_layer = len(rows) // len(layers)
     if per_layer not in (1, 2):
         raise ValueError(f"{path}: {per_layer} interventions per layer; peftlab reads 1 (tied) or 2 (untied)")
+    settings = {"short_prompts": "pyreft", **settings}  # behave as in pyreft unless told otherwise
     config = ReftConfig(layers=layers, component=components.pop(), rank=ranks.pop(), positions=positions,
                         share_weights=per_layer == 1, **settings)
     return by_pyreft[next(iter(kinds))], config
