@@ -96,6 +96,25 @@ def test_short_prompts_follow_the_paper_or_pyreft(n, positions, paper, pyreft):
         assert m["last"][0].nonzero().flatten().tolist() == list(range(n - s, n)), rule
 
 
+def test_hidden_states_are_the_intervened_ones_whenever_transformers_hooked_the_layers():
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    settings = {"layers": [0], "positions": "l1", "rank": R}
+    fresh = attach(tiny_model()[0], "loreft", settings).eval()
+    used, _ = tiny_model()
+    used(input_ids=ids, output_hidden_states=True)  # transformers installs its capture hooks on this call
+    late = attach(used, "loreft", settings).eval()
+    for a, b in zip(fresh.interventions.values(), late.interventions.values(), strict=True):
+        _rand_params(a)
+        b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        want = fresh(input_ids=ids, output_hidden_states=True).hidden_states
+        got = late(input_ids=ids, output_hidden_states=True).hidden_states
+        base = tiny_model()[0](input_ids=ids, output_hidden_states=True).hidden_states
+    assert (want[1] - base[1]).abs().max() > 1e-3  # the intervention changes layer 0's output
+    for w, g in zip(want, got, strict=True):
+        assert (w - g).abs().max() < 1e-6
+
+
 def _reft(kind="loreft", **settings):
     model, tokenizer = tiny_model()
     config = {"layers": [0, 1], "positions": "f2+l2", "share_weights": False, "rank": R, **settings}

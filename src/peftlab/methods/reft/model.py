@@ -211,7 +211,9 @@ class ReftModel(PeftlabModel):
             if isinstance(output, tuple):
                 return (self._intervene(keys, output[0]), *output[1:])
             return self._intervene(keys, output)
-        return module.register_forward_hook(hook)
+        # prepend: run before hooks registered earlier (transformers' output_hidden_states capture), so they record
+        # the intervened states whichever was attached first
+        return module.register_forward_hook(hook, prepend=True)
 
 
 def lora_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
