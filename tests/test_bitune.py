@@ -298,8 +298,8 @@ def test_resume_restores_both_adapters_and_the_mix(tiny_dir, tmp_path, pairs):
 
 
 def test_gradient_checkpointing_is_refused_with_the_reason(tiny_dir, tmp_path, pairs):
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        _train(tiny_dir, tmp_path, pairs, steps=1, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        _train(tiny_dir, tmp_path, pairs, steps=1, activation_checkpointing=True)
 
 
 def test_packing_is_refused(tiny_dir, tmp_path, pairs):

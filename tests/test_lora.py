@@ -137,3 +137,16 @@ def test_example_mean_loss_weighs_every_example_the_same(tiny_dir, pairs):
         packed_loss = example_mean_loss(model(**packed).logits, packed["labels"], packed["position_ids"])
         assert abs(packed_loss - expected) < 1e-5
         assert abs(model(**padded).loss - expected) > 1e-3  # the token mean is a different number
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "bitune"])
+def test_attaching_raises_no_deprecation_warning(method):
+    import warnings
+
+    from peftlab import tiny_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attach(tiny_model()[0], method)
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], \
+        [str(w.message) for w in caught]

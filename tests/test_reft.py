@@ -336,7 +336,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
         model, _ = tiny_model()
         wrapped = attach(model, "loreft", {"layers": [0, 1], "positions": "f1+l1", "rank": R}).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
         ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
         labels = ids.clone()
         labels[:, :3] = -100

@@ -22,7 +22,7 @@ from peftlab.data import IGNORE_INDEX
 from peftlab.methods.base import DEFAULT_ADAPTER, Method, PeftlabModel, cache_arg, cache_in
 from peftlab.methods.bitune.config import BIDIR, CAUSAL, BituneConfig
 from peftlab.methods.bitune.layer import KVMixer, bidirectional_mask
-from peftlab.methods.lora import read_peft_folder, write_peft_folder
+from peftlab.methods.lora import get_peft_model, read_peft_folder, write_peft_folder
 
 WEIGHTS = "bitune.safetensors"
 
@@ -89,7 +89,7 @@ class BituneModel(PeftlabModel):
                              f"{base.config._attn_implementation} does not take; load the model with "
                              f"attn_implementation='sdpa' (or 'eager')")
         adapter = config.adapter_config().to_peft()
-        self.model = peft.get_peft_model(base, adapter, adapter_name=CAUSAL)
+        self.model = get_peft_model(base, adapter, adapter_name=CAUSAL)
         if BIDIR in config.adapters:
             self.model.add_adapter(BIDIR, adapter)
         self.model.set_requires_grad(config.adapters, True)
@@ -239,13 +239,15 @@ class BituneModel(PeftlabModel):
         return args, kwargs
 
     # --- the model's interface ---------------------------------------------------------------------------------
-    def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
+    def activation_checkpointing_enable(self, *args, **kwargs) -> None:
         raise ValueError(_NO_CHECKPOINTING)
 
+    gradient_checkpointing_enable = activation_checkpointing_enable  # the name before transformers 5
 
 
-_NO_CHECKPOINTING = ("Bitune cannot use transformers' gradient checkpointing: in training it turns the KV cache "
-                     "off, so the answer would silently never see the prompt. Set training.gradient_checkpointing: "
+
+_NO_CHECKPOINTING = ("Bitune cannot use transformers' activation checkpointing: in training it turns the KV cache "
+                     "off, so the answer would silently never see the prompt. Set training.activation_checkpointing: "
                      "false (and lower the batch size or sequence length to save memory).")
 
 

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import peft
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import PreTrainedModel
 
 from peftlab.methods.base import DEFAULT_ADAPTER, Method, PeftlabModel
@@ -37,12 +39,20 @@ def read_peft_folder(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def get_peft_model(model: nn.Module, config: peft.PeftConfig, **kwargs) -> peft.PeftModel:
+    """``peft.get_peft_model`` without the transformers 5 deprecation warning that peft's own code raises (it reads
+    ``is_gradient_checkpointing``, now ``is_activation_checkpointing``): users would see it on every attach."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return peft.get_peft_model(model, config, **kwargs)
+
+
 class PeftAdapterModel(PeftlabModel):
     """A causal LM with one peft adapter (LoRA, DoRA or IA3) under peftlab's protocol."""
 
     def add_adapter(self, name: str, config: PeftConfigMixin) -> None:
         try:
-            self.model = peft.get_peft_model(self.model, config.to_peft(), adapter_name=name)
+            self.model = get_peft_model(self.model, config.to_peft(), adapter_name=name)
         except ValueError as e:
             raise ValueError(f"{self.method.name}: cannot attach to {type(self.model).__name__} "
                              f"({self.model.config.model_type}): {e}. Set target_modules explicitly.") from e

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from peftlab.context import per_token
 from peftlab.methods.base import DEFAULT_ADAPTER, Method, PeftlabModel, cache_in
-from peftlab.methods.lora import LoraConfig, read_peft_folder, write_peft_folder
+from peftlab.methods.lora import LoraConfig, get_peft_model, read_peft_folder, write_peft_folder
 from peftlab.methods.reft.config import ReftConfig
 from peftlab.methods.reft.layer import INTERVENTIONS
 
@@ -124,7 +124,7 @@ class ReftModel(PeftlabModel):
     def add_adapter(self, name: str, config: ReftConfig) -> None:
         if config.lora is not None:
             lora = LoraConfig.from_dict(config.lora, where=f"{self.kind}.lora")
-            self.model = peft.get_peft_model(self.model, lora.to_peft())
+            self.model = get_peft_model(self.model, lora.to_peft())
         else:
             self.model.requires_grad_(False)
         base = self.causal_lm
