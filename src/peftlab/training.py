@@ -275,10 +275,11 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
         model.config.use_cache = use_cache
     wrapped.eval()
     wrapped.prompt_format = fmt
-    module_dir = save(wrapped, config.module_dir, overwrite=config.overwrite)
     history = trainer.state.log_history
-    write_training_report(Path(args.output_dir), history, output.metrics, stats, params)
-    return TrainResult(wrapped, module_dir, output.metrics, stats, history, params)
+    if trainer.is_world_process_zero():  # under torchrun every process holds the same module: one writes it
+        save(wrapped, config.module_dir, overwrite=config.overwrite)
+        write_training_report(Path(args.output_dir), history, output.metrics, stats, params)
+    return TrainResult(wrapped, config.module_dir, output.metrics, stats, history, params)
 
 
 def _adapter_names(records: list[Record], method) -> list[str]:

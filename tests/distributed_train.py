@@ -1,0 +1,28 @@
+"""Train one method on the tiny model: run by tests/test_distributed.py alone and under ``torchrun`` (CPU: gloo).
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed_train.py METHOD MODEL_DIR OUT PER_DEVICE_BATCH
+
+Four examples of equal length, one global batch per step: every step sees all four in either setting, so two
+processes with batch 2 must train what one process with batch 4 trains.
+"""
+
+import sys
+
+from peftlab import DataConfig, TrainConfig, train
+
+METHODS = {"lora": {"name": "lora", "r": 4}, "ia3": {"name": "ia3"},
+           "loreft": {"name": "loreft", "layers": [1], "rank": 4, "positions": "f1+l1", "share_weights": False},
+           "bitune": {"name": "bitune", "adapter": {"name": "lora", "r": 4}}}
+RECORDS = [{"prompt": f"say {w}", "response": f"{w} {w} {w}"} for w in ("abcd", "efgh", "ijkl", "mnop")]
+
+
+def main(method: str, model: str, out: str, batch: int) -> None:
+    training = {"output_dir": out, "max_steps": 3, "learning_rate": 0.05, "per_device_train_batch_size": batch,
+                "seed": 0, "logging_steps": 1, "save_strategy": "no", "use_cpu": True}
+    config = TrainConfig(model=model, method=METHODS[method], data=DataConfig(pack=False), training=training,
+                         output=f"{out}/module")
+    train(config, train_data=RECORDS)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))

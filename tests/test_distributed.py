@@ -1,0 +1,39 @@
+"""Multi-process training as with Trainer: two processes under torchrun (gloo, CPU) with batch 2 save the module
+that one process with batch 4 saves (tolerance 1e-5: only the order of float sums differs)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftlab.module import read
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "distributed_train.py"
+
+
+def _run(args, nproc):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    done = subprocess.run([*launcher, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": str(HERE.parent / "src")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "loreft", "bitune"])
+def test_two_processes_train_what_one_process_trains(method, tiny_dir, tmp_path):
+    _run([method, tiny_dir, tmp_path / "one", 4], nproc=1)
+    _run([method, tiny_dir, tmp_path / "two", 2], nproc=2)
+    one, two = read(tmp_path / "one" / "module"), read(tmp_path / "two" / "module")
+    assert one.manifest == two.manifest
+    (a,), (b,) = one.tensors.values(), two.tensors.values()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-5), key
+    losses = [h["loss"] for h in json.loads((tmp_path / "one" / "train_log.json").read_text())["log_history"]
+              if "loss" in h]
+    assert losses[-1] < losses[0]  # it trained, so equal modules are not two untouched ones
