@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from transformers import DynamicCache, Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache
 
 from peftlab import load_records
 from peftlab.adapters import attach, load, save
@@ -11,38 +11,16 @@ from peftlab.data import Collator, encode
 from peftlab.generation import generate
 from peftlab.methods import cache_arg
 from peftlab.methods.bitune import VARIANTS, BituneConfig, bidirectional_mask
-from peftlab.models import load_model, tiny_model, tiny_tokenizer
+from peftlab.models import load_model, tiny_model
 from peftlab.module import read_info
 from peftlab.training import DataConfig, TrainConfig, train
 
-
-def _tiny_qwen2():
-    tokenizer = tiny_tokenizer()
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=False, initializer_range=0.2)
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(config).eval(), tokenizer
-
-
-def _tiny_gemma2(window=128):
-    """Gemma-2 alternates sliding-window and full attention layers."""
-    tokenizer = tiny_tokenizer()
-    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
-                          max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return Gemma2ForCausalLM(config).eval(), tokenizer
-
-
-ARCHITECTURES = {"llama": tiny_model, "qwen2": _tiny_qwen2, "gemma2": _tiny_gemma2}
+ARCHITECTURES = ["llama", "qwen2", "gemma2"]  # the rest: tests/test_architectures.py
 
 
 def _bitune(arch="llama", adapter=None, randomise=True, **settings):
     """A Bitune model whose adapters (and mix) are random, so every part changes the output."""
-    model, tokenizer = ARCHITECTURES[arch]()
+    model, tokenizer = tiny_model(arch=arch)
     wrapped = attach(model, "bitune", {"adapter": adapter or {"name": "lora", "r": 4}, **settings}).eval()
     if randomise:
         torch.manual_seed(3)
@@ -132,7 +110,7 @@ def test_generate_equals_a_manual_greedy_loop(arch):
 
 
 def test_inputs_that_reach_a_sliding_window_are_refused():
-    model, tokenizer = _tiny_gemma2(window=6)
+    model, tokenizer = tiny_model(arch="gemma2", sliding_window=6)
     wrapped = attach(model, "bitune", {"adapter": {"r": 4}})
     wrapped.generate(input_ids=torch.tensor([[3, 4, 5]]), max_new_tokens=2)  # inside the window: fine
     with pytest.raises(ValueError, match="sliding attention window"):

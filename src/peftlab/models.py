@@ -150,20 +150,34 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     return tok
 
 
-def tiny_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A small random Llama and its tokenizer, for tests: milliseconds per step."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+TINY_ARCHITECTURES: dict[str, dict] = {  # model_type -> what its tiny config needs beyond the common fields
+    "llama": {"num_key_value_heads": 2}, "mistral": {"num_key_value_heads": 2, "sliding_window": 256},
+    "qwen2": {"num_key_value_heads": 2}, "qwen3": {"num_key_value_heads": 2, "head_dim": 16},
+    "gemma": {"num_key_value_heads": 2, "head_dim": 16}, "gemma2": {"num_key_value_heads": 2, "head_dim": 16,
+                                                                     "sliding_window": 128},
+    "phi3": {"num_key_value_heads": 2}, "gpt_neox": {},
+}
 
+
+def tiny_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, arch: str = "llama",
+               **overrides) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A small random causal LM of architecture ``arch`` (a model_type of ``TINY_ARCHITECTURES``) and its
+    tokenizer, for tests: milliseconds per step. ``overrides`` set config fields (e.g. ``sliding_window``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch not in TINY_ARCHITECTURES:
+        raise ValueError(f"no tiny {arch!r}; choose from {sorted(TINY_ARCHITECTURES)}")
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False,
-                         initializer_range=0.2)  # large enough that a frozen head can express a learned answer
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), hidden_size=hidden_size,
+                                  intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                                  num_attention_heads=4, max_position_embeddings=512,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=None, tie_word_embeddings=False,
+                                  initializer_range=0.2,  # large enough that a frozen head can express an answer
+                                  **{**TINY_ARCHITECTURES[arch], **overrides})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    model.config.name_or_path = "tiny-llama"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.config.name_or_path = f"tiny-{arch.replace('_', '-')}"
     return model, tokenizer
 
 
