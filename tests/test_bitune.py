@@ -126,8 +126,11 @@ def test_beams_and_sampling_in_batches():
     for i, r in enumerate(rows):
         alone = wrapped.generate(input_ids=torch.tensor([r]), num_beams=3, do_sample=False, **settings)
         assert beams[i, width:].tolist() == alone[0, len(r):].tolist()
-    sampled = wrapped.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=2, **settings)
-    assert sampled.shape == (4, width + 4)
+    sampled = wrapped.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=1, num_return_sequences=2,
+                               **settings)  # top_k=1: every sample is the greedy answer of its own prompt
+    for i, r in enumerate(rows):
+        greedy = wrapped.generate(input_ids=torch.tensor([r]), do_sample=False, **settings)[0, len(r):].tolist()
+        assert sampled[2 * i, width:].tolist() == sampled[2 * i + 1, width:].tolist() == greedy
     with pytest.raises(ValueError, match="left-padded"):
         wrapped.generate(input_ids=ids.flip(1), attention_mask=mask.flip(1), **settings)
 

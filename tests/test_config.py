@@ -47,8 +47,6 @@ def starts(text):
 def test_from_dict_fills_nested_dataclasses():
     out = from_dict(Outer, {"name": "n", "inner": {"a": 5}, "extra": {"k": [1, 2]}})
     assert out == Outer(name="n", inner=Inner(a=5, b="x"), extra={"k": [1, 2]})
-    assert isinstance(out.inner, Inner)
-    assert isinstance(out.extra, dict)  # a dict-typed field stays a dict
 
 
 def test_from_dict_defaults_and_does_not_mutate_its_input():
@@ -80,10 +78,6 @@ def test_from_dict_constructor_errors_become_config_errors():
     with pytest.raises(ConfigError, match=r"^cfg: n must be >= 0, got -1$"):
         from_dict(Required, {"n": -1}, where="cfg")
     assert from_dict(Required, {"n": 3}) == Required(3)
-
-
-def test_config_error_is_a_value_error():
-    assert issubclass(ConfigError, ValueError)
 
 
 # ---------------------------------------------------------------- set_dotted

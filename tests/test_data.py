@@ -281,10 +281,6 @@ def test_missing_file(tmp_path):
         load_records(tmp_path / "dir.json")
 
 
-def test_data_error_is_a_value_error():
-    assert issubclass(DataError, ValueError)
-
-
 # ---------------------------------------------------------------- prompt rendering
 
 

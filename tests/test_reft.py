@@ -231,10 +231,11 @@ def test_beams_and_sampling_in_batches():
         alone = wrapped.generate(input_ids=torch.tensor([r]), max_new_tokens=4, num_beams=3, do_sample=False,
                                  eos_token_id=None)
         assert beams[i, width:].tolist() == alone[0, len(r):].tolist()
-    torch.manual_seed(0)
-    sampled = wrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=20,
-                               num_return_sequences=2, pad_token_id=pad)
-    assert sampled.shape[0] == 6
+    sampled = wrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=1,
+                               num_return_sequences=2, pad_token_id=pad, eos_token_id=None)
+    for i, r in enumerate(rows):  # top_k=1: both samples of each prompt are its greedy answer alone
+        greedy = wrapped.generate(input_ids=torch.tensor([r]), max_new_tokens=4, do_sample=False, eos_token_id=None)
+        assert sampled[2 * i, width:].tolist() == sampled[2 * i + 1, width:].tolist() == greedy[0, len(r):].tolist()
 
 
 def test_save_load_restores_every_setting(tmp_path):
