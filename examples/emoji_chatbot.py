@@ -2,7 +2,9 @@
 
     python examples/emoji_chatbot.py [--config examples/emoji-lora.yaml] [--set training.max_steps=60 ...]
 
-Prints the answers side by side and writes a JSON report (answers, emoji-only counts, times) to --out.
+Prints the answers side by side and writes a JSON report to --out: the answers, and after training the share of
+answers that are emoji only, that stop by themselves (before the token cap) and that use more than one distinct
+emoji (the tutorial's bot answers with a few varied emoji and stops), with the times.
 """
 
 from __future__ import annotations
@@ -57,9 +59,11 @@ def main() -> None:
     n_after = sum(r["emoji_only_after"] for r in rows)
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     capped = sum(r["after_ran_to_token_cap"] for r in rows)
+    rates = {"emoji_only": n_after / len(rows), "stopped_by_itself": 1 - capped / len(rows),
+             "more_than_one_distinct_emoji": sum(r["after_distinct_symbols"] > 1 for r in rows) / len(rows)}
     report = {"config": portable_path(args.config), "overrides": args.set, "module": portable_path(result.module_dir),
               "prompts": len(rows), "emoji_only_before": n_before, "emoji_only_after": n_after,
-              "after_ran_to_token_cap": capped, "max_new_tokens": args.max_new_tokens,
+              "after_ran_to_token_cap": capped, "rates_after": rates, "max_new_tokens": args.max_new_tokens,
               "trainable_parameters": result.parameters["trainable_parameters"],
               "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
               "train_seconds": round(train_seconds, 1), "wall_seconds": round(wall, 1), "answers": rows}
@@ -68,6 +72,7 @@ def main() -> None:
     print(f"\nemoji-only answers on {len(rows)} unseen prompts: before {n_before}/{len(rows)}, "
           f"after {n_after}/{len(rows)} ({capped} ran to the {args.max_new_tokens}-token cap instead of stopping); "
           f"training {train_seconds:.0f} s, total {wall:.0f} s -> {args.out}")
+    print("rates after: " + ", ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in rates.items()))
 
 
 if __name__ == "__main__":
