@@ -1,9 +1,11 @@
 """pyreft's checkpoint layout: written and read back, old key names, rotations stored as torch parametrisations."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from peftlab import attach, tiny_model
@@ -167,3 +169,32 @@ def test_import_takes_the_activation_pyreft_does_not_record(tmp_path, tiny_dir):
         assert back.reft_config.act == act
         with torch.no_grad():
             assert ((back(input_ids=IDS).logits - want).abs().max() < 1e-5) == same
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pyreft"
+
+
+@pytest.mark.parametrize("case", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
+def test_folders_pyreft_wrote_give_pyreft_s_logits(case):
+    """Folders and logits written by pyreft 0.1.0 itself (tests/fixtures/pyreft/make_fixtures.py): imported with the
+    positions pyreft used, the tiny model gives pyreft's logits; the short prompt needs pyreft's rule to match."""
+    folder = FIXTURES / case
+    positions = json.loads((folder / "case.json").read_text())["positions"]
+    expected = load_file(folder / "expected.safetensors")
+    imported = load_pyreft(folder, tiny_model()[0], positions=positions)
+    with torch.no_grad():
+        logits = imported(input_ids=expected["input_ids"]).logits
+        base = tiny_model()[0](input_ids=expected["input_ids"]).logits
+    assert (logits - expected["logits"]).abs().max() < 1e-5
+    assert (base - expected["logits"]).abs().max() > 1e-2  # pyreft's interventions did change the output
+    if case.endswith("-short"):
+        paper = load_pyreft(folder, tiny_model()[0], positions=positions, short_prompts="paper")
+        with torch.no_grad():
+            assert (paper(input_ids=expected["input_ids"]).logits - expected["logits"]).abs().max() > 1e-3
+
+
+def test_the_interventions_dtype_is_read_from_the_saved_tensors(tmp_path):
+    wrapped = _trained("loreft", dtype="bfloat16")
+    save_pyreft(wrapped, tmp_path / "p")
+    assert load_pyreft(tmp_path / "p", tiny_model()[0]).reft_config.dtype == "bfloat16"
+    assert load_pyreft(tmp_path / "p", tiny_model()[0], dtype="float32").reft_config.dtype == "float32"

@@ -340,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert ReFT interventions between pyreft's layout and a peftlab module",
                        description="A pyreft folder (config.json + intkey_*.bin) becomes a peftlab module, and a "
                                    "peftlab ReFT module becomes a pyreft folder. pyreft does not record positions, "
-                                   "the activation, dropout or the interventions' dtype, so give them when "
-                                   "importing (a module trained with an activation imported as linear is wrong).")
+                                   "the activation or dropout, so give them when importing (a module trained with "
+                                   "an activation imported as linear is wrong); the dtype is read from its tensors.")
     p.add_argument("source", help="a pyreft folder or a peftlab ReFT module folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write")
     p.add_argument("--model", default=None, help="base model (importing: the one the interventions were trained "
@@ -350,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act", default="linear", help="importing: the interventions' activation, as in ReFT "
                                                    "configs (default: linear)")
     p.add_argument("--dropout", type=float, default=0.0, help="importing: the interventions' dropout (default 0)")
-    p.add_argument("--intervention-dtype", default="float32",
-                   help="importing: the interventions' dtype (default: float32)")
+    p.add_argument("--intervention-dtype", default=None,
+                   help="importing: the interventions' dtype (default: that of the saved tensors)")
     p.add_argument("--short-prompts", default="pyreft", choices=["pyreft", "paper"],
                    help="importing: how prompts shorter than the positions are cut (default: pyreft, as the "
                         "module was trained)")

@@ -4,7 +4,8 @@ pyreft (through pyvene) saves a folder with ``config.json`` (pyvene's Intervenab
 ``representations`` row per intervention) and one ``intkey_{key}.bin`` per intervention, a ``torch.save`` of its
 state dict. That is pickle: peftlab reads it with ``torch.load(weights_only=True)``, which loads tensors only and
 runs no code, and writes it only when asked to export. pyreft's config does not record positions, dropout,
-activation or dtype; pass them when importing (defaults: last prompt token, no dropout, linear).
+or activation; pass them when importing (defaults: last prompt token, no dropout, linear). The dtype is read from
+the saved tensors; short prompts are cut by pyreft's rule (``short_prompts: pyreft``).
 """
 
 from __future__ import annotations
@@ -127,16 +128,22 @@ def read_pyreft_config(folder: str | Path, positions: str = "l1", **settings: An
 
 
 def load_pyreft(folder: str | Path, model: nn.Module, positions: str = "l1", **settings: Any) -> ReftModel:
-    """Attach the interventions of a pyreft folder to ``model`` (the base model they were trained on)."""
+    """Attach the interventions of a pyreft folder to ``model`` (the base model they were trained on). The
+    interventions' dtype is the one their saved tensors have, unless ``dtype`` is given."""
     folder = Path(folder)
+    files = {_canonical_key(p.name[len("intkey_"):-len(".bin")]): p for p in folder.glob("intkey_*.bin")}
+    saved = {key: torch.load(path, map_location="cpu", weights_only=True) for key, path in files.items()}
+    dtypes = {str(t.dtype).removeprefix("torch.") for state in saved.values() for k, t in state.items()
+              if t.is_floating_point() and t.dim() == 2 and "rotate" not in k}  # peftlab keeps R in fp32
+    if settings.get("dtype") is None and len(dtypes) == 1:
+        settings["dtype"] = dtypes.pop()
+    settings = {k: v for k, v in settings.items() if v is not None}
     kind, config = read_pyreft_config(folder, positions, **settings)
     wrapped = get_method(kind).attach(model, config)
-    files = {_canonical_key(p.name[len("intkey_"):-len(".bin")]): p for p in folder.glob("intkey_*.bin")}
     for key, iv in wrapped.interventions.items():
         if key not in files:
             raise ValueError(f"{folder}: no intkey file for intervention {key}; found {sorted(files)}")
-        saved = torch.load(files[key], map_location="cpu", weights_only=True)
-        iv.import_state(_from_pyreft_state(kind, saved, str(files[key])), str(files[key]))
+        iv.import_state(_from_pyreft_state(kind, saved[key], str(files[key])), str(files[key]))
     return wrapped.eval()
 
 
