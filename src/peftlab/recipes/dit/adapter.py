@@ -8,6 +8,7 @@ peft LoRA folder plus ``dit.json`` (the question, the base model, what it was tr
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,13 +73,15 @@ def train_dit(diffs, out: str | Path, config: DitConfig, model=None, tokenizer=N
     wrapped.add_shared_adapter(SHARED, MultiLoraConfig(r=config.rank, alpha=config.alpha,
                                                        target_modules=config.target_modules))
     features, _ = encode(load_records(_records(topics, config.question)), tokenizer, PROMPT_FORMAT)
-    args = TrainingArguments(**{**TRAINING_DEFAULTS, "output_dir": str(Path(out).parent / f".{Path(out).name}.run"),
+    scratch = Path(out).parent / f".{Path(out).name}.run"  # Trainer's output_dir: nothing is kept there
+    args = TrainingArguments(**{**TRAINING_DEFAULTS, "output_dir": str(scratch),
                                 "max_steps": config.steps, "per_device_train_batch_size": config.batch_size,
                                 "learning_rate": config.learning_rate, "lr_scheduler_type": "constant",
                                 "seed": config.seed, "logging_steps": 10})
     trainer = Trainer(model=wrapped.train(), args=args, train_dataset=features,
                       data_collator=Collator(tokenizer.pad_token_id))
     output = trainer.train()
+    shutil.rmtree(scratch, ignore_errors=True)
     shared = wrapped.shared[SHARED]
     manifest = Manifest({"default": Adapter("lora", shared.to_dict())}, wrapped.causal_lm.config.name_or_path,
                         PROMPT_FORMAT)
