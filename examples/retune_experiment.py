@@ -11,13 +11,13 @@ when their output exists, training resumes from its last checkpoint and an evalu
     python examples/retune_experiment.py --methods retune --seed 1     # another seed of one method
     python examples/retune_experiment.py --methods retune --step-accuracy  # + each step in its gold context
     python examples/retune_experiment.py --methods retune --steps 600 --runs runs/retune-600 \
-        --result examples/results/retune-addition-steps-600.json      # another budget: its own runs and report
+        --result runs/results/retune-addition-steps-600.json      # another budget: its own runs and report
     python examples/retune_experiment.py --methods retune --train-max 8 --runs runs/retune-train8 \
-        --result examples/results/retune-addition-steps-train8.json    # train 1-8, evaluate to 16
+        --result runs/results/retune-addition-steps-train8.json    # train 1-8, evaluate to 16
     (a wider range dilutes the base case: add e.g. --share 1=0.025, or --repeat 1=8 --repeat 2=2, which replaces
     the task's default, with --runs and --result of its own)
     python examples/retune_experiment.py --methods retune --config examples/retune-paper-lora.yaml \
-        --runs runs/retune-paper-lora --result examples/results/retune-addition-steps-paper-lora.json
+        --runs runs/retune-paper-lora --result runs/results/retune-addition-steps-paper-lora.json
 
 Writes examples/results/retune-<task>.json and .png (accuracy against length, one curve per method); methods run
 separately (e.g. one per core) are added to an existing report of the same setup.
