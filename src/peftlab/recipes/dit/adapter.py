@@ -31,7 +31,7 @@ class DitConfig:
     target_modules: list[str] | str = "all-linear"
     question: str = QUESTION
     train_topics: int | None = None  # the first N training topics (the data-scaling curve); None: all
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 8
     learning_rate: float = 1e-3
     seed: int = 0

@@ -114,7 +114,7 @@ def add_commands(sub) -> None:
     q.add_argument("--rank", type=int, default=16, help="default: 16 (the paper's)")
     q.add_argument("--alpha", type=float, default=16.0, help="default: 16")
     q.add_argument("--train-topics", type=int, default=None, help="only the first N training topics")
-    q.add_argument("--steps", type=int, default=300, help="default: 300")
+    q.add_argument("--steps", type=int, default=200, help="default: 200")
     q.add_argument("--batch-size", type=int, default=8, help="default: 8")
     q.add_argument("--lr", type=float, default=1e-3, help="default: 1e-3")
     q.add_argument("--seed", type=int, default=0, help="default: 0")
