@@ -60,7 +60,8 @@ def main() -> None:
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     capped = sum(r["after_ran_to_token_cap"] for r in rows)
     rates = {"emoji_only": n_after / len(rows), "stopped_by_itself": 1 - capped / len(rows),
-             "more_than_one_distinct_emoji": sum(r["after_distinct_symbols"] > 1 for r in rows) / len(rows)}
+             "more_than_one_distinct_emoji": sum(r["emoji_only_after"] and r["after_distinct_symbols"] > 1
+                                                 for r in rows) / len(rows)}
     report = {"config": portable_path(args.config), "overrides": args.set, "module": portable_path(result.module_dir),
               "prompts": len(rows), "emoji_only_before": n_before, "emoji_only_after": n_after,
               "after_ran_to_token_cap": capped, "rates_after": rates, "max_new_tokens": args.max_new_tokens,

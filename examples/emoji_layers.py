@@ -26,7 +26,7 @@ def rates(answers: list[str], tokenizer) -> dict[str, float]:
     n = len(answers)
     capped = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= MAX_NEW - 3 for a in answers)
     return {"emoji_only": sum(map(is_emoji_only, answers)) / n, "stopped_by_itself": 1 - capped / n,
-            "more_than_one_distinct_emoji": sum(len(set(a) - {" ", "\n", "\ufe0f", "\u200d"}) > 1
+            "more_than_one_distinct_emoji": sum(is_emoji_only(a) and len(set(a) - {" ", "\n", "\ufe0f", "\u200d"}) > 1
                                                 for a in answers) / n}
 
 
