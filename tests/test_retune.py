@@ -344,3 +344,29 @@ def test_every_method_renders_every_task():
         for method in METHODS:
             prompt = task.prompt(problem, method)
             assert prompt == task.examples(problem, method)[0][0]
+
+
+def test_operand_families_have_the_property_they_are_named_for():
+    from peftlab.recipes.retune.tasks import ADDITION_FAMILIES
+
+    def pair_sums(a, b):
+        return [int(x) + int(y) for x, y in zip(a, b, strict=True)]
+
+    for length in (1, 2, 6, 9):
+        for family in ADDITION_FAMILIES:
+            for a, b in problems_for("addition-steps", length, 20, seed=5, family=family):
+                assert len(a) == len(b) == length and (length == 1 or a[0] != "0" and b[0] != "0"), (a, b)
+                sums = pair_sums(a, b)
+                if family == "carry-chain":  # one carry through every place: the sum is 10^length + (units - 10)
+                    assert sums[-1] >= 10 and all(s == 9 for s in sums[:-1])
+                    assert str(int(a) + int(b)) == "1" + "0" * (length - 1) + str(sums[-1] - 10)
+                if family == "all-carry":
+                    assert all(s >= 10 for s in sums)
+                if family == "no-carry":
+                    assert all(s <= 9 for s in sums) and len(str(int(a) + int(b))) == length
+    runs = problems_for("addition", 9, 50, seed=5, family="equal-runs")
+    repeats = sum(x == y for a, _ in runs for x, y in zip(a[:-1], a[1:], strict=True)) / (50 * 8)
+    assert repeats > 0.7  # each digit repeats the one before with probability 0.8 (+0.1 by chance)
+    assert problems_for("addition", 4, 5, seed=5) == problems_for("addition", 4, 5, seed=5, family="uniform")
+    with pytest.raises(ValueError, match="operand families are for addition"):
+        problems_for("parity", 4, 5, seed=5, family="carry-chain")

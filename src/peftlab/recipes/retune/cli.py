@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from peftlab.recipes.retune.tasks import METHODS, TASKS
+from peftlab.recipes.retune.tasks import ADDITION_FAMILIES, METHODS, TASKS
 
 
 def size_pairs(values: list[str], cast, flag: str) -> dict[int, float]:
@@ -70,7 +70,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from peftlab.recipes.retune.tasks import get_task
 
     config = EvalConfig(args.task, parse_lengths(args.lengths), args.n, args.seed,
-                        parse_lengths(args.train_lengths) if args.train_lengths else None, args.step_accuracy)
+                        parse_lengths(args.train_lengths) if args.train_lengths else None, args.step_accuracy,
+                        args.family)
     engine = EngineConfig(batch=not args.no_batch, memoize=not args.no_memo, max_batch=args.batch_size)
     runs = [tuple(r.split("=", 1)) if "=" in r else ("retune", r) for r in args.run]
     bad = [m for m, _ in runs if m not in METHODS]
@@ -78,11 +79,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from peftlab.config import ConfigError
 
         raise ConfigError(f"--run METHOD=DIR with METHOD in {METHODS} (got {bad}), or --oracle")
-    report = {"task": args.task, "n": args.n, "seed": args.seed, "train_lengths": config.train_lengths,
+    report = {"task": args.task, "family": args.family, "n": args.n, "seed": args.seed,
+              "train_lengths": config.train_lengths,
               "engine": vars(engine), "runs": {}}
     task = get_task(args.task)
     for method in args.oracle:
-        table = [(p, r) for length in config.lengths for q in problems_for(args.task, length, args.n, args.seed)
+        table = [(p, r) for length in config.lengths
+                 for q in problems_for(args.task, length, args.n, args.seed, args.family)
                  for p, r, _ in task.examples(q, method)]
         report["runs"][f"{method} (oracle)"] = {"method": method, "lengths": evaluate_method(config, method,
                                                                                              Oracle(table), engine)}
@@ -155,6 +158,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--train-lengths", default=None, help="shaded on the plot, e.g. 1-8")
     q.add_argument("--n", type=int, default=50, help="problems per length (default: 50)")
     q.add_argument("--seed", type=int, default=1234, help="problem seed (default: 1234)")
+    q.add_argument("--family", default="uniform", choices=ADDITION_FAMILIES,
+                   help="addition: the operands (default: uniform); carry-chain, equal-runs, all-carry and "
+                        "no-carry are hard or easy for copying, see docs/retune.md")
     q.add_argument("--model", default=None, help="base model (default: the module's)")
     q.add_argument("--max-new-tokens", type=int, default=64, help="per generation (default: 64)")
     q.add_argument("--batch-size", type=int, default=64, help="prompts per model call (default: 64)")

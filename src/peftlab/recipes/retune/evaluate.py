@@ -16,7 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from peftlab.recipes.retune.engine import Engine, EngineConfig, Generator
-from peftlab.recipes.retune.tasks import CALL, RETURN, Task, get_task
+from peftlab.recipes.retune.tasks import CALL, RETURN, Addition, Task, get_task
 from peftlab.report import plot, write_json
 
 
@@ -28,12 +28,20 @@ class EvalConfig:
     seed: int = 1234  # problems are drawn from this seed, the same for every method
     train_lengths: list[int] | None = None  # marked on the plot (in distribution)
     step_accuracy: bool = False  # Re-Tuning: also grade every gold step in its gold context (see step_accuracy)
+    family: str = "uniform"  # addition: the operands' family (tasks.ADDITION_FAMILIES), e.g. carry-chain
 
 
-def problems_for(task_name: str, length: int, n: int, seed: int) -> list[Any]:
-    rng = random.Random(f"{task_name}/{length}/{seed}")  # the same problems whatever other lengths are asked
+def problems_for(task_name: str, length: int, n: int, seed: int, family: str = "uniform") -> list[Any]:
+    """``n`` problems of ``length``, the same whatever other lengths are asked; addition tasks draw their operands
+    from ``family`` (see ``tasks.operands``)."""
     task = get_task(task_name)
-    return [task.sample(length, rng) for _ in range(n)]
+    if family == "uniform":  # the seed string of the standing reports: their problems stay the same
+        rng = random.Random(f"{task_name}/{length}/{seed}")
+        return [task.sample(length, rng) for _ in range(n)]
+    if not isinstance(task, Addition):
+        raise ValueError(f"operand families are for addition tasks, not {task_name!r}")
+    rng = random.Random(f"{task_name}/{length}/{seed}/{family}")
+    return [task.sample(length, rng, family=family) for _ in range(n)]
 
 
 class _Recorder:
@@ -120,7 +128,7 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
         if is_evaluated(config, method, saved.get(length)):
             per_length[length] = saved[length]
             continue
-        problems = problems_for(config.task, length, config.n, config.seed)
+        problems = problems_for(config.task, length, config.n, config.seed, config.family)
         start = time.perf_counter()
         analysis: dict[str, Any] = {}
         if method == "retune":

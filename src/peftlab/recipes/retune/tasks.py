@@ -134,6 +134,39 @@ def _digits(length: int, rng: random.Random, runs: float = 0.0) -> str:
     return "".join(digits)
 
 
+ADDITION_FAMILIES = ("uniform", "carry-chain", "equal-runs", "all-carry", "no-carry")
+
+
+def operands(length: int, rng: random.Random, family: str) -> tuple[str, str]:
+    """Two ``length``-digit operands whose sum is hard (or easy) to copy in a given way:
+
+    - ``uniform``: uniform numbers (a run of k equal output digits is rare);
+    - ``carry-chain``: the units sum to 10 or more and every higher pair to 9, so one carry runs through every
+      place (``667039 + 332969 = 1000008``: the output is a long run of zeros);
+    - ``equal-runs``: each operand digit repeats the one before with probability 0.8 (``666`` copied as ``66``);
+    - ``all-carry``: every digit pair sums to 10 or more; ``no-carry``: every pair to 9 or less.
+    """
+    if family == "uniform":
+        return _digits(length, rng), _digits(length, rng)
+    if family == "equal-runs":
+        return _digits(length, rng, 0.8), _digits(length, rng, 0.8)
+    if family not in ADDITION_FAMILIES:
+        raise ValueError(f"operand family {family!r} is not one of {ADDITION_FAMILIES}")
+    pairs = []
+    for place in range(length):  # place 0 is the units
+        low = 1 if place == length - 1 and length > 1 else 0  # no leading zero
+        if family == "carry-chain" and place > 0:
+            x = rng.randint(low, 9 - low)
+            pairs.append((x, 9 - x))
+            continue
+        carries = family != "no-carry"
+        options = [(x, y) for x in range(low, 10) for y in range(low, 10) if (x + y >= 10) == carries]
+        pairs.append(rng.choice(options))
+    a = "".join(str(x) for x, _ in reversed(pairs))
+    b = "".join(str(y) for _, y in reversed(pairs))
+    return a, b
+
+
 class Addition(Task):
     """a + b with both operands ``length`` digits. Re-Tuning drops the leading digit of both and prepends one.
 
@@ -192,8 +225,10 @@ class Addition(Task):
         digits = f"{total % 10}{output}"
         return total // 10, f"{shown}Carry {total // 10}, Output {self._show(digits, start)}", digits
 
-    def sample(self, length: int, rng: random.Random, runs: float = 0.0) -> tuple[Any, ...]:
-        a, b = _digits(length, rng, runs), _digits(length, rng, runs)
+    def sample(self, length: int, rng: random.Random, runs: float = 0.0,
+               family: str = "uniform") -> tuple[Any, ...]:
+        a, b = (_digits(length, rng, runs), _digits(length, rng, runs)) if family == "uniform" else \
+            operands(length, rng, family)
         return (a, b, rng.randint(0, len(PLACES) - length - 1)) if self.shift_hints else (a, b)
 
     def sample_training(self, length: int, rng: random.Random) -> tuple[Any, ...]:
