@@ -98,6 +98,17 @@ def test_set_dotted_parses_values_as_yaml():
     assert type(tree["a"]["b"]) is int
 
 
+def test_only_true_and_false_are_booleans(tmp_path):
+    tree: dict[str, Any] = {}
+    for word in ("no", "yes", "on", "off"):  # YAML 1.1 would make these booleans: save_strategy: no -> False
+        set_dotted(tree, f"{word}={word}")
+    set_dotted(tree, "t=True")
+    set_dotted(tree, "f=false")
+    assert tree == {"no": "no", "yes": "yes", "on": "on", "off": "off", "t": True, "f": False}
+    (tmp_path / "c.yaml").write_text("training: {save_strategy: no}\nflag: TRUE\n")
+    assert load_yaml(tmp_path / "c.yaml") == {"training": {"save_strategy": "no"}, "flag": True}
+
+
 def test_set_dotted_exponent_without_a_dot_is_a_float():
     # PyYAML alone reads 1e-3 as the string '1e-3'; the CLI help suggests exactly this form
     tree: dict[str, Any] = {}
