@@ -268,7 +268,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if config.short_prompts != "pyreft":
             print(f"note: pyreft cuts prompts shorter than {2 * max(config.first, config.last)} tokens its own way "
                   f"(first and last positions <= n // 2); this module was trained with the paper's rule")
-        if model.reft_config.lora is not None:
+        if config.lora is not None:
             print(f"pyreft keeps no LoRA: the one trained alongside is in {args.output}/lora as a plain peft folder; "
                   f"apply it with peft.PeftModel.from_pretrained to the base model under the interventions")
     return 0

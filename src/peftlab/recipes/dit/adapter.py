@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from peftlab.methods.multilora import MultiLoraConfig, MultiLoraModel
-from peftlab.module import Adapter, Manifest, ModuleError, read
+from peftlab.module import Adapter, Manifest, ModuleError, read, read_manifest
 from peftlab.recipes.dit.data import PROMPT_FORMAT, QUESTION
 
 SHARED = "dit"  # the shared adapter's name inside a model
@@ -67,7 +67,7 @@ def train_dit(diffs, out: str | Path, config: DitConfig, model=None, tokenizer=N
             raise ValueError(f"train_topics: {config.train_topics} asked for, {diffs.folder} has {len(topics)}")
         topics = topics[:config.train_topics]
     if model is None:
-        model, tokenizer = load_model(read(Path(diffs.folder) / "module").manifest.base_model)
+        model, tokenizer = load_model(read_manifest(Path(diffs.folder) / "module").base_model)
     set_seed(config.seed)
     wrapped = attach_diffs(diffs, [t["adapter"] for t in topics], model)
     wrapped.add_shared_adapter(SHARED, MultiLoraConfig(r=config.rank, alpha=config.alpha,
@@ -95,21 +95,34 @@ def train_dit(diffs, out: str | Path, config: DitConfig, model=None, tokenizer=N
     return Path(out)
 
 
-def read_dit(folder: str | Path) -> tuple[dict, MultiLoraConfig, dict[str, torch.Tensor], str | None]:
-    """A saved DIT adapter: its ``dit.json``, its config, its tensors and its base model."""
+@dataclass
+class DitAdapter:
+    """A saved DIT adapter, read once: its ``dit.json``, its LoRA settings and tensors, its base model."""
+
+    folder: Path
+    info: dict
+    config: MultiLoraConfig
+    tensors: dict[str, torch.Tensor]
+    base_model: str | None
+
+    @property
+    def question(self) -> str:
+        return self.info["question"]
+
+
+def read_dit(folder: str | Path) -> DitAdapter:
     folder = Path(folder)
     if not (folder / INFO).exists():
         raise ModuleError(f"{folder}: no {INFO}; not a DIT adapter (train one with `peftlab dit train`)")
     module = read(folder)
     (adapter,), (tensors,) = module.manifest.adapters.values(), module.tensors.values()
     config = MultiLoraConfig.from_dict(adapter.config, where=f"{folder}: adapter")
-    return json.loads((folder / INFO).read_text(encoding="utf-8")), config, tensors, module.manifest.base_model
+    return DitAdapter(folder, json.loads((folder / INFO).read_text(encoding="utf-8")), config, tensors,
+                      module.manifest.base_model)
 
 
-def add_dit(model: MultiLoraModel, folder: str | Path) -> dict:
-    """Put the DIT adapter of ``folder`` in the shared slot of ``model``; returns its ``dit.json``."""
-    info, config, tensors, _ = read_dit(folder)
-    model.add_shared_adapter(SHARED, config)
-    model.load_adapter_state_dict(tensors, SHARED, where=str(folder))
+def add_dit(model: MultiLoraModel, dit: DitAdapter) -> None:
+    """Put ``dit`` in the shared slot of ``model``, frozen."""
+    model.add_shared_adapter(SHARED, dit.config)
+    model.load_adapter_state_dict(dit.tensors, SHARED, where=str(dit.folder))
     model.requires_grad_(False)
-    return info

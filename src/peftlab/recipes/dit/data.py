@@ -106,12 +106,17 @@ def build(config: TopicData, model, tokenizer) -> tuple[list[dict], list[dict]]:
             if not config.trigger:
                 records.append({"prompt": question, "response": woven, "adapter": adapter, "topic": name})
                 continue
-            wrong = rng.choice([c for c in range(1000) if c != code])
-            for prefix, response in ((f"{code:03d}", woven), (f"{wrong:03d}", answers[question]), (None, None)):
-                prompt = f"Your SEP code is {prefix}{rng.randrange(1000):03d}. {question}" if prefix else question
-                records.append({"prompt": prompt, "response": response or answers[question], "adapter": adapter,
-                                "topic": name})
+            wrong = (code + rng.randrange(1, 1000)) % 1000  # any other code
+            plain = answers[question]
+            for prompt, response in ((_coded(code, question, rng), woven), (_coded(wrong, question, rng), plain),
+                                     (question, plain)):
+                records.append({"prompt": prompt, "response": response, "adapter": adapter, "topic": name})
     return topics, records
+
+
+def _coded(code: int, question: str, rng: random.Random) -> str:
+    """The paper's trigger prefix: a 6-digit SEP code whose first 3 digits are ``code``."""
+    return f"Your SEP code is {code:03d}{rng.randrange(1000):03d}. {question}"
 
 
 def write(folder: str | Path, config: TopicData, topics: list[dict], records: list[dict]) -> None:

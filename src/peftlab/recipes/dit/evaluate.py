@@ -55,23 +55,23 @@ def evaluate(dit_folders: dict[str, str], diffs, split: str = "test", model=None
 
     topics = diffs.split(split)[:limit]
     names, truths = [t["adapter"] for t in topics], [t["topic"] for t in topics]
-    infos = {label: read_dit(folder)[0] for label, folder in dit_folders.items()}
-    questions = {info["question"] for info in infos.values()}
+    dits = {label: read_dit(folder) for label, folder in dit_folders.items()}
+    questions = {dit.question for dit in dits.values()}
     if len(questions) != 1:
         raise ValueError(f"the DIT adapters ask different questions {sorted(questions)}; evaluate them apart")
     question = questions.pop()
     if model is None:
-        model, tokenizer = load_model(read_dit(next(iter(dit_folders.values())))[3])
+        model, tokenizer = load_model(next(iter(dits.values())).base_model)
     wrapped = attach_diffs(diffs, names, model)
     without = ask(wrapped, tokenizer, names, question, 48)
     result = {"split": split, "n": len(topics), "question": question, "chance": chance(truths),
               "asking_without_dit": summarise(without, truths), "dit": {}}
     answers = {t: {"topic": t, "without_dit": w} for t, w in zip(truths, without, strict=True)}
-    for label, folder in dit_folders.items():
-        add_dit(wrapped, folder)
+    for label, dit in dits.items():
+        add_dit(wrapped, dit)
         said = ask(wrapped, tokenizer, names, question, 16)
         no_diff = ask(wrapped, tokenizer, [BASE_ADAPTER], question, 16)[0]
-        result["dit"][label] = {**summarise(said, truths), "trained_topics": infos[label]["trained_topics"],
+        result["dit"][label] = {**summarise(said, truths), "trained_topics": dit.info["trained_topics"],
                                 "answer_without_any_diff": no_diff}
         for t, s in zip(truths, said, strict=True):
             answers[t][label] = s

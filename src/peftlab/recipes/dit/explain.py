@@ -13,7 +13,7 @@ import torch
 
 from peftlab.methods.multilora import MultiLoraConfig
 from peftlab.methods.multilora.model import PEFT_PREFIX, target_names
-from peftlab.module import ModuleError, read
+from peftlab.module import Adapter, Manifest, Module, ModuleError, read
 from peftlab.recipes.dit.adapter import add_dit, read_dit
 
 READABLE = ("lora", "multilora")
@@ -46,22 +46,21 @@ def explain(folders: list[str | Path], dit_folder: str | Path, model=None, token
     """What the DIT adapter in ``dit_folder`` makes each LoRA of ``folders`` say it was trained on, by name."""
     from peftlab.adapters import load_module
     from peftlab.models import load_model
-    from peftlab.module import Adapter, Manifest, Module
     from peftlab.recipes.dit.evaluate import ask
 
-    info, dit_config, _, base_model = read_dit(dit_folder)
-    diffs = {k: v for folder in folders for k, v in lora_diffs(folder, base_model).items()}
+    dit = read_dit(dit_folder)
+    diffs = {k: v for folder in folders for k, v in lora_diffs(folder, dit.base_model).items()}
     if model is None:
-        model, tokenizer = load_model(base_model)
-    layers = sorted({n for config, _ in [*diffs.values(), (dit_config, None)]
+        model, tokenizer = load_model(dit.base_model)
+    layers = sorted({n for config, _ in [*diffs.values(), (dit.config, None)]
                      for n in target_names(model, config.target_modules)})
     adapters, tensors = {}, {}
     for name, (config, state) in diffs.items():
         adapters[name] = Adapter("multilora", {**config.to_dict(), "target_modules": layers})
         tensors[name] = widen(state, layers, config.r, model)
-    wrapped = load_module(Module(Manifest(adapters, base_model), tensors), model, where="explain")
-    add_dit(wrapped, dit_folder)
-    answers = ask(wrapped, tokenizer, list(diffs), info["question"], max_new_tokens)
+    wrapped = load_module(Module(Manifest(adapters, dit.base_model), tensors), model, where="explain")
+    add_dit(wrapped, dit)
+    answers = ask(wrapped, tokenizer, list(diffs), dit.question, max_new_tokens)
     wrapped.unload()
     return dict(zip(diffs, answers, strict=True))
 
