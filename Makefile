@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 $(BIN)/peftlab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,evals]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,evals,serve]"
 	touch $@
 
 install: $(BIN)/peftlab

@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: train, generate, chat, merge, info, eval, data, convert, multilora, compose, retune."""
+"""The ``peftlab`` command: train, generate, evaluate, compose and serve modules of every method."""
 
 from __future__ import annotations
 
@@ -437,8 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     from peftlab.compose.cli import add_compose_command
     from peftlab.recipes.dit.cli import add_commands as add_dit_commands
     from peftlab.recipes.retune.cli import add_commands as add_retune_commands
+    from peftlab.serve.cli import add_command as add_serve_command
 
     add_retune_commands(sub)
+    add_serve_command(sub)
     add_dit_commands(sub)
     add_compose_command(sub)
     return parser

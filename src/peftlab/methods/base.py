@@ -211,6 +211,25 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
         self.bind(kwargs)
         return self.model.generate(*args, **kwargs)
 
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: Any, **fields: Any) -> torch.Tensor:
+        """Read left-padded prompts into ``cache``; the logits [B, vocab] after each prompt's last token.
+
+        A server calls this once per prompt, then decodes with plain forward calls on the cache; methods whose
+        prompt pass is not a plain forward (Bitune) override it. ``fields`` are the per-example ones of
+        ``peftlab.context`` (adapter_names, adapter_index).
+        """
+        out = self(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                   logits_to_keep=1, **{cache_arg(self.causal_lm): cache}, **fields)
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any,
+               **fields: Any) -> torch.Tensor:
+        """One decode step on a cache that ``prefill`` filled: the logits [B, vocab] after ``input_ids`` [B, 1]."""
+        return self.prefill(input_ids, attention_mask, position_ids, cache, **fields)
+
 
 # transformers 5.x renames the forward argument past_key_values to cache (the old name works until 5.40): hooks
 # read whichever one generate() passed, and our own calls use the name the model's forward declares.

@@ -217,6 +217,30 @@ class BituneModel(PeftlabModel):
         finally:
             self._generating = False
 
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: DynamicCache, **fields) -> torch.Tensor:
+        """Bitune's prompt passes on all but each prompt's last token, then that token read causally on the
+        mixed cache (what ``generate`` does at its first call); decode steps after it are plain forwards."""
+        self.bind(dict(fields))
+        if input_ids.shape[1] > 1:
+            self.encode_prompt(input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1], into=cache)
+        else:
+            self._use(CAUSAL)
+        lm = self.causal_lm
+        out = lm(input_ids=input_ids[:, -1:], attention_mask=attention_mask, position_ids=position_ids[:, -1:],
+                 use_cache=True, **{cache_arg(lm): cache})
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+               cache: DynamicCache, **fields) -> torch.Tensor:
+        """A plain causal step with the causal adapter (``prefill`` left it active)."""
+        lm = self.causal_lm
+        out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                 **{cache_arg(lm): cache})
+        return out.logits[:, -1]
+
     def _on_generate_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         cache, ids = cache_in(kwargs), kwargs.get("input_ids")
         if not self._generating or cache is None or ids is None or cache.get_seq_length() > 0 or ids.shape[1] < 2:

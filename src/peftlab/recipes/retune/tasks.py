@@ -135,6 +135,7 @@ def _digits(length: int, rng: random.Random, runs: float = 0.0) -> str:
 
 
 ADDITION_FAMILIES = ("uniform", "carry-chain", "equal-runs", "all-carry", "no-carry")
+HARD_FAMILIES = ("carry-chain", "equal-runs", "all-carry")  # what addition-steps-hard trains on besides uniform
 
 
 def operands(length: int, rng: random.Random, family: str) -> tuple[str, str]:
@@ -189,6 +190,9 @@ class Addition(Task):
       repeat the one before with probability 0.25 (besides the 0.1 of chance), so runs like ``6660`` that a
       uniform 1-6-digit number rarely has are common in training; evaluation problems stay uniform, so its
       report compares with ``addition-steps``'. Measured: worse (the model writes runs that are not there).
+    - ``train_hard`` (task ``addition-steps-hard``, with ``show_digit_sum``) draws that share of the training
+      problems from the families that are hard to copy (carry-chain, equal-runs, all-carry, in turn), the rest
+      uniform: the outputs hold the long runs that uniform data lacks, as in the evaluation families.
     """
 
     name = "addition"
@@ -196,14 +200,16 @@ class Addition(Task):
     repeat = {1: 4, 2: 2}  # the base case ~2.5% of 1-6-digit data (1.5% of 1-8: wider ranges want share={1: .025})
 
     def __init__(self, show_digit_sum: bool = False, index_hints: bool = False, shift_hints: bool = False,
-                 train_runs: float = 0.0) -> None:
+                 train_runs: float = 0.0, train_hard: float = 0.0) -> None:
         self.show_digit_sum, self.shift_hints, self.train_runs = show_digit_sum, shift_hints, train_runs
+        self.train_hard = train_hard
         self.index_hints = index_hints or shift_hints
         variants = [(suffix, text) for on, suffix, text in (
             (show_digit_sum, "-steps", ", each step writing its one-digit sum (x+y+carry=s) first"),
             (self.index_hints, "-hints", ", every digit tagged with its place (c7b3a1 = 731)"),
             (shift_hints, "-shifted", " from a random letter"),
-            (train_runs, "-runs", f", trained on operands that repeat a digit with probability {train_runs}"))
+            (train_runs, "-runs", f", trained on operands that repeat a digit with probability {train_runs}"),
+            (train_hard, "-hard", f", {train_hard:.0%} of training operands from the families hard to copy"))
             if on]
         if variants:
             self.name = "addition" + "".join(suffix for suffix, _ in variants)
@@ -232,6 +238,8 @@ class Addition(Task):
         return (a, b, rng.randint(0, len(PLACES) - length - 1)) if self.shift_hints else (a, b)
 
     def sample_training(self, length: int, rng: random.Random) -> tuple[Any, ...]:
+        if length > 1 and rng.random() < self.train_hard:
+            return self.sample(length, rng, family=rng.choice(HARD_FAMILIES))
         return self.sample(length, rng, self.train_runs)
 
     def length(self, problem: tuple[Any, ...]) -> int:
@@ -493,6 +501,7 @@ def _parse_list(text: str) -> list[int]:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Addition(), Addition(show_digit_sum=True), Addition(show_digit_sum=True, index_hints=True),
     Addition(show_digit_sum=True, shift_hints=True), Addition(show_digit_sum=True, train_runs=0.25),
+    Addition(show_digit_sum=True, train_hard=0.3),
     Parity(), Parity(show_sum=True), MaxSumNonAdjacent(), MaxSumNonAdjacent(show_steps=True))}
 
 

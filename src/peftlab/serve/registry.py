@@ -1,0 +1,104 @@
+"""What a server serves: the base model and named adapters, each with its method, prompt format and lane.
+
+LoRA adapters (peft LoRA folders, peftlab ``lora``/``multilora`` modules) share one lane: a MultiLoRA model over
+the base, which runs a batch with a different adapter per row (``__base__`` for the base model). Its layers cover
+every linear layer but the head; an adapter trained on fewer is zero on the others, which is exact. Every other
+module (ReFT, Bitune, IA3, DoRA) gets a lane of its own: its method attached to a copy of the base model that
+shares the base weights, so requests for it batch with each other.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from peftlab.data import PromptFormat
+from peftlab.methods import get_method
+from peftlab.methods.multilora.config import MultiLoraConfig
+from peftlab.methods.multilora.model import PEFT_PREFIX, MultiLoraModel, target_names
+from peftlab.module import Module, ModuleError, read
+
+SHARED_LANE = "__lora__"  # the lane of the base model and every LoRA adapter
+LORA_METHODS = ("lora", "multilora")
+
+
+class AdapterPathError(PermissionError):
+    """A load request for a path outside the adapter folder (or with no adapter folder configured)."""
+
+
+@dataclass
+class Served:
+    """One name a request's ``model`` may give."""
+
+    name: str
+    method: str  # "base" for the base model
+    lane: str
+    prompt_format: PromptFormat
+    folder: str | None = None
+    created: int = 0
+    in_flight: int = 0  # sequences admitted and not finished
+    draining: bool = False  # being unloaded: new requests are refused, running ones finish
+
+    def card(self, base: str) -> dict:
+        """Its entry in ``/v1/models`` (vLLM's fields: root, parent; peftlab's: method, prompt_format)."""
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "peftlab",
+                "root": self.folder or self.name, "parent": None if self.method == "base" else base,
+                "method": self.method, "prompt_format": vars(self.prompt_format)}
+
+
+def resolve_under(root: str | Path | None, path: str) -> Path:
+    """``path`` (relative to ``root``, or absolute inside it) as a real path inside ``root``; anything that leaves
+    it, through ``..`` or a symbolic link, is refused."""
+    if root is None:
+        raise AdapterPathError("loading adapters at run time is off: start the server with --adapter-dir DIR")
+    real_root = Path(os.path.realpath(root))
+    real = Path(os.path.realpath(real_root / path))
+    if real != real_root and real_root not in real.parents:
+        raise AdapterPathError(f"adapter path {path!r} is outside the adapter folder {str(root)!r}")
+    return real
+
+
+def as_shared_lora(module: Module, model: MultiLoraModel) -> tuple[MultiLoraConfig, dict[str, torch.Tensor]] | None:
+    """A single-adapter LoRA module as an adapter of the shared lane (its tensors zero-padded to every layer the
+    lane holds), or None if it cannot join it (DoRA, trained biases, layers the lane does not hold)."""
+    (adapter,), (tensors,) = module.manifest.adapters.values(), module.tensors.values()
+    if adapter.method not in LORA_METHODS:
+        return None
+    try:
+        config = MultiLoraConfig.from_dict({**adapter.config, "target_modules": "all-linear", "dropout": 0.0})
+    except ValueError:
+        return None
+    layers = target_names(model.causal_lm, "all-linear")
+    keys = {f"{PEFT_PREFIX}{m}.lora_{f}.weight" for m in layers for f in "AB"}
+    if not set(tensors) <= keys:
+        return None
+    padded = dict(tensors)
+    for name in layers:
+        linear = model.causal_lm.get_submodule(name)
+        linear = getattr(linear, "base_layer", linear)
+        a, b = f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
+        if a not in padded:
+            padded[a] = torch.zeros(config.r, linear.in_features)
+            padded[b] = torch.zeros(linear.out_features, config.r)
+    return config, padded
+
+
+def read_single(folder: str | Path) -> list[tuple[str | None, Module]]:
+    """The adapters of a module folder, each as a single-adapter module: [(None, module)] for one adapter, or
+    [(its name, module), ...] for a module of several (a MultiLoRA module)."""
+    from peftlab.module import split
+
+    module = read(folder)
+    if len(module.manifest.adapters) == 1:
+        return [(None, module)]
+    if not get_method(module.manifest.method).routable:
+        raise ModuleError(f"{folder}: {len(module.manifest.adapters)} adapters of a {module.manifest.method} module")
+    return list(split(module, "lora").items())
+
+
+def now() -> int:
+    return int(time.time())
