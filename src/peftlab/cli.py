@@ -168,19 +168,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from functools import partial
 
-    from peftlab.evals.runner import format_table, load_candidate, run, write_report
+    from peftlab.evals.runner import endpoint_candidate, format_table, load_candidate, run, write_report
     from peftlab.evals.suite import get_suite
 
     if args.lm_eval_task:
         return _cmd_lm_eval(args)
-    if args.adapter and args.compare:
+    if args.adapter and args.compare or args.endpoint and (args.adapter or args.compare):
         from peftlab.config import ConfigError
 
-        raise ConfigError("give --adapter or --compare, not both")
+        raise ConfigError("give one of --adapter, --compare and --endpoint")
     suite = get_suite(args.suite)
     load_base = partial(load_candidate, dtype=args.dtype, device=args.device)
     load = partial(load_base, route_by_family=args.route_by_family, fallback_adapter=args.fallback_adapter)
-    if args.compare:
+    if args.endpoint:
+        candidates = [partial(endpoint_candidate, args.endpoint, args.served_model, args.api_key,
+                              route_by_family=args.route_by_family, fallback_adapter=args.fallback_adapter,
+                              concurrency=args.batch_size)]
+    elif args.compare:
         from peftlab.module import read_info
 
         base = args.model or read_info(args.compare[0]).base_model or DEFAULT_MODEL
@@ -394,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="a saved module folder of any method")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="several module folders, evaluated beside the base")
     p.add_argument("--no-base", action="store_true", help="with --compare: leave the base model out")
+    p.add_argument("--endpoint", metavar="URL", default=None,
+                   help="evaluate a model of an OpenAI-compatible server instead (peftlab serve, vLLM), e.g. "
+                        "http://127.0.0.1:8000/v1")
+    p.add_argument("--served-model", metavar="NAME", default=None,
+                   help="with --endpoint: the model (adapter) name to ask (default: the server's base model)")
+    p.add_argument("--api-key", default=None, help="with --endpoint: the server's API key")
     p.add_argument("--route-by-family", action="store_true",
                    help="a MultiLoRA module answers each family with the adapter named after it")
     p.add_argument("--fallback-adapter", metavar="NAME", default=None,

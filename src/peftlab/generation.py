@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from peftlab.data import Collator, PromptFormat
+from peftlab.serve.client import Endpoint
 
 Prompt = str | list[dict[str, str]]
 
@@ -23,7 +24,10 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     surrounding whitespace unless ``strip=False`` (the recursion engine needs a call's closing newline).
 
     ``adapters`` names the adapter each prompt runs with (a model with several adapters, see peftlab.context).
+    ``model`` may be a ``peftlab.serve.client.Endpoint``: the prompts then go to that server.
     """
+    if isinstance(model, Endpoint):
+        return model.answer(prompts, fmt, max_new_tokens, strip, adapters, **generate_kwargs)
     fmt = fmt or PromptFormat()
     if adapters is not None and len(adapters) != len(prompts):
         raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts; give one per prompt")

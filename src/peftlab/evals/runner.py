@@ -70,6 +70,19 @@ def load_candidate(adapter: str | None = None, model: str | None = None, dtype: 
                      route_by_family, fallback_adapter)
 
 
+def endpoint_candidate(url: str, model: str | None = None, api_key: str | None = None, label: str | None = None,
+                       route_by_family: bool = False, fallback_adapter: str | None = None,
+                       concurrency: int = 16) -> Candidate:
+    """A model served by an OpenAI-compatible server (``peftlab serve``, vLLM) as a candidate; its prompt format is
+    the one the server's model card gives (``peftlab serve`` gives each adapter's), else the chat template."""
+    from peftlab.serve.client import Endpoint
+
+    endpoint = Endpoint(url, model, api_key, concurrency)
+    return Candidate(label or f"{endpoint.model} @ {endpoint.url}", endpoint, None, endpoint.prompt_format,
+                     {"endpoint": endpoint.url, "model": endpoint.model, "adapter": None, "method": None},
+                     route_by_family, fallback_adapter)
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 

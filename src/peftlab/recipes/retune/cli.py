@@ -90,13 +90,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report["runs"][f"{method} (oracle)"] = {"method": method, "lengths": evaluate_method(config, method,
                                                                                              Oracle(table), engine)}
     for method, folder in runs:
-        from peftlab.adapters import load_for_inference
         from peftlab.report import portable_path
 
-        loaded = load_for_inference(folder, args.model)
-        generator = ModelGenerator(loaded.model, loaded.tokenizer, args.max_new_tokens, args.batch_size)
-        report["runs"][f"{method} ({Path(folder).parent.name or folder})"] = {
-            "method": method, "module": portable_path(folder),
+        if args.endpoint:  # folder names the served model
+            from peftlab.serve.client import Endpoint
+
+            generator = ModelGenerator(Endpoint(args.endpoint, folder, args.api_key, args.batch_size), None,
+                                       args.max_new_tokens, args.batch_size)
+            label, where = f"{method} ({folder} @ {args.endpoint})", {"endpoint": args.endpoint, "model": folder}
+        else:
+            from peftlab.adapters import load_for_inference
+
+            loaded = load_for_inference(folder, args.model)
+            generator = ModelGenerator(loaded.model, loaded.tokenizer, args.max_new_tokens, args.batch_size)
+            label, where = f"{method} ({Path(folder).parent.name or folder})", {"module": portable_path(folder)}
+        report["runs"][label] = {
+            "method": method, **where,
             "lengths": evaluate_method(config, method, generator, engine)}
     for label, run in report["runs"].items():
         cells = "  ".join(f"{n}:{v['accuracy']:.2f}" for n, v in run["lengths"].items())
@@ -151,7 +160,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                        "retune: through the recursive engine) on fresh problems per length.")
     q.add_argument("--task", default="addition", choices=sorted(TASKS), help="default: addition")
     q.add_argument("--run", action="append", default=[], metavar="METHOD=DIR",
-                   help="a module trained with METHOD (baseline, scratchpad, retune); repeatable")
+                   help="a module trained with METHOD (baseline, scratchpad, retune); with --endpoint, DIR is the "
+                        "served model's name; repeatable")
+    q.add_argument("--endpoint", metavar="URL", default=None,
+                   help="generate through an OpenAI-compatible server (peftlab serve, vLLM), e.g. "
+                        "http://127.0.0.1:8000/v1")
+    q.add_argument("--api-key", default=None, help="with --endpoint: the server's API key")
     q.add_argument("--oracle", action="append", default=[], choices=METHODS,
                    help="also run the oracle (exact training targets) for this method; repeatable")
     q.add_argument("--lengths", default="2-16", help="problem lengths (default: 2-16)")
