@@ -319,3 +319,56 @@ def test_sigterm_finishes_in_flight_requests(tiny_dir, folders, tmp_path):
             client.models.list()
     finally:
         process.kill()
+
+
+def test_a_plain_request_whose_client_went_away_is_cancelled(client, server):
+    import socket
+    from urllib.parse import urlparse
+
+    before = server.engine.stats.completion_tokens.get("reft", 0)
+    body = json.dumps({"model": "reft", "messages": [{"role": "user", "content": "go"}], "max_tokens": 300,
+                       "temperature": 0}).encode()
+    url = urlparse(server.url)
+    with socket.create_connection((url.hostname, url.port)) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
+                    b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 20
+        while not server.engine.running_rows():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    while server.engine.running_rows() or server.engine.queued():
+        assert time.monotonic() < deadline, "the abandoned request kept its row"
+        time.sleep(0.05)
+    assert server.engine.stats.completion_tokens["reft"] - before < 300
+
+
+def test_a_full_queue_answers_429(folders):
+    base, tokenizer = tiny_model()
+    engine = build_engine(base, tokenizer, "tiny", max_batch=1, max_queue=1)
+    with Server(create_app(engine)) as small:
+        client = openai.OpenAI(base_url=small.url + "/v1", api_key="x", max_retries=0)
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(lambda _: _outcome(client), range(4)))
+    assert "ok" in outcomes and "429" in outcomes
+
+
+def _outcome(client):
+    try:
+        _chat(client, "tiny", PROMPTS[1], max_tokens=200)
+        return "ok"
+    except openai.RateLimitError as e:
+        assert e.response.headers["retry-after"] == "1"
+        return "429"
+
+
+def test_a_multilora_module_serves_each_adapter(tmp_path):
+    from peftlab.methods import get_method
+
+    base, tokenizer = tiny_model()
+    method = get_method("multilora")
+    model = method.attach_many(base, {n: method.make_config({"r": 2}) for n in ("x", "y")})
+    peftlab.save(model, tmp_path / "m")
+    engine = build_engine(tiny_model()[0], tokenizer, "tiny", {"team": tmp_path / "m"})
+    assert {n: s.lane for n, s in engine.served.items()} == {"tiny": "__lora__", "team/x": "__lora__",
+                                                              "team/y": "__lora__"}
