@@ -163,7 +163,8 @@ class Engine:
             for i, prompt in enumerate(request.prompts):
                 for j in range(request.n):
                     seed = None if sampling.seed is None else sampling.seed + j
-                    generator = None if seed is None else torch.Generator().manual_seed(seed)
+                    generator = None if seed is None else \
+                        torch.Generator(device=self.base.device).manual_seed(seed)
                     adapter = BASE_ADAPTER if served.method == "base" else served.name
                     self.waiting.append(Sequence(request, i * request.n + j, Row(prompt, adapter), generator,
                                                  lane=served.lane))
