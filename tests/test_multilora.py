@@ -95,6 +95,30 @@ def test_the_kernel_by_rows_and_by_tokens_agrees_with_its_formula():
             assert torch.allclose(grouped[i, t], formula(int(tokens[i, t]), x[i, t]), atol=1e-5)
 
 
+def test_a_decode_step_runs_every_adapter_masked_and_follows_in_place_writes():
+    """Decode steps (one token per row, no grad) take ``lora_delta_all`` on the factors laid side by side; it equals
+    the per-row kernel, and the layout follows the factors when they are written in place or grow."""
+    wrapped, _ = _randomised()
+    layer = next(iter(wrapped.lora_layers.values()))
+    slots = torch.tensor([0, -1, 8, 3, 3])
+    wrapped.context.adapter_slots = slots
+    x = torch.randn(5, 1, layer.base_layer.in_features)
+
+    def by_rows():
+        return layer.base_layer(x) + lora_delta(x, layer.lora_A, layer.lora_B, layer.scaling, slots)
+
+    with torch.no_grad():
+        assert torch.allclose(layer(x), by_rows(), atol=1e-5)
+        layer.lora_B[3].mul_(2)  # written in place: the side-by-side copy must follow
+        assert torch.allclose(layer(x), by_rows(), atol=1e-5)
+        assert not torch.allclose(by_rows()[3], layer.base_layer(x)[3], atol=1e-3)  # the adapter matters
+    wrapped.add_adapter("late", wrapped.adapters["a0"])
+    with torch.no_grad():
+        layer.lora_B[-1].normal_()
+        wrapped.context.adapter_slots = slots = torch.tensor([9, 0, 9, -1, 1])
+        assert torch.allclose(layer(x), by_rows(), atol=1e-5)
+
+
 def test_beams_and_sampling_route_each_prompt():
     wrapped, _ = _randomised()
     prompts = [[3, 4, 5], [7, 8, 9, 10, 11], [12, 13]]

@@ -74,6 +74,19 @@ def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
     return out.reshape(rows, width, -1)
 
 
+def lora_delta_all(x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor, scaling: torch.Tensor,
+                   slots: torch.Tensor) -> torch.Tensor:
+    """``lora_delta`` for one adapter per row [R], computed as every adapter on every row, each row masked to its
+    own: ``a_rows`` [N·r, in] and ``b_rows`` [N·r, out] are the N adapters side by side. Two plain matmuls and no
+    per-row gather of factors, which on a decode step (one token per row) costs more than the extra arithmetic
+    while N·r is small."""
+    adapters = len(scaling)
+    rank = a_rows.shape[0] // adapters
+    weights = (slots[:, None] == torch.arange(adapters, device=slots.device)[None]).to(x.dtype) * scaling
+    h = (x @ a_rows.T).unflatten(-1, (adapters, rank)) * weights[:, None, :, None]  # [R, T, N, r]
+    return h.flatten(2) @ b_rows
+
+
 class MultiLoraLinear(nn.Module):
     """``base(x) + lora_delta(dropout(x))`` with the adapter of each example read from the call's context, plus an
     optional shared LoRA (``shared_A`` [r, in], ``shared_B`` [out, r]) that every example runs with beside its own:
@@ -91,6 +104,16 @@ class MultiLoraLinear(nn.Module):
         self.register_parameter("shared_A", None)
         self.register_parameter("shared_B", None)
         self.shared_scaling = 0.0
+        self._side_by_side: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def side_by_side(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [N·r, in], B [N·r, out]) for ``lora_delta_all``, kept until the factors change (replaced when adapters
+        are added or removed; their version counters move when they are written in place)."""
+        key = (id(self.lora_A), self.lora_A._version, id(self.lora_B), self.lora_B._version)
+        if self._side_by_side is None or self._side_by_side[0] != key:
+            a, b = self.lora_A.detach(), self.lora_B.detach()
+            self._side_by_side = key, (a.reshape(-1, a.shape[2]), b.transpose(1, 2).reshape(-1, b.shape[1]))
+        return self._side_by_side[1]
 
     @property
     def rank(self) -> int:
@@ -113,6 +136,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(a, requires_grad=old_a.requires_grad)
         self.lora_B = nn.Parameter(b, requires_grad=old_b.requires_grad)
         self.scaling = torch.cat([self.scaling, torch.tensor(scalings, device=a.device)])
+        self._side_by_side = None
 
     @torch.no_grad()
     def add_shared(self, rank: int, scaling: float, seed: int) -> None:
@@ -133,6 +157,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(self.lora_A[keep], requires_grad=self.lora_A.requires_grad)
         self.lora_B = nn.Parameter(self.lora_B[keep], requires_grad=self.lora_B.requires_grad)
         self.scaling = self.scaling[keep]
+        self._side_by_side = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -151,8 +176,11 @@ class MultiLoraLinear(nn.Module):
             slots = per_row(slots, x.shape[0])
         elif tuple(slots.shape) != tuple(x.shape[:2]):
             raise ValueError(f"per-token adapters {tuple(slots.shape)} do not fit inputs {tuple(x.shape[:2])}")
+        x = self.dropout(x).to(self.lora_A.dtype)
+        if slots.dim() == 1 and x.shape[1] == 1 and not torch.is_grad_enabled() \
+                and self.lora_A.shape[0] * self.rank <= TokenGroups.MASKED_UP_TO:  # a decode step
+            return y + lora_delta_all(x, *self.side_by_side(), self.scaling, slots).to(y.dtype)
         groups = self.context.memo("token_groups", lambda: TokenGroups.of(slots, self.rank)) \
             if slots.dim() == 2 else None
-        delta = lora_delta(self.dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scaling, slots,
-                           groups)
+        delta = lora_delta(x, self.lora_A, self.lora_B, self.scaling, slots, groups)
         return y + delta.to(y.dtype)
