@@ -98,10 +98,12 @@ def test_the_kernel_by_rows_and_by_tokens_agrees_with_its_formula():
 def test_a_decode_step_runs_every_adapter_masked_and_follows_in_place_writes():
     """Decode steps (one token per row, no grad) take ``lora_delta_all`` on the factors laid side by side; it equals
     the per-row kernel, and the layout follows the factors when they are written in place or grow."""
+    from peftlab.context import ExampleFields
+
     wrapped, _ = _randomised()
     layer = next(iter(wrapped.lora_layers.values()))
     slots = torch.tensor([0, -1, 8, 3, 3])
-    wrapped.context.adapter_slots = slots
+    wrapped.context.bind(ExampleFields(), slots)
     x = torch.randn(5, 1, layer.base_layer.in_features)
 
     def by_rows():
@@ -115,7 +117,8 @@ def test_a_decode_step_runs_every_adapter_masked_and_follows_in_place_writes():
     wrapped.add_adapter("late", wrapped.adapters["a0"])
     with torch.no_grad():
         layer.lora_B[-1].normal_()
-        wrapped.context.adapter_slots = slots = torch.tensor([9, 0, 9, -1, 1])
+        slots = torch.tensor([9, 0, 9, -1, 1])
+        wrapped.context.bind(ExampleFields(), slots)
         assert torch.allclose(layer(x), by_rows(), atol=1e-5)
 
 

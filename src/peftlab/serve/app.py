@@ -311,6 +311,10 @@ def _prometheus(engine: Engine) -> str:
             yield GaugeMetricFamily("peftlab_batch_size_mean", "mean rows per decode step (last 1000 steps)",
                                     value=sum(sizes) / len(sizes) if sizes else 0.0)
             yield CounterMetricFamily("peftlab_decode_steps", "decode steps run", value=stats.steps)
+            seconds = CounterMetricFamily("peftlab_model_seconds", "time in model calls", labels=["phase"])
+            for phase, value in list(stats.seconds.items()):
+                seconds.add_metric([phase], value)
+            yield seconds
             yield GaugeMetricFamily("peftlab_adapters", "adapters served (the base model not counted)",
                                     value=len(engine.served) - 1)
 

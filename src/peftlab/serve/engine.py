@@ -20,6 +20,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -107,6 +108,7 @@ class Stats:
     completion_tokens: dict[str, int] = field(default_factory=dict)
     steps: int = 0
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=1000))
+    seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})  # model time
 
     def add(self, table: dict, key: Any, amount: int = 1) -> None:
         table[key] = table.get(key, 0) + amount
@@ -292,6 +294,7 @@ class Engine:
             if not seqs:
                 continue
             lane = self.lanes[name]
+            start = time.perf_counter()
             try:
                 logits = lane.prefill([s.row for s in seqs])
             except Exception as e:  # a bad module or prompt fails its own requests, not the server
@@ -300,11 +303,13 @@ class Engine:
                     self._close(s, "error", str(e))
                 continue
             self.running[name] += seqs
+            self.stats.seconds["prefill"] += time.perf_counter() - start
             lane.set_pending(self._sample(logits, seqs))
             self._after_sampling(name)
 
     def _decode(self, name: str) -> None:
         lane, seqs = self.lanes[name], self.running[name]
+        start = time.perf_counter()
         try:
             logits = lane.decode()
         except Exception as e:  # fail this lane's sequences, keep serving the others
@@ -314,6 +319,7 @@ class Engine:
             self.running[name] = []
             lane.keep([False] * len(lane))
             return
+        self.stats.seconds["decode"] += time.perf_counter() - start
         lane.set_pending(self._sample(logits, seqs))
         self.stats.steps += 1
         self.stats.batch_sizes.append(len(seqs))

@@ -74,17 +74,20 @@ def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
     return out.reshape(rows, width, -1)
 
 
-def lora_delta_all(x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor, scaling: torch.Tensor,
-                   slots: torch.Tensor) -> torch.Tensor:
-    """``lora_delta`` for one adapter per row [R], computed as every adapter on every row, each row masked to its
-    own: ``a_rows`` [N·r, in] and ``b_rows`` [N·r, out] are the N adapters side by side. Two plain matmuls and no
-    per-row gather of factors, which on a decode step (one token per row) costs more than the extra arithmetic
-    while N·r is small."""
-    adapters = len(scaling)
-    rank = a_rows.shape[0] // adapters
-    weights = (slots[:, None] == torch.arange(adapters, device=slots.device)[None]).to(x.dtype) * scaling
-    h = (x @ a_rows.T).unflatten(-1, (adapters, rank)) * weights[:, None, :, None]  # [R, T, N, r]
+def lora_delta_all(x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor, weights: torch.Tensor
+                   ) -> torch.Tensor:
+    """``lora_delta`` for one adapter per row, computed as every adapter on every row, each row masked to its own:
+    ``a_rows`` [N·r, in] and ``b_rows`` [N·r, out] are the N adapters side by side, ``weights`` [R, N] each row's
+    scaling on its adapter and 0 elsewhere (``row_weights``). Two plain matmuls and no per-row gather of factors,
+    which on a decode step (one token per row) costs more than the extra arithmetic while N·r is small."""
+    rows, adapters = weights.shape
+    h = (x @ a_rows.T).view(rows, -1, adapters, a_rows.shape[0] // adapters) * weights[:, None, :, None]
     return h.flatten(2) @ b_rows
+
+
+def row_weights(slots: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
+    """[R, N]: row i's scaling at its adapter's column, 0 elsewhere (and everywhere for slot -1, the base)."""
+    return (slots[:, None] == torch.arange(len(scaling), device=slots.device)[None]).to(scaling.dtype) * scaling
 
 
 class MultiLoraLinear(nn.Module):
@@ -179,7 +182,8 @@ class MultiLoraLinear(nn.Module):
         x = self.dropout(x).to(self.lora_A.dtype)
         if slots.dim() == 1 and x.shape[1] == 1 and not torch.is_grad_enabled() \
                 and self.lora_A.shape[0] * self.rank <= TokenGroups.MASKED_UP_TO:  # a decode step
-            return y + lora_delta_all(x, *self.side_by_side(), self.scaling, slots).to(y.dtype)
+            weights = self.context.memo("row_weights", lambda: row_weights(slots, self.scaling))  # one per call
+            return y + lora_delta_all(x, *self.side_by_side(), weights).to(y.dtype)
         groups = self.context.memo("token_groups", lambda: TokenGroups.of(slots, self.rank)) \
             if slots.dim() == 2 else None
         delta = lora_delta(x, self.lora_A, self.lora_B, self.scaling, slots, groups)
