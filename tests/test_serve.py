@@ -20,7 +20,7 @@ import torch
 
 import peftlab
 from peftlab.generation import generate
-from peftlab.models import tiny_model
+from peftlab.models import TINY_ARCHITECTURES, tiny_model
 from peftlab.serve.app import Limits, create_app
 from peftlab.serve.cli import Server, build_engine
 
@@ -372,3 +372,49 @@ def test_a_multilora_module_serves_each_adapter(tmp_path):
     engine = build_engine(tiny_model()[0], tokenizer, "tiny", {"team": tmp_path / "m"})
     assert {n: s.lane for n, s in engine.served.items()} == {"tiny": "__lora__", "team/x": "__lora__",
                                                               "team/y": "__lora__"}
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHITECTURES))
+def test_rows_joining_a_running_batch_decode_as_alone(arch):
+    """The lane's left-padded batch on every architecture: rows that join after a few steps, and rows that leave,
+    decode exactly as ``generate`` decodes each prompt alone (sliding windows shorter than the answers included)."""
+    from peftlab.methods import get_method
+    from peftlab.serve.batch import Lane, Row
+
+    overrides = {"sliding_window": 6} if "sliding_window" in TINY_ARCHITECTURES[arch] else {}
+    base, tokenizer = tiny_model(arch=arch, **overrides)
+    model = get_method("multilora").attach_many(base, {"a": get_method("multilora").make_config({"r": 2})})
+    with torch.no_grad():
+        for layer in model.lora_layers.values():
+            layer.lora_B.normal_(std=0.3)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24], [30]]
+    adapters = ["a", "__base__", "a", "a"]
+    steps = 10
+    expected = []
+    for p, a in zip(prompts, adapters, strict=True):
+        ids = torch.tensor([p])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                             do_sample=False, eos_token_id=None, pad_token_id=0, adapter_names=[a],
+                             adapter_index=torch.tensor([0]))
+        expected.append(out[0, len(p):].tolist())
+    lane, got = Lane(model, routable=True), [[] for _ in prompts]
+
+    def take(logits, rows):
+        tokens = logits.argmax(-1)
+        for i, t in zip(rows, tokens.tolist(), strict=True):
+            got[i].append(t)
+        return tokens
+
+    order = [0, 1]
+    lane.set_pending(take(lane.prefill([Row(prompts[i], adapters[i]) for i in order]), order))
+    for step in range(14):
+        if not order:
+            break
+        if step == 3:  # two rows join a running batch
+            lane.set_pending(take(lane.prefill([Row(prompts[i], adapters[i]) for i in (2, 3)]), [2, 3]))
+            order += [2, 3]
+        lane.set_pending(take(lane.decode(), order))
+        done = [len(got[i]) >= steps for i in order]
+        lane.keep([not d for d in done])  # finished rows leave; the padding they needed goes with them
+        order = [i for i, d in zip(order, done, strict=True) if not d]
+    assert [g[:steps] for g in got] == expected
