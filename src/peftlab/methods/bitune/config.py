@@ -25,9 +25,10 @@ GATES = ("abs", "relu")  # the paper's mixing variants 607 (|w|) and 801 (relu(w
 class BituneConfig(MethodConfig):
     """Bitune settings. ``adapter`` is a LoRA (``use_dora: true`` for DoRA) or IA3 config, as for those methods;
     both adapters get the same settings. The mix gives weight a = g(w) / (g(w) + eps) to the bidirectional
-    features, separately for keys and values in every layer; ``init = eps`` starts it at 50/50."""
+    features, separately for keys and values in every layer; ``init = eps`` starts it at 50/50. The default adapter
+    is the authors': LoRA r 8 with alpha 1 (peft's alpha 16 is what a LoRA alone defaults to)."""
 
-    adapter: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
+    adapter: dict[str, Any] = field(default_factory=lambda: {"name": "lora", "r": 8, "alpha": 1})
     variant: str = "bitune"  # bitune | naive_bidir | no_mixing | only_causal | shared_weights (the ablations)
     gate: str = "abs"  # abs: the paper's variant 607 | relu: variant 801
     eps: float = 0.01
