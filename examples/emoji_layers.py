@@ -3,7 +3,8 @@ held-out answers scored along the way.
 
     python examples/emoji_layers.py        # ~15 min on 2 CPU cores
 
-Both runs use examples/emoji-loreft.yaml unchanged but for the layer and a longer schedule (80 steps). Every 20
+Both runs use examples/emoji-loreft.yaml but for the layer, a longer schedule (80 steps) and an intervention on the
+prompt only (``generation: prompt``, as the demo was when this was measured; docs/reft.md). Every 20
 steps the 20 held-out prompts are answered (greedy, 48 new tokens) and scored: emoji only, stopped by itself before
 the cap, more than one distinct emoji. Writes examples/results/emoji-loreft-curves.json and .png.
 """
@@ -52,14 +53,16 @@ def main() -> None:
     runs = []
     for layer in LAYERS:
         config = TrainConfig.from_yaml(HERE / "emoji-loreft.yaml", [
-            f"method.layers=[{layer}]", f"training.max_steps={STEPS}", f"training.output_dir=runs/emoji-layer{layer}",
+            f"method.layers=[{layer}]", "method.generation=prompt", f"training.max_steps={STEPS}",
+            f"training.output_dir=runs/emoji-layer{layer}",
             f"output=runs/emoji-layer{layer}/module", "overwrite=true"])
         model, tokenizer = load_model(config.model)
         callback = HeldOut(prompts, tokenizer, config.data.prompt_format)
         train(config, model, tokenizer, callbacks=[callback])
         runs.append({"layer": layer, "curve": callback.points})
     result = {"command": "python examples/emoji_layers.py", "config": "examples/emoji-loreft.yaml",
-              "changes": f"method.layers, training.max_steps={STEPS}", "prompts": len(prompts), "runs": runs}
+              "changes": f"method.layers, method.generation=prompt, training.max_steps={STEPS}",
+              "prompts": len(prompts), "runs": runs}
     write_json(HERE / "results" / "emoji-loreft-curves.json", result)
     with plot(HERE / "results" / "emoji-loreft-curves.png", "training step", "share of 20 held-out answers",
               title="Emoji LoReFT at layer 15 and 22") as ax:
