@@ -418,3 +418,13 @@ def test_rows_joining_a_running_batch_decode_as_alone(arch):
         lane.keep([not d for d in done])  # finished rows leave; the padding they needed goes with them
         order = [i for i, d in zip(order, done, strict=True) if not d]
     assert [g[:steps] for g in got] == expected
+
+
+def test_reserved_and_taken_names_are_refused(folders):
+    base, tokenizer = tiny_model()
+    engine = build_engine(base, tokenizer, "tiny")
+    module = peftlab.read(folders[1]["lora"])
+    for name in ("__lora__", "__base__", "tiny"):
+        with pytest.raises(ValueError, match="reserved|taken"):
+            engine.add(name, module, None)
+    assert set(engine.served) == {"tiny"}

@@ -119,12 +119,9 @@ class Engine:
 
     def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, base_name: str,
                  max_batch: int = 64, max_queue: int = 256) -> None:
-        from peftlab.methods.multilora.model import MultiLoraModel
-
         self.base, self.tokenizer, self.base_name = base, tokenizer, base_name
         self.max_batch, self.max_queue = max_batch, max_queue
-        shared = get_method("multilora").attach_many(clone_sharing_weights(base), {})
-        assert isinstance(shared, MultiLoraModel)
+        shared = get_method("multilora").attach_many(clone_sharing_weights(base), {})  # a MultiLoraModel
         self.lanes: dict[str, Lane] = {SHARED_LANE: Lane(shared, routable=True)}
         self.served: dict[str, Served] = {base_name: Served(base_name, "base", SHARED_LANE, PromptFormat(),
                                                             created=now())}
@@ -190,8 +187,10 @@ class Engine:
     # --- adapters (on the engine thread) ---------------------------------------------------------------------
     def add(self, name: str, module: Module, folder: str | None) -> Served:
         """Serve ``module`` (one adapter) as ``name``: in the shared LoRA lane if it can join it, else its own."""
-        if name in self.served or name == BASE_ADAPTER:
+        if name in self.served:
             raise ValueError(f"the name {name!r} is taken")
+        if name.startswith("__"):
+            raise ValueError(f"names starting with '__' are reserved ({BASE_ADAPTER!r} is the base model)")
         shared = self.lanes[SHARED_LANE].model
         fmt = module.manifest.prompt_format
         as_lora = as_shared_lora(module, shared)
@@ -222,8 +221,8 @@ class Engine:
             if served is None or served.method == "base" or served.draining:
                 raise UnknownModel(name)
             served.draining = True
-        done: Future = Future()
-        self._draining[name] = done
+            done: Future = Future()
+            self._draining[name] = done
         self.wake.set()
         return done
 
