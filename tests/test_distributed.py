@@ -24,16 +24,18 @@ def _run(args, nproc):
     return done
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "loreft", "bitune"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "loreft", "bitune", "multilora"])
 def test_two_processes_train_what_one_process_trains(method, tiny_dir, tmp_path):
     _run([method, tiny_dir, tmp_path / "one", 4], nproc=1)
     _run([method, tiny_dir, tmp_path / "two", 2], nproc=2)
     one, two = read(tmp_path / "one" / "module"), read(tmp_path / "two" / "module")
     assert one.manifest == two.manifest
-    (a,), (b,) = one.tensors.values(), two.tensors.values()
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-5), key
+    assert one.tensors.keys() == two.tensors.keys()
+    for name in one.tensors:  # every adapter (two for multilora)
+        a, b = one.tensors[name], two.tensors[name]
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-5), (name, key)
     losses = [h["loss"] for h in json.loads((tmp_path / "one" / "train_log.json").read_text())["log_history"]
               if "loss" in h]
     assert losses[-1] < losses[0]  # it trained, so equal modules are not two untouched ones
