@@ -16,14 +16,15 @@ TRAINING = {"learning_rate": 2e-3, "lr_scheduler_type": "cosine", "warmup_steps"
 
 
 def train_once(folder: Path, method: dict, records: list[dict], steps: int, batch: int, seed: int,
-               model: str) -> float:
+               model: str, learning_rate: float = TRAINING["learning_rate"]) -> float:
     """Train unless ``folder/module`` exists; the training's wall time (seconds), read back from its log."""
     from peftlab import DataConfig, TrainConfig, train
 
     if not (folder / "module").exists():
         config = TrainConfig(model=model, method=method, data=DataConfig(template="chat", max_length=512),
                              training={**TRAINING, "output_dir": str(folder), "max_steps": steps,
-                                       "per_device_train_batch_size": batch, "seed": seed},
+                                       "per_device_train_batch_size": batch, "seed": seed,
+                                       "learning_rate": learning_rate},
                              output=str(folder / "module"))
         train(config, train_data=records)
     return json.loads((folder / "train_log.json").read_text())["metrics"]["train_runtime"]

@@ -1,0 +1,126 @@
+"""LoReFT and DiReFT against LoRA on the eval suite, the ReFT paper's headline (LoReFT beats LoRA at a small
+fraction of the parameters): same data, steps and batch; each method at its best learning rate from a sweep on the
+validation split; then three training seeds at that rate on the test split.
+
+    python examples/reft_vs_lora.py                              # the whole experiment (hours on 2 CPU cores)
+    python examples/reft_vs_lora.py --steps 2 --n 4 --seeds 0 --model TINY_DIR   # a smoke run
+
+Every run is kept under --runs, so a stopped script resumes where it stopped. Writes --result (JSON + a PNG bar
+chart): the sweep (validation accuracy per learning rate), and per family the test accuracy of the untuned model
+and of each method, mean ± std over the seeds, with each method's trainable parameters.
+
+The ReFT settings follow the paper's instruction-tuning run (Llama-2 7B: layers 3, 9, 18, 24 of 32, rank 4, the
+first and last five prompt positions, one intervention for each): here layers 3, 8, 17, 23 of the default model's
+30, rank 4, f5+l5, untied. LoRA is r 8 on every linear layer (examples/common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from common import LORA, ROOT, evaluate_once, train_once  # examples/common.py
+
+REFT = {"layers": [3, 8, 17, 23], "rank": 4, "positions": "f5+l5", "share_weights": False}
+METHODS = {"lora": {"name": "lora", **LORA}, "loreft": {"name": "loreft", **REFT},
+           "direft": {"name": "direft", **REFT}}
+RATES = {"lora": [5e-4, 2e-3, 5e-3], "loreft": [2e-3, 5e-3, 1e-2], "direft": [2e-3, 5e-3, 1e-2]}
+
+
+def accuracy(report: dict, group: str = "all") -> float:
+    return report["summary"][group]["accuracy"]
+
+
+def main() -> None:
+    from peftlab.evals.suite import get_suite, training_records
+    from peftlab.models import DEFAULT_MODEL
+    from peftlab.module import read_info
+    from peftlab.report import write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default: 60)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--n", type=int, default=100, help="test questions per family (default: 100)")
+    parser.add_argument("--sweep-n", type=int, default=50, help="validation questions per family (default: 50)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "reft-vs-lora"))
+    parser.add_argument("--result", default=str(ROOT / "examples" / "results" / "reft-vs-lora.json"))
+    args = parser.parse_args()
+
+    runs, suite = Path(args.runs), get_suite("core")
+    records = training_records(suite, 200, seed=0)
+    trained = [f for f in suite.families_for("validation") if f in suite.trained]  # the sweep: trained families
+    every = suite.families_for("test")
+    train = {"records": records, "steps": args.steps, "batch": args.batch, "model": args.model}
+
+    sweep, best = {}, {}
+    for method, rates in RATES.items():  # the learning rate each method gets: best on validation, seed 0
+        sweep[method] = {}
+        for lr in rates:
+            folder = runs / f"{method}-lr{lr:g}-s0"
+            train_once(folder, METHODS[method], seed=0, learning_rate=lr, **train)
+            report = evaluate_once(folder / f"val-n{args.sweep_n}.json", folder / "module", trained, args.sweep_n,
+                                   args.model, split="validation")
+            sweep[method][f"{lr:g}"] = accuracy(report)
+            print(f"{method} lr {lr:g}: validation {sweep[method][f'{lr:g}']:.3f}", flush=True)
+        best[method] = max(rates, key=lambda lr, m=method: sweep[m][f"{lr:g}"])
+
+    base = evaluate_once(runs / f"test-base-n{args.n}.json", None, every, args.n, args.model)
+    results = {"untuned": {"families": {f: v["accuracy"] for f, v in base["families"].items()},
+                           "summary": {g: v["accuracy"] for g, v in base["summary"].items()}}}
+    for method, lr in best.items():
+        reports, seconds = [], []
+        for seed in args.seeds:
+            folder = runs / f"{method}-lr{lr:g}-s{seed}"
+            seconds.append(train_once(folder, METHODS[method], seed=seed, learning_rate=lr, **train))
+            reports.append(evaluate_once(folder / f"test-n{args.n}.json", folder / "module", every, args.n,
+                                         args.model))
+        per_family = {f: [r["families"][f]["accuracy"] for r in reports] for f in every}
+        per_group = {g: [r["summary"][g]["accuracy"] for r in reports] for g in reports[0]["summary"]}
+        results[method] = {
+            "learning_rate": lr, "trainable_parameters": read_info(folder / "module").trainable_parameters,
+            "train_seconds": seconds,
+            "families": {f: _mean_std(v) for f, v in per_family.items()},
+            "summary": {g: _mean_std(v) for g, v in per_group.items()}}
+        print(f"{method} (lr {lr:g}): test {results[method]['summary']['all']}", flush=True)
+    report = {"command": "python examples/reft_vs_lora.py", "model": args.model, "steps": args.steps,
+              "batch": args.batch, "n": args.n, "sweep_n": args.sweep_n, "seeds": args.seeds,
+              "methods": METHODS, "sweep_validation_accuracy": sweep, "results": results}
+    write_json(args.result, report)
+    _plot(report, Path(args.result).with_suffix(".png"))
+    print(f"wrote {args.result}")
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "per_seed": values}
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = list(report["results"]["untuned"]["families"])
+    labels = list(report["results"])
+    fig, ax = plt.subplots(figsize=(12, 4))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        fams = report["results"][label]["families"]
+        means = [fams[f]["mean"] if isinstance(fams[f], dict) else fams[f] for f in families]
+        stds = [fams[f]["std"] if isinstance(fams[f], dict) else 0 for f in families]
+        ax.bar([j + i * width for j in range(len(families))], means, width, yerr=stds, label=label, capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], families, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"LoReFT / DiReFT vs LoRA, {report['steps']} steps, mean ± std over seeds {report['seeds']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
