@@ -428,3 +428,17 @@ def test_reserved_and_taken_names_are_refused(folders):
         with pytest.raises(ValueError, match="reserved|taken"):
             engine.add(name, module, None)
     assert set(engine.served) == {"tiny"}
+
+
+def test_without_max_tokens_a_chat_answer_gets_what_the_context_leaves(folders):
+    base, tokenizer = tiny_model()  # a context of 512 positions
+    engine = build_engine(base, tokenizer, "tiny")
+    with Server(create_app(engine, limits=Limits(max_tokens=1000))) as small:
+        client = openai.OpenAI(base_url=small.url + "/v1", api_key="x", max_retries=0)
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                               temperature=0)
+        assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= 512
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.BadRequestError, match="context length"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=600)

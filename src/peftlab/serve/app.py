@@ -154,11 +154,12 @@ def _served(engine: Engine, name: str):
 
 async def _respond(engine: Engine, body: ChatRequest | CompletionRequest, prompts: list[list[int]], shape: Shape,
                    http: Request, limits: Limits, context: int):
-    max_new = body.max_new() or limits.max_tokens
+    longest = max(map(len, prompts))
+    asked = body.max_new()
+    max_new = asked or max(1, min(limits.max_tokens, context - longest))  # unasked: what the context leaves
     if max_new > limits.max_tokens:
         raise OpenAIError(400, f"max_tokens is {max_new}; this server allows at most {limits.max_tokens}",
                           "max_tokens")
-    longest = max(map(len, prompts))
     if longest + max_new > context:
         raise OpenAIError(400, f"This model's maximum context length is {context} tokens; the prompt has {longest} "
                           f"and max_tokens asks for {max_new} more.", "messages" if shape.chat else "prompt")
