@@ -442,3 +442,13 @@ def test_without_max_tokens_a_chat_answer_gets_what_the_context_leaves(folders):
         with pytest.raises(openai.BadRequestError, match="context length"):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=600)
+
+
+def test_a_dora_module_gets_its_own_lane_and_answers_as_generate(tmp_path):
+    folder = _make("lora", {"r": 2, "use_dora": True}, tmp_path / "dora", 5)
+    base, tokenizer = tiny_model()
+    engine = build_engine(base, tokenizer, "tiny", {"dora": folder})
+    assert engine.served["dora"].lane == "dora"  # DoRA's magnitudes are not a stacked LoRA
+    with Server(create_app(engine)) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="x", max_retries=0)
+        assert _chat(client, "dora", PROMPTS[0]).choices[0].message.content == _reference(folder, PROMPTS[0], 16)
