@@ -236,11 +236,17 @@ class PromptFormat:
     plain_format: str = "{prompt}\n"
     system_prompt: str | None = None
 
-    def render(self, tokenizer: PreTrainedTokenizerBase, context: str | list[dict[str, str]]) -> str:
-        """Text of the context up to where the answer starts (chat: with the assistant header)."""
+    def messages(self, context: str | list[dict[str, str]]) -> list[dict[str, str]]:
+        """The context as chat messages, with this format's system prompt where the context has none."""
         messages = [{"role": "user", "content": context}] if isinstance(context, str) else list(context)
         if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
+
+    def render(self, tokenizer: PreTrainedTokenizerBase | None, context: str | list[dict[str, str]]) -> str:
+        """Text of the context up to where the answer starts (chat: with the assistant header). A plain format
+        needs no tokenizer."""
+        messages = self.messages(context)
         if resolve_template(tokenizer, self.template) == "chat":
             return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.plain_format.format(prompt="\n\n".join(m["content"] for m in messages))

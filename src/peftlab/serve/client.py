@@ -57,11 +57,8 @@ class Endpoint:
 
     def _one(self, prompt: str | list[dict[str, str]], model: str, fmt: PromptFormat, settings: dict[str, Any]
              ) -> str:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if fmt.template == "plain":
-            text = fmt.plain_format.format(prompt="\n\n".join(m["content"] for m in messages))
+            text = fmt.render(None, prompt)
             return self.client.completions.create(model=model, prompt=text, **settings).choices[0].text
-        if fmt.system_prompt is not None and not any(m["role"] == "system" for m in messages):
-            messages.insert(0, {"role": "system", "content": fmt.system_prompt})
-        reply = self.client.chat.completions.create(model=model, messages=messages, **settings)
+        reply = self.client.chat.completions.create(model=model, messages=fmt.messages(prompt), **settings)
         return reply.choices[0].message.content or ""

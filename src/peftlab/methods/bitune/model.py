@@ -227,10 +227,7 @@ class BituneModel(PeftlabModel):
             self.encode_prompt(input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1], into=cache)
         else:
             self._use(CAUSAL)
-        lm = self.causal_lm
-        out = lm(input_ids=input_ids[:, -1:], attention_mask=attention_mask, position_ids=position_ids[:, -1:],
-                 use_cache=True, **{cache_arg(lm): cache})
-        return out.logits[:, -1]
+        return self.decode(input_ids[:, -1:], attention_mask, position_ids[:, -1:], cache)
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
