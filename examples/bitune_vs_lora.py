@@ -5,7 +5,7 @@ Both methods get the same adapter (LoRA r=8, all linear layers), data, steps, ba
 examples/bitune-suite.yaml and evaluated (greedy) on the test split of every family, two of them held out whole.
 Every step is skipped when its output exists, so an interrupted run resumes where it stopped:
 
-    python examples/bitune_vs_lora.py                     # seeds 0 1 2, n=50 test questions per family
+    python examples/bitune_vs_lora.py                     # seeds 0 1 2, n=100 test questions per family
     python examples/bitune_vs_lora.py --seeds 0 --n 20    # a quick look
 
 Writes examples/results/bitune-vs-lora.json (+ .png): per family, the base model's accuracy and LoRA's and Bitune's
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 from pathlib import Path
 
@@ -58,6 +59,19 @@ def spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def question_interval(lora: list[dict], bitune: list[dict], families: list[str], draws: int = 10_000) -> list[float]:
+    """95 % interval of Bitune - LoRA over the questions: each question's correctness averaged over the seeds, the
+    paired per-question differences resampled (the seed spread alone misses which questions were drawn)."""
+    def per_question(reports: list[dict]) -> list[float]:
+        return [statistics.fmean(r["examples"][f][q]["correct"] for r in reports)
+                for f in families for q in range(len(reports[0]["examples"][f]))]
+
+    diffs = [b - a for a, b in zip(per_question(lora), per_question(bitune), strict=True)]
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
+    return [means[int(0.025 * draws)], means[int(0.975 * draws) - 1]]
+
+
 def combine(base: dict, runs: dict[str, list[dict]], seeds: list[int], n: int) -> dict:
     """One model entry per method: mean ± std over training seeds; plus Bitune - LoRA per family."""
     families = list(base["families"])
@@ -84,18 +98,24 @@ def combine(base: dict, runs: dict[str, list[dict]], seeds: list[int], n: int) -
         seed_spread = max(a["std"], b["std"])
         difference[name] = {"bitune_minus_lora": diff, "seed_spread": seed_spread,
                             "exceeds_spread": abs(diff) > seed_spread if len(seeds) > 1 else None}
+    groups = {"trained": [f for f in families if base["families"][f]["trained"]],
+              "held_out": [f for f in families if not base["families"][f]["trained"]], "all": families}
+    for g, members in groups.items():
+        if f"mean ({g})" in difference:
+            difference[f"mean ({g})"]["ci95_questions"] = question_interval(runs["lora"], runs["bitune"], members)
     return {"suite": "bitune", "trained_families": [f for f in families if base["families"][f]["trained"]],
             "held_out_families": [f for f in families if not base["families"][f]["trained"]],
             "split": "test", "n": n, "seeds": seeds, "decoding": "greedy",
             "seeds_are": "training seeds (instances: sampling seed 0, the same questions for every model)",
-            "spread_rule": "exceeds_spread: |Bitune - LoRA| > the larger of the two std over training seeds",
+            "spread_rule": "exceeds_spread: |Bitune - LoRA| > the larger of the two std over training seeds; "
+                           "ci95_questions: bootstrap over questions of the seed-averaged paired difference",
             "models": models, "difference": difference}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
-    parser.add_argument("--n", type=int, default=50, help="test questions per family (default: 50)")
+    parser.add_argument("--n", type=int, default=100, help="test questions per family (default: 100)")
     parser.add_argument("--steps", type=int, default=48, help="optimizer steps per run (default: 48)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "bitune"), help="folder of the runs")
     parser.add_argument("--result", default=str(RESULT), help=f"combined report (default: {RESULT})")
@@ -126,8 +146,10 @@ def main() -> None:
     write_report(report, args.result)
     print(format_table(report))
     for name, d in report["difference"].items():
+        ci = d.get("ci95_questions")
+        interval = f" 95% over questions [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
         print(f"{name:28s} Bitune - LoRA {d['bitune_minus_lora']:+.3f}  seed spread {d['seed_spread']:.3f}  "
-              f"{'exceeds' if d['exceeds_spread'] else 'within'}")
+              f"{'exceeds' if d['exceeds_spread'] else 'within'}{interval}")
     print(f"wrote {args.result} and {Path(args.result).with_suffix('.png')}")
 
 
