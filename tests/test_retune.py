@@ -10,7 +10,7 @@ from peftlab.data import encode
 from peftlab.recipes.retune.data import PROMPT_FORMAT, RetuneData, build, parse_lengths
 from peftlab.recipes.retune.engine import Engine, EngineConfig, Oracle
 from peftlab.recipes.retune.evaluate import EvalConfig, evaluate_method, problems_for
-from peftlab.recipes.retune.tasks import METHODS, TASKS, max_sum_nonadjacent, trace
+from peftlab.recipes.retune.tasks import METHODS, TASKS, Addition, max_sum_nonadjacent, trace
 
 
 def test_golden_examples_of_the_paper_format():
@@ -39,6 +39,15 @@ def test_golden_examples_of_the_paper_format():
     assert shifted.correct(shifted.baseline(("99", "1", 23))[1], ("99", "1", 23), "baseline")
     with pytest.raises(ValueError, match="too many"):
         shifted.baseline(("99", "1", 24))
+    tags = TASKS["addition-steps-tags7"]  # only outputs tagged, letters cycling every 7 places from the units
+    examples, output = trace(tags.root(("706924", "293079")))
+    assert examples[0][0] == "706924 + 293079\nSolution: "  # the operands stay plain digits
+    assert examples[-1][0].endswith("Return: 0+9+1=10. Carry 1, Output e0d0c0b0a3\nAnswer: ")
+    assert output == "7+2+1=10. Carry 1, Output f0e0d0c0b0a3" and tags.correct(output, ("706924", "293079"), "retune")
+    assert not tags.correct("7+2+1=10. Carry 1, Output e0d0c0b0a3", ("706924", "293079"), "retune")  # a lost zero
+    assert tags.baseline(("99999999", "1"))[1] == "b1a0g0f0e0d0c0b0a0"  # place 7 is `a` again
+    with pytest.raises(ValueError, match="outputs only"):
+        Addition(index_hints=True, output_tags=7)
 
     dp = [(p, r) for p, r, _ in trace(TASKS["dp"].root((3, -1, 2)))[0]]
     assert len(dp) == 4 * 3 + 1  # the paper's 4n, plus the top level's final copy of its second return

@@ -193,6 +193,11 @@ class Addition(Task):
     - ``train_hard`` (task ``addition-steps-hard``, with ``show_digit_sum``) draws that share of the training
       problems from the families that are hard to copy (carry-chain, equal-runs, all-carry, in turn), the rest
       uniform: the outputs hold the long runs that uniform data lacks, as in the evaluation families.
+    - ``output_tags`` (task ``addition-steps-tags7``, with ``show_digit_sum``) tags only the output digits, with
+      letters that cycle every ``output_tags`` places from the units (``"g1f0e0d0c0b0a3"`` for 1000003; place 7
+      is ``a`` again). A run of zeros can then be copied tag by tag instead of counted, the operands stay plain
+      digits (nothing to confuse with the output), and with a cycle as long as the longest trained output every
+      letter is trained: past the trained lengths the tags repeat, they are never new.
     """
 
     name = "addition"
@@ -200,16 +205,19 @@ class Addition(Task):
     repeat = {1: 4, 2: 2}  # the base case ~2.5% of 1-6-digit data (1.5% of 1-8: wider ranges want share={1: .025})
 
     def __init__(self, show_digit_sum: bool = False, index_hints: bool = False, shift_hints: bool = False,
-                 train_runs: float = 0.0, train_hard: float = 0.0) -> None:
+                 train_runs: float = 0.0, train_hard: float = 0.0, output_tags: int = 0) -> None:
         self.show_digit_sum, self.shift_hints, self.train_runs = show_digit_sum, shift_hints, train_runs
-        self.train_hard = train_hard
+        self.train_hard, self.output_tags = train_hard, output_tags
         self.index_hints = index_hints or shift_hints
+        if output_tags and self.index_hints:
+            raise ValueError("output_tags tags the outputs only; index_hints already tags every number")
         variants = [(suffix, text) for on, suffix, text in (
             (show_digit_sum, "-steps", ", each step writing its one-digit sum (x+y+carry=s) first"),
             (self.index_hints, "-hints", ", every digit tagged with its place (c7b3a1 = 731)"),
             (shift_hints, "-shifted", " from a random letter"),
             (train_runs, "-runs", f", trained on operands that repeat a digit with probability {train_runs}"),
-            (train_hard, "-hard", f", {train_hard:.0%} of training operands from the families hard to copy"))
+            (train_hard, "-hard", f", {train_hard:.0%} of training operands from the families hard to copy"),
+            (output_tags, f"-tags{output_tags}", f", output digits tagged with letters cycling every {output_tags}"))
             if on]
         if variants:
             self.name = "addition" + "".join(suffix for suffix, _ in variants)
@@ -224,12 +232,18 @@ class Addition(Task):
                              f"{PLACES[start]!r} are too many")
         return "".join(PLACES[start + len(digits) - 1 - i] + d for i, d in enumerate(digits))
 
+    def _show_output(self, digits: str, start: int) -> str:
+        """An answer's digits as the model writes them: cyclically tagged with ``output_tags``, else as ``_show``."""
+        if not self.output_tags:
+            return self._show(digits, start)
+        return "".join(PLACES[(len(digits) - 1 - i) % self.output_tags] + d for i, d in enumerate(digits))
+
     def _step(self, x: str, y: str, carry: int, output: str, start: int) -> tuple[int, str, str]:
         """(carry out, the step's text, its output digits) of adding digits x and y in front of ``output``."""
         total = int(x) + int(y) + carry
         shown = f"{x}+{y}+{carry}={total}. " if self.show_digit_sum else ""
         digits = f"{total % 10}{output}"
-        return total // 10, f"{shown}Carry {total // 10}, Output {self._show(digits, start)}", digits
+        return total // 10, f"{shown}Carry {total // 10}, Output {self._show_output(digits, start)}", digits
 
     def sample(self, length: int, rng: random.Random, runs: float = 0.0,
                family: str = "uniform") -> tuple[Any, ...]:
@@ -262,7 +276,7 @@ class Addition(Task):
 
     def baseline(self, problem: tuple[Any, ...]) -> tuple[str, str]:
         a, b, start = *problem[:2], _hint_start(problem)
-        return f"{self._question(a, b, start)}\nAnswer: ", self._show(str(int(a) + int(b)), start)
+        return f"{self._question(a, b, start)}\nAnswer: ", self._show_output(str(int(a) + int(b)), start)
 
     def scratchpad(self, problem: tuple[Any, ...]) -> tuple[str, str]:
         (a, b), start = _same_width(*problem[:2]), _hint_start(problem)
@@ -275,7 +289,7 @@ class Addition(Task):
     def correct(self, output: str, problem: tuple[Any, ...], method: str) -> bool:
         expected = str(int(problem[0]) + int(problem[1]))
         if method == "baseline":
-            return output.strip() == self._show(expected, _hint_start(problem))
+            return output.strip() == self._show_output(expected, _hint_start(problem))
         last = returned_value(output).strip().splitlines()[-1] if output.strip() else ""
         try:
             carry, digits = _parse_carry(last)
@@ -501,7 +515,7 @@ def _parse_list(text: str) -> list[int]:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Addition(), Addition(show_digit_sum=True), Addition(show_digit_sum=True, index_hints=True),
     Addition(show_digit_sum=True, shift_hints=True), Addition(show_digit_sum=True, train_runs=0.25),
-    Addition(show_digit_sum=True, train_hard=0.3),
+    Addition(show_digit_sum=True, train_hard=0.3), Addition(show_digit_sum=True, output_tags=7),
     Parity(), Parity(show_sum=True), MaxSumNonAdjacent(), MaxSumNonAdjacent(show_steps=True))}
 
 
