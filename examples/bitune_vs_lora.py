@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 from pathlib import Path
+
+from common import paired_interval  # examples/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "examples" / "bitune-suite.yaml"
@@ -59,19 +60,6 @@ def spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def question_interval(lora: list[dict], bitune: list[dict], families: list[str], draws: int = 10_000) -> list[float]:
-    """95 % interval of Bitune - LoRA over the questions: each question's correctness averaged over the seeds, the
-    paired per-question differences resampled (the seed spread alone misses which questions were drawn)."""
-    def per_question(reports: list[dict]) -> list[float]:
-        return [statistics.fmean(r["examples"][f][q]["correct"] for r in reports)
-                for f in families for q in range(len(reports[0]["examples"][f]))]
-
-    diffs = [b - a for a, b in zip(per_question(lora), per_question(bitune), strict=True)]
-    rng = random.Random(0)
-    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
-    return [means[int(0.025 * draws)], means[int(0.975 * draws) - 1]]
-
-
 def combine(base: dict, runs: dict[str, list[dict]], seeds: list[int], n: int) -> dict:
     """One model entry per method: mean ± std over training seeds; plus Bitune - LoRA per family."""
     families = list(base["families"])
@@ -102,7 +90,7 @@ def combine(base: dict, runs: dict[str, list[dict]], seeds: list[int], n: int) -
               "held_out": [f for f in families if not base["families"][f]["trained"]], "all": families}
     for g, members in groups.items():
         if f"mean ({g})" in difference:
-            difference[f"mean ({g})"]["ci95_questions"] = question_interval(runs["lora"], runs["bitune"], members)
+            difference[f"mean ({g})"]["ci95_questions"] = paired_interval(runs["lora"], runs["bitune"], members)
     return {"suite": "bitune", "trained_families": [f for f in families if base["families"][f]["trained"]],
             "held_out_families": [f for f in families if not base["families"][f]["trained"]],
             "split": "test", "n": n, "seeds": seeds, "decoding": "greedy",

@@ -1,5 +1,6 @@
 """What the experiment scripts share: train a module once (a finished run is kept, so a stopped script resumes),
-evaluate it once on the generated suite, and measure a module's loss on held-out text.
+evaluate it once on the generated suite, measure a module's loss on held-out text, and put an interval over the
+questions on a difference between two methods.
 
 Every LoRA here: r=8, alpha 16, every linear layer, lr 2e-3 cosine with 5 warm-up steps, the chat template.
 """
@@ -7,6 +8,8 @@ Every LoRA here: r=8, alpha 16, every linear layer, lr 2e-3 cosine with 5 warm-u
 from __future__ import annotations
 
 import json
+import random
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,3 +69,17 @@ def response_loss(adapter: Path | None, records: list[dict], model: str, batch: 
             per_token, answer = answer_losses(logits, inputs["labels"])
             total, tokens = total + float((per_token * answer).sum()), tokens + int(answer.sum())
     return total / tokens
+
+
+def paired_interval(baseline: list[dict], other: list[dict], families: list[str], draws: int = 10_000) -> list[float]:
+    """95 % interval of ``other`` - ``baseline`` accuracy over the questions, from eval reports that keep every
+    answer (one per training seed, the same questions in each): each question's correctness averaged over the seeds,
+    the paired per-question differences resampled (the seed spread alone misses which questions were drawn)."""
+    def per_question(reports: list[dict]) -> list[float]:
+        return [statistics.fmean(r["examples"][f][q]["correct"] for r in reports)
+                for f in families for q in range(len(reports[0]["examples"][f]))]
+
+    diffs = [b - a for a, b in zip(per_question(baseline), per_question(other), strict=True)]
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
+    return [means[int(0.025 * draws)], means[int(0.975 * draws) - 1]]

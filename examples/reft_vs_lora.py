@@ -20,7 +20,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import LORA, ROOT, evaluate_once, train_once  # examples/common.py
+from common import LORA, ROOT, evaluate_once, paired_interval, train_once  # examples/common.py
 
 REFT = {"layers": [3, 8, 17, 23], "rank": 4, "positions": "f5+l5", "share_weights": False}
 METHODS = {"lora": {"name": "lora", **LORA}, "loreft": {"name": "loreft", **REFT},
@@ -70,6 +70,9 @@ def main() -> None:
     base = evaluate_once(runs / f"test-base-n{args.n}.json", None, every, args.n, args.model)
     results = {"untuned": {"families": {f: v["accuracy"] for f, v in base["families"].items()},
                            "summary": {g: v["accuracy"] for g, v in base["summary"].items()}}}
+    groups = {"trained": [f for f in every if f in suite.trained],
+              "held_out": [f for f in every if f not in suite.trained], "all": every}
+    kept: dict[str, list[dict]] = {}
     for method, lr in best.items():
         reports, seconds = [], []
         for seed in args.seeds:
@@ -77,6 +80,7 @@ def main() -> None:
             seconds.append(train_once(folder, METHODS[method], seed=seed, learning_rate=lr, **train))
             reports.append(evaluate_once(folder / f"test-n{args.n}.json", folder / "module", every, args.n,
                                          args.model))
+        kept[method] = reports
         per_family = {f: [r["families"][f]["accuracy"] for r in reports] for f in every}
         per_group = {g: [r["summary"][g]["accuracy"] for r in reports] for g in reports[0]["summary"]}
         results[method] = {
@@ -84,6 +88,11 @@ def main() -> None:
             "train_seconds": seconds,
             "families": {f: _mean_std(v) for f, v in per_family.items()},
             "summary": {g: _mean_std(v) for g, v in per_group.items()}}
+        if method != "lora":  # the paired difference to LoRA, with its interval over the questions
+            results[method]["minus_lora"] = {
+                g: {"difference": results[method]["summary"][g]["mean"] - results["lora"]["summary"][g]["mean"],
+                    "ci95_questions": paired_interval(kept["lora"], reports, members)}
+                for g, members in groups.items() if members}
         print(f"{method} (lr {lr:g}): test {results[method]['summary']['all']}", flush=True)
     report = {"command": "python examples/reft_vs_lora.py", "model": args.model, "steps": args.steps,
               "batch": args.batch, "n": args.n, "sweep_n": args.sweep_n, "seeds": args.seeds,
