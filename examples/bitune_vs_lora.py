@@ -86,13 +86,12 @@ def combine(base: dict, runs: dict[str, list[dict]], seeds: list[int], n: int) -
         seed_spread = max(a["std"], b["std"])
         difference[name] = {"bitune_minus_lora": diff, "seed_spread": seed_spread,
                             "exceeds_spread": abs(diff) > seed_spread if len(seeds) > 1 else None}
-    groups = {"trained": [f for f in families if base["families"][f]["trained"]],
-              "held_out": [f for f in families if not base["families"][f]["trained"]], "all": families}
-    for g, members in groups.items():
+    trained = [f for f in families if base["families"][f]["trained"]]
+    held_out = [f for f in families if f not in trained]
+    for g, members in (("trained", trained), ("held_out", held_out), ("all", families)):
         if f"mean ({g})" in difference:
             difference[f"mean ({g})"]["ci95_questions"] = paired_interval(runs["lora"], runs["bitune"], members)
-    return {"suite": "bitune", "trained_families": [f for f in families if base["families"][f]["trained"]],
-            "held_out_families": [f for f in families if not base["families"][f]["trained"]],
+    return {"suite": "bitune", "trained_families": trained, "held_out_families": held_out,
             "split": "test", "n": n, "seeds": seeds, "decoding": "greedy",
             "seeds_are": "training seeds (instances: sampling seed 0, the same questions for every model)",
             "spread_rule": "exceeds_spread: |Bitune - LoRA| > the larger of the two std over training seeds; "

@@ -72,7 +72,7 @@ def main() -> None:
                            "summary": {g: v["accuracy"] for g, v in base["summary"].items()}}}
     groups = {"trained": [f for f in every if f in suite.trained],
               "held_out": [f for f in every if f not in suite.trained], "all": every}
-    kept: dict[str, list[dict]] = {}
+    lora_reports: list[dict] = []  # LoRA comes first: each ReFT method is compared with it question by question
     for method, lr in best.items():
         reports, seconds = [], []
         for seed in args.seeds:
@@ -80,7 +80,6 @@ def main() -> None:
             seconds.append(train_once(folder, METHODS[method], seed=seed, learning_rate=lr, **train))
             reports.append(evaluate_once(folder / f"test-n{args.n}.json", folder / "module", every, args.n,
                                          args.model))
-        kept[method] = reports
         per_family = {f: [r["families"][f]["accuracy"] for r in reports] for f in every}
         per_group = {g: [r["summary"][g]["accuracy"] for r in reports] for g in reports[0]["summary"]}
         results[method] = {
@@ -88,10 +87,12 @@ def main() -> None:
             "train_seconds": seconds,
             "families": {f: _mean_std(v) for f, v in per_family.items()},
             "summary": {g: _mean_std(v) for g, v in per_group.items()}}
-        if method != "lora":  # the paired difference to LoRA, with its interval over the questions
+        if method == "lora":
+            lora_reports = reports
+        else:  # the paired difference to LoRA, with its interval over the questions
             results[method]["minus_lora"] = {
                 g: {"difference": results[method]["summary"][g]["mean"] - results["lora"]["summary"][g]["mean"],
-                    "ci95_questions": paired_interval(kept["lora"], reports, members)}
+                    "ci95_questions": paired_interval(lora_reports, reports, members)}
                 for g, members in groups.items() if members}
         print(f"{method} (lr {lr:g}): test {results[method]['summary']['all']}", flush=True)
     report = {"command": "python examples/reft_vs_lora.py", "model": args.model, "steps": args.steps,

@@ -155,8 +155,7 @@ def _served(engine: Engine, name: str):
 async def _respond(engine: Engine, body: ChatRequest | CompletionRequest, prompts: list[list[int]], shape: Shape,
                    http: Request, limits: Limits, context: int):
     longest = max(map(len, prompts))
-    asked = body.max_new()
-    max_new = asked or max(1, min(limits.max_tokens, context - longest))  # unasked: what the context leaves
+    max_new = body.max_new() or max(1, min(limits.max_tokens, context - longest))  # unasked: what the context leaves
     if max_new > limits.max_tokens:
         raise OpenAIError(400, f"max_tokens is {max_new}; this server allows at most {limits.max_tokens}",
                           "max_tokens")
