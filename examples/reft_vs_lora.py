@@ -4,6 +4,8 @@ validation split; then three training seeds at that rate on the test split.
 
     python examples/reft_vs_lora.py                              # the whole experiment (hours on 2 CPU cores)
     python examples/reft_vs_lora.py --steps 2 --n 4 --seeds 0 --model TINY_DIR   # a smoke run
+    python examples/reft_vs_lora.py --steps 300 --seeds 0 --methods lora loreft --rates lora=2e-3 loreft=5e-3 \
+        --runs runs/reft-vs-lora-300 --result runs/results/reft-vs-lora-300.json  # longer, at the swept rates
 
 Every run is kept under --runs, so a stopped script resumes where it stopped. Writes --result (JSON + a PNG bar
 chart): the sweep (validation accuracy per learning rate), and per family the test accuracy of the untuned model
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 from common import LORA, ROOT, evaluate_once, paired_interval, train_once  # examples/common.py
@@ -38,7 +41,7 @@ def main() -> None:
     from peftlab.module import read_info
     from peftlab.report import write_json
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default: 60)")
     parser.add_argument("--batch", type=int, default=8)
@@ -47,7 +50,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "reft-vs-lora"))
     parser.add_argument("--result", default=str(ROOT / "examples" / "results" / "reft-vs-lora.json"))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="the methods to run; LoRA must be among them (default: all three)")
+    parser.add_argument("--rates", nargs="+", default=[], metavar="METHOD=LR",
+                        help="fix a method's learning rate instead of sweeping it, e.g. lora=2e-3")
     args = parser.parse_args()
+    if "lora" not in args.methods:
+        parser.error("--methods: the ReFT methods are measured against LoRA, so it must be among them")
+    rates = {method: grid for method, grid in RATES.items() if method in args.methods}  # LoRA first
+    for item in args.rates:
+        method, _, lr = item.partition("=")
+        if method not in rates:
+            parser.error(f"--rates {item}: {method!r} is not among --methods {args.methods}")
+        try:
+            rates[method] = [float(lr)]
+        except ValueError:
+            parser.error(f"--rates {item}: {lr!r} is not a number")
 
     runs, suite = Path(args.runs), get_suite("core")
     records = training_records(suite, 200, seed=0)
@@ -56,16 +74,16 @@ def main() -> None:
     train = {"records": records, "steps": args.steps, "batch": args.batch, "model": args.model}
 
     sweep, best = {}, {}
-    for method, rates in RATES.items():  # the learning rate each method gets: best on validation, seed 0
+    for method, grid in rates.items():  # the learning rate each method gets: best on validation, seed 0
         sweep[method] = {}
-        for lr in rates:
+        for lr in grid:
             folder = runs / f"{method}-lr{lr:g}-s0"
             train_once(folder, METHODS[method], seed=0, learning_rate=lr, **train)
             report = evaluate_once(folder / f"val-n{args.sweep_n}.json", folder / "module", trained, args.sweep_n,
                                    args.model, split="validation")
             sweep[method][f"{lr:g}"] = accuracy(report)
             print(f"{method} lr {lr:g}: validation {sweep[method][f'{lr:g}']:.3f}", flush=True)
-        best[method] = max(rates, key=lambda lr, m=method: sweep[m][f"{lr:g}"])
+        best[method] = max(grid, key=lambda lr, m=method: sweep[m][f"{lr:g}"])
 
     base = evaluate_once(runs / f"test-base-n{args.n}.json", None, every, args.n, args.model)
     results = {"untuned": {"families": {f: v["accuracy"] for f, v in base["families"].items()},
@@ -95,9 +113,10 @@ def main() -> None:
                     "ci95_questions": paired_interval(lora_reports, reports, members)}
                 for g, members in groups.items() if members}
         print(f"{method} (lr {lr:g}): test {results[method]['summary']['all']}", flush=True)
-    report = {"command": "python examples/reft_vs_lora.py", "model": args.model, "steps": args.steps,
-              "batch": args.batch, "n": args.n, "sweep_n": args.sweep_n, "seeds": args.seeds,
-              "methods": METHODS, "sweep_validation_accuracy": sweep, "results": results}
+    report = {"command": " ".join(["python examples/reft_vs_lora.py", *sys.argv[1:]]), "model": args.model,
+              "steps": args.steps, "batch": args.batch, "n": args.n, "sweep_n": args.sweep_n, "seeds": args.seeds,
+              "methods": {method: METHODS[method] for method in rates}, "sweep_validation_accuracy": sweep,
+              "results": results}
     write_json(args.result, report)
     _plot(report, Path(args.result).with_suffix(".png"))
     print(f"wrote {args.result}")
