@@ -4,8 +4,8 @@ validation split; then three training seeds at that rate on the test split.
 
     python examples/reft_vs_lora.py                              # the whole experiment (hours on 2 CPU cores)
     python examples/reft_vs_lora.py --steps 2 --n 4 --seeds 0 --model TINY_DIR   # a smoke run
-    python examples/reft_vs_lora.py --steps 300 --seeds 0 --methods lora loreft --rates lora=2e-3 loreft=5e-3 \
-        --runs runs/reft-vs-lora-300 --result runs/results/reft-vs-lora-300.json  # longer, at the swept rates
+    python examples/reft_vs_lora.py --steps 200 --seeds 0 --methods lora loreft --rates lora=2e-3 loreft=5e-3 \
+        --runs runs/reft-vs-lora-200 --result runs/results/reft-vs-lora-200.json  # longer, at the swept rates
 
 Every run is kept under --runs, so a stopped script resumes where it stopped. Writes --result (JSON + a PNG bar
 chart): the sweep (validation accuracy per learning rate), and per family the test accuracy of the untuned model
@@ -115,6 +115,7 @@ def main() -> None:
         print(f"{method} (lr {lr:g}): test {results[method]['summary']['all']}", flush=True)
     report = {"command": " ".join(["python examples/reft_vs_lora.py", *sys.argv[1:]]), "model": args.model,
               "steps": args.steps, "batch": args.batch, "n": args.n, "sweep_n": args.sweep_n, "seeds": args.seeds,
+              "held_out_families": groups["held_out"],
               "methods": {method: METHODS[method] for method in rates}, "sweep_validation_accuracy": sweep,
               "results": results}
     write_json(args.result, report)
@@ -142,7 +143,8 @@ def _plot(report: dict, path: Path) -> None:
         means = [fams[f]["mean"] if isinstance(fams[f], dict) else fams[f] for f in families]
         stds = [fams[f]["std"] if isinstance(fams[f], dict) else 0 for f in families]
         ax.bar([j + i * width for j in range(len(families))], means, width, yerr=stds, label=label, capsize=2)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], families, rotation=30, ha="right")
+    ticks = [f"{f} (held out)" if f in report["held_out_families"] else f for f in families]
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], ticks, rotation=30, ha="right")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"LoReFT / DiReFT vs LoRA, {report['steps']} steps, mean ± std over seeds {report['seeds']}")
     ax.legend()
