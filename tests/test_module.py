@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peftlab import attach, load, read_info, save, tiny_model
-from peftlab.io import INCOMPLETE_MARKER, atomic_dir
+from peftlab.io import INCOMPLETE_MARKER, atomic_dir, write_text
 from peftlab.methods import get_method
 from peftlab.module import ModuleError
 
@@ -89,6 +89,15 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_saved_files_get_the_usual_mode_not_private(tmp_path):
+    """safetensors and mkstemp create files 0600; a saved module or report must be readable as any file is."""
+    save(_lora_model(), tmp_path / "m")
+    written = write_text(tmp_path / "report.json", "{}\n")
+    files = [written, *(tmp_path / "m").iterdir()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o666 & ~_umask()) for f in files}
 
 
 def test_read_info_names_the_bad_file(tmp_path):
