@@ -193,11 +193,13 @@ class Addition(Task):
     - ``train_hard`` (task ``addition-steps-hard``, with ``show_digit_sum``) draws that share of the training
       problems from the families that are hard to copy (carry-chain, equal-runs, all-carry, in turn), the rest
       uniform: the outputs hold the long runs that uniform data lacks, as in the evaluation families.
-    - ``output_tags`` (task ``addition-steps-tags7``, with ``show_digit_sum``) tags only the output digits, with
-      letters that cycle every ``output_tags`` places from the units (``"g1f0e0d0c0b0a3"`` for 1000003; place 7
-      is ``a`` again). A run of zeros can then be copied tag by tag instead of counted, the operands stay plain
-      digits (nothing to confuse with the output), and with a cycle as long as the longest trained output every
-      letter is trained: past the trained lengths the tags repeat, they are never new.
+    - ``output_tags`` (tasks ``addition-steps-tags6``/``-tags7``, with ``show_digit_sum``) tags only the output
+      digits, with letters that cycle every ``output_tags`` places from the units (``"a1f0e0d0c0b0a3"`` for
+      1000003 with 6; place 6 is ``a`` again). A run of zeros can then be copied tag by tag instead of counted,
+      and the operands stay plain digits (nothing to confuse with the output). A step's output leaves its carry
+      apart, so at 1-6 trained digits the longest output has 6 places: a cycle of 6 trains every letter, and past
+      the trained lengths the tags repeat rather than being new. A cycle of 7 leaves ``g`` untrained (measured:
+      the 7-digit steps fail).
     """
 
     name = "addition"
@@ -515,7 +517,8 @@ def _parse_list(text: str) -> list[int]:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Addition(), Addition(show_digit_sum=True), Addition(show_digit_sum=True, index_hints=True),
     Addition(show_digit_sum=True, shift_hints=True), Addition(show_digit_sum=True, train_runs=0.25),
-    Addition(show_digit_sum=True, train_hard=0.3), Addition(show_digit_sum=True, output_tags=7),
+    Addition(show_digit_sum=True, train_hard=0.3), Addition(show_digit_sum=True, output_tags=6),
+    Addition(show_digit_sum=True, output_tags=7),
     Parity(), Parity(show_sum=True), MaxSumNonAdjacent(), MaxSumNonAdjacent(show_steps=True))}
 
 
