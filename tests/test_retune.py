@@ -48,12 +48,12 @@ def test_golden_examples_of_the_paper_format():
     assert tags.baseline(("99999999", "1"))[1] == "b1a0g0f0e0d0c0b0a0"  # place 7 is `a` again
     with pytest.raises(ValueError, match="outputs only"):
         Addition(index_hints=True, output_tags=7)
-    for cycle, new_letters in ((6, set()), (7, {"g"})):  # a 7-digit step's letters: all trained only with 6
+    for cycle, new_letters in ((4, set()), (6, set()), (7, {"g"})):  # a 7-digit step's letters, seen in training?
         task = TASKS[f"addition-steps-tags{cycle}"]
         trained = {letter for length in range(1, 7) for seed in range(20)
                    for _, response, _ in trace(task.root(task.sample_training(length, random.Random(seed))))[0]
                    if "Output " in response for letter in response.rpartition("Output ")[2] if letter.isalpha()}
-        assert trained == set("abcdef")
+        assert trained == set("abcdef"[:cycle])
         step7 = trace(task.root(("1234567", "7654321")))[1].rpartition("Output ")[2]
         assert {letter for letter in step7 if letter.isalpha()} - trained == new_letters
 

@@ -199,7 +199,8 @@ class Addition(Task):
       and the operands stay plain digits (nothing to confuse with the output). A step's output leaves its carry
       apart, so at 1-6 trained digits the longest output has 6 places: a cycle of 6 trains every letter, and past
       the trained lengths the tags repeat rather than being new. A cycle of 7 leaves ``g`` untrained (measured:
-      the 7-digit steps fail).
+      the 7-digit steps fail). At 1-6 digits both cycles give the same training data: they differ only in what
+      a longer output must look like.
     """
 
     name = "addition"
@@ -517,8 +518,8 @@ def _parse_list(text: str) -> list[int]:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Addition(), Addition(show_digit_sum=True), Addition(show_digit_sum=True, index_hints=True),
     Addition(show_digit_sum=True, shift_hints=True), Addition(show_digit_sum=True, train_runs=0.25),
-    Addition(show_digit_sum=True, train_hard=0.3), Addition(show_digit_sum=True, output_tags=6),
-    Addition(show_digit_sum=True, output_tags=7),
+    Addition(show_digit_sum=True, train_hard=0.3), Addition(show_digit_sum=True, output_tags=4),
+    Addition(show_digit_sum=True, output_tags=6), Addition(show_digit_sum=True, output_tags=7),
     Parity(), Parity(show_sum=True), MaxSumNonAdjacent(), MaxSumNonAdjacent(show_steps=True))}
 
 
