@@ -25,14 +25,15 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".incomplete", dir=target.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the saved folder should not be
+    umask = _umask()
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the saved folder should not be
     (tmp / INCOMPLETE_MARKER).touch()
     try:
         yield tmp
         (tmp / INCOMPLETE_MARKER).unlink()
         for file in tmp.rglob("*"):  # safetensors writes its files private (0600); give them the usual mode
             if file.is_file():
-                file.chmod(0o666 & ~_umask())
+                file.chmod(0o666 & ~umask)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old / target.name)

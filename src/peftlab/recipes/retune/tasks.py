@@ -193,14 +193,15 @@ class Addition(Task):
     - ``train_hard`` (task ``addition-steps-hard``, with ``show_digit_sum``) draws that share of the training
       problems from the families that are hard to copy (carry-chain, equal-runs, all-carry, in turn), the rest
       uniform: the outputs hold the long runs that uniform data lacks, as in the evaluation families.
-    - ``output_tags`` (tasks ``addition-steps-tags6``/``-tags7``, with ``show_digit_sum``) tags only the output
-      digits, with letters that cycle every ``output_tags`` places from the units (``"a1f0e0d0c0b0a3"`` for
+    - ``output_tags`` (tasks ``addition-steps-tags4``/``-tags6``/``-tags7``, with ``show_digit_sum``) tags only the
+      output digits, with letters that cycle every ``output_tags`` places from the units (``"a1f0e0d0c0b0a3"`` for
       1000003 with 6; place 6 is ``a`` again). A run of zeros can then be copied tag by tag instead of counted,
       and the operands stay plain digits (nothing to confuse with the output). A step's output leaves its carry
       apart, so at 1-6 trained digits the longest output has 6 places: a cycle of 6 trains every letter, and past
       the trained lengths the tags repeat rather than being new. A cycle of 7 leaves ``g`` untrained (measured:
-      the 7-digit steps fail). At 1-6 digits both cycles give the same training data: they differ only in what
-      a longer output must look like.
+      the 7-digit steps fail). At 1-6 digits those two cycles give the same training data: they differ only in
+      what a longer output must look like. A cycle of 4 wraps inside the trained outputs, so training shows the
+      wrap (measured: the only variant whose carry chains hold past the trained lengths).
     """
 
     name = "addition"
