@@ -1,9 +1,11 @@
+import os
+
 import pytest
 import torch
 
 from peftlab.models import tiny_model
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # pin to 1 to run beside another job
 
 PAIRS = [{"prompt": f"repeat {w}", "response": f"{w} {w}"} for w in ("red", "blue", "green", "cat", "dog", "sun")]
 

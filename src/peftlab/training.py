@@ -20,6 +20,7 @@ from peftlab.adapters import parameter_report, restore, save, save_into
 from peftlab.config import ConfigError, from_dict, load_yaml
 from peftlab.data import IGNORE_INDEX, AdapterBatches, Collator, EncodeStats, PromptFormat, Record, encode, load_records
 from peftlab.methods import DEFAULT_ADAPTER, get_method
+from peftlab.methods.base import PeftlabModel
 from peftlab.models import DEFAULT_MODEL, load_model
 from peftlab.report import plot, write_json
 
@@ -199,8 +200,11 @@ class _Trainer(Trainer):
         return self.sampler or super()._get_train_sampler(train_dataset)
 
     def _clip_grad_norm(self, model):
-        own = getattr(self.accelerator.unwrap_model(model), "clip_grad_norm_", None)
-        return own(self.args.max_grad_norm) if own is not None else super()._clip_grad_norm(model)
+        wrapped = self.accelerator.unwrap_model(model)
+        if isinstance(wrapped, PeftlabModel) and wrapped.clips_its_own_way:
+            self.accelerator.unscale_gradients()  # fp16: the GradScaler's factor comes off before the norm is taken
+            return wrapped.clip_grad_norm_(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         save_into(self.model, Path(output_dir or self.args.output_dir))
@@ -227,6 +231,9 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     args_dict = {**TRAINING_DEFAULTS, **config.training}
     resume = args_dict.pop("resume_from_checkpoint", None)
     args = TrainingArguments(**args_dict)
+    if args.fp16 and args.device.type == "cpu":
+        log.warning("training.fp16 does nothing on the CPU (accelerate trains in float32 there, without a loss "
+                    "scaler); use bf16: true for half precision on the CPU")
     if resume is True:
         resume = last_complete_checkpoint(args.output_dir)
         if resume is None:

@@ -184,6 +184,15 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
         self.context.clear()
         return base
 
+    # --- training ----------------------------------------------------------------------------------------------
+    # True where ``clip_grad_norm_`` is not the global norm over every trainable parameter; training then calls it
+    # instead of accelerate's clipping (which knows sharded gradients), once the fp16 loss scale is off the gradients
+    clips_its_own_way: ClassVar[bool] = False
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradients down to a norm of at most ``max_norm``; return the norm they had."""
+        return nn.utils.clip_grad_norm_([p for p in self.parameters() if p.requires_grad], max_norm)
+
     # --- calls -------------------------------------------------------------------------------------------------
     def bind(self, kwargs: dict[str, Any]) -> None:
         """Take the per-example fields out of a call's arguments and make them this call's context."""

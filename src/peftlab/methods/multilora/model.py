@@ -161,16 +161,20 @@ class MultiLoraModel(PeftlabModel):
         return self.model
 
     # --- training ----------------------------------------------------------------------------------------------
+    clips_its_own_way = True
+
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip each adapter's gradient (the shared one's too) to ``max_norm`` on its own (a global norm would couple
         the adapters: one with large gradients would shrink every other's step). Returns the global norm."""
         layers = self.lora_layers.values()
-        squares = sum((layer.lora_A.grad.pow(2).sum((1, 2)) + layer.lora_B.grad.pow(2).sum((1, 2))
-                       for layer in layers if layer.lora_A.grad is not None), torch.zeros(len(self.adapters)))
+        device = next(iter(layers)).lora_A.device
+        squares = sum((layer.lora_A.grad.float().pow(2).sum((1, 2)) + layer.lora_B.grad.float().pow(2).sum((1, 2))
+                       for layer in layers if layer.lora_A.grad is not None),
+                      torch.zeros(len(self.adapters), device=device))
         shared = [p.grad for layer in layers for p in (layer.shared_A, layer.shared_B)
                   if p is not None and p.grad is not None]
-        shared_square = sum((g.pow(2).sum() for g in shared), torch.zeros(()))
+        shared_square = sum((g.float().pow(2).sum() for g in shared), torch.zeros((), device=device))
         factor = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
         for layer in layers:
             if layer.lora_A.grad is not None:

@@ -85,9 +85,10 @@ class Intervention(nn.Module):
         for name, tensor in state.items():
             if name == "rotate_layer":
                 gram = tensor.float().T @ tensor.float()
-                if (gram - torch.eye(self.r)).abs().max() > 1e-3:
+                if (gram - torch.eye(self.r, device=gram.device)).abs().max() > 1e-3:
                     raise ValueError(f"{where}: rotate_layer does not have orthonormal columns")
-                self.rotate_layer.weight = tensor.float()
+                stored = self.rotate_layer.parametrizations.weight.original  # R is set in place: where it lives
+                self.rotate_layer.weight = tensor.to(device=stored.device, dtype=torch.float32)
             else:
                 target = self.get_parameter(name)
                 target.copy_(tensor.to(target.dtype))
