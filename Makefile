@@ -1,5 +1,6 @@
 # make demo  — create .venv, install, fetch the default model, train the emoji chatbot, show before/after
 # make test  — create .venv, install, run the test suite
+# make test-gpu — the GPU tier (tests/test_gpu.py) with a CUDA build of torch: make test-gpu TORCH=torch
 # On these machines `pip install torch==2.13.0` takes the CPU build lying on disk; a plain `torch` pulls a CUDA
 # build of several GB. With a GPU, choose your own: `make test TORCH=torch`.
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-gpu lint clean
 
 $(BIN)/peftlab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ demo: install
 
 test: install
 	$(BIN)/pytest -q
+
+test-gpu: install
+	$(BIN)/pytest -q -m gpu tests/test_gpu.py
 
 lint: install
 	$(BIN)/ruff check src tests examples

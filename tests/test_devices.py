@@ -12,6 +12,7 @@ import torch
 
 from floats import assert_close
 from peftlab import attach, generate, load, save, tiny_model
+from peftlab.methods.multilora.config import MultiLoraConfig
 from test_protocol import SETTINGS
 
 with warnings.catch_warnings():
@@ -90,3 +91,40 @@ def test_generate_on_another_device(method, tmp_path):
                          ["repeat red", "repeat blue cat"], max_new_tokens=3,
                          **({"adapters": ["default", "default"]} if method == "multilora" else {}))
     assert elsewhere == on_cpu
+
+
+def test_the_server_answers_every_lane_on_another_device(tmp_path):
+    """One engine on the lazy device holding a LoRA (the shared lane), a LoReFT, a Bitune and an IA3 module (lanes of
+    their own): each answers over HTTP as the same engine on the CPU does."""
+    httpx = pytest.importorskip("httpx")
+    from peftlab.serve.app import create_app
+    from peftlab.serve.cli import Server, build_engine
+
+    methods = ["lora", "loreft", "bitune", "ia3"]
+    for method in methods:
+        _saved(method, tmp_path / method)
+    answers = {}
+    for device in ("cpu", ELSEWHERE):
+        base, tokenizer = tiny_model()
+        engine = build_engine(base.to(device), tokenizer, "tiny", {m: tmp_path / m for m in methods}, max_batch=4)
+        with Server(create_app(engine)) as running:
+            answers[str(device)] = [httpx.post(f"{running.url}/v1/chat/completions", timeout=120, json={
+                "model": model, "messages": [{"role": "user", "content": "repeat red"}], "max_tokens": 4,
+                "temperature": 0}).json()["choices"][0]["message"]["content"] for model in ["tiny", *methods]]
+    assert answers["lazy"] == answers["cpu"]
+    assert len(set(answers["cpu"])) > 1  # the modules change the answer
+
+
+def test_dit_s_shared_slot_trains_on_another_device():
+    """DIT's reader: one shared LoRA beside per-example routed diffs, added to a model that already lives elsewhere."""
+    wrapped = attach(tiny_model()[0].to(ELSEWHERE), "multilora", MultiLoraConfig(r=2), name="diff0")
+    wrapped.add_adapters({"diff1": MultiLoraConfig(r=2)})
+    wrapped.add_shared_adapter("dit", MultiLoraConfig(r=2))
+    assert _devices(wrapped) == {"lazy"}
+    ids = IDS.to(ELSEWHERE)
+    route = {"adapter_names": ["diff0", "diff1"], "adapter_index": torch.tensor([0, 1], device=ELSEWHERE)}
+    wrapped.train()(input_ids=ids, labels=ids, **route).loss.backward()
+    wrapped.clip_grad_norm_(1.0)
+    shared = [p.grad for layer in wrapped.lora_layers.values() for p in (layer.shared_A, layer.shared_B)]
+    assert all(g is not None and g.device.type == "lazy" for g in shared)
+    assert float(torch.stack([g.norm() for g in shared]).norm()) > 0
