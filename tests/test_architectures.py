@@ -1,10 +1,11 @@
 """Every method on tiny random models of eight architectures: a padded batch gives each example what it gives
-alone (1e-5), greedy generate() equals a step-by-step argmax loop without a cache, and save -> load gives the same
-model (exactly; LoReFT within 1e-5)."""
+alone (up to float32 rounding), greedy generate() equals a step-by-step argmax loop without a cache, and save -> load
+gives the same model (exactly; LoReFT up to float32 rounding)."""
 
 import pytest
 import torch
 
+from floats import assert_close
 from peftlab import attach, load, save
 from peftlab.data import Collator
 from peftlab.models import TINY_ARCHITECTURES, tiny_model
@@ -76,7 +77,7 @@ def test_a_padded_batch_gives_each_example_what_it_gives_alone(method, arch):
         alone, _ = _logits(wrapped, method, [i])
         n = len(prompt)
         first = n - 1 if method == "bitune" else 0  # Bitune predicts from the last prompt token on
-        assert torch.allclose(logits[i, first:n], alone[0, first:n], atol=1e-5, rtol=1e-5)
+        assert_close(logits[i, first:n], alone[0, first:n], f"row {i} padded vs alone")
         with torch.no_grad():
             plain = base(input_ids=torch.tensor([prompt])).logits[0]
         assert (alone[0, first:n] - plain[first:n]).abs().max() > 1e-3  # the method changes the output
@@ -108,6 +109,6 @@ def test_save_then_load_gives_the_same_model(method, arch, tmp_path):
     a, _ = _logits(wrapped, method, [0, 1, 2])
     b, _ = _logits(loaded, method, [0, 1, 2])
     if method == "loreft":  # R is stored orthonormalised and re-orthonormalised on load: ~1e-7 changes in R
-        assert torch.allclose(a, b, atol=1e-5, rtol=0)
-    else:
+        assert_close(b, a, "logits after save -> load")
+    else:  # the same tensors read back, the same forward
         assert torch.equal(a, b)

@@ -4,12 +4,14 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from floats import assert_close
 from peftlab import load_records
 from peftlab.adapters import attach, load, save
 from peftlab.cli import main
 from peftlab.data import Collator, encode
 from peftlab.generation import generate
 from peftlab.methods import cache_arg
+from peftlab.methods.base import CHECKPOINTING
 from peftlab.methods.bitune import VARIANTS, BituneConfig, bidirectional_mask
 from peftlab.models import load_model, tiny_model
 from peftlab.module import read_info
@@ -56,11 +58,11 @@ def test_batched_logits_and_loss_equal_per_example(arch, side):
             n, start = len(f["input_ids"]), _answer_start(f)
             offset = width - n if side == "left" else 0
             got = batched.logits[i, offset + start:offset + n]
-            assert (got - alone.logits[0, start:n]).abs().max().item() < 1e-5
+            assert_close(got, alone.logits[0, start:n], f"row {i} batched vs alone")
             losses.append(alone.loss)
             counts.append(sum(label != -100 for label in f["labels"]))
         token_mean = sum(loss * c for loss, c in zip(losses, counts, strict=True)) / sum(counts)
-        assert abs(batched.loss - token_mean) < 1e-5
+        assert_close(batched.loss, token_mean, "batched loss vs the token mean of the losses alone")
 
 
 def test_every_trainable_part_gets_a_gradient():
@@ -155,7 +157,7 @@ def test_base_model_when_the_mix_gives_the_bidirectional_pass_no_weight():
         want = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     for i, f in enumerate(features):
         start, n = _answer_start(f), len(f["input_ids"])
-        assert (got[i, start:n] - want[i, start:n]).abs().max() < 1e-5
+        assert_close(got[i, start:n], want[i, start:n], f"row {i} vs the base model")
 
 
 def test_initial_model_continues_on_a_half_causal_half_bidirectional_cache():
@@ -175,7 +177,7 @@ def test_initial_model_continues_on_a_half_causal_half_bidirectional_cache():
                                              for c, b in zip(causal.layers, bidir.layers, strict=True)])
         want = base(input_ids=ids[:, prompt - 1:], **{cache_arg(base): mixed}).logits[0]
         plain = base(input_ids=ids).logits[0, prompt - 1:]
-    assert (got - want).abs().max() < 1e-5
+    assert_close(got, want, "vs the hand-mixed cache")
     assert (got - plain).abs().max() > 1e-3
 
 
@@ -258,7 +260,7 @@ def test_training_lowers_the_loss_and_the_module_round_trips(tiny_dir, tmp_path,
     _, tokenizer = load_model(str(tiny_dir))
     batch = Collator(tokenizer.pad_token_id)(_features(tokenizer))
     with torch.no_grad():
-        assert (restored(**batch).logits - result.model(**batch).logits).abs().max() < 1e-6
+        assert torch.equal(restored(**batch).logits, result.model(**batch).logits)  # same tensors, same forward
     ids = torch.tensor([[5, 6, 7, 8]])
     settings = {"max_new_tokens": 5, "do_sample": False, "eos_token_id": None}
     assert restored.generate(input_ids=ids, **settings).equal(result.model.generate(input_ids=ids, **settings))
@@ -280,7 +282,7 @@ def test_resume_restores_both_adapters_and_the_mix(tiny_dir, tmp_path, pairs):
 
 def test_gradient_checkpointing_is_refused_with_the_reason(tiny_dir, tmp_path, pairs):
     with pytest.raises(ValueError, match="activation checkpointing"):
-        _train(tiny_dir, tmp_path, pairs, steps=1, activation_checkpointing=True)
+        _train(tiny_dir, tmp_path, pairs, steps=1, **{CHECKPOINTING: True})
 
 
 def test_packing_is_refused(tiny_dir, tmp_path, pairs):
@@ -315,5 +317,5 @@ def test_lm_eval_loglikelihood_reads_the_context_as_the_prompt():
     ids = tokenizer("abcde", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = wrapped(input_ids=torch.tensor([ids]), prompt_lengths=torch.tensor([3])).logits[0].log_softmax(-1)
-    assert lp == pytest.approx((logits[2, ids[3]] + logits[3, ids[4]]).item(), abs=1e-4)
-    assert lm.loglikelihood([Request("a much longer context", "x")])[0][0] == pytest.approx(other, abs=1e-4)
+    assert_close(lp, (logits[2, ids[3]] + logits[3, ids[4]]).item(), "lm-eval's log-likelihood vs direct")
+    assert_close(lm.loglikelihood([Request("a much longer context", "x")])[0][0], other, "alone vs in a batch of 2")

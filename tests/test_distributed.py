@@ -1,5 +1,5 @@
 """Multi-process training as with Trainer: two processes under torchrun (gloo, CPU) with batch 2 save the module
-that one process with batch 4 saves (tolerance 1e-5: only the order of float sums differs)."""
+that one process with batch 4 saves (up to float32 rounding: only the order of float sums differs)."""
 
 import json
 import subprocess
@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from floats import assert_close
 from peftlab.module import read
 
 HERE = Path(__file__).resolve().parent
@@ -35,7 +35,7 @@ def test_two_processes_train_what_one_process_trains(method, tiny_dir, tmp_path)
         a, b = one.tensors[name], two.tensors[name]
         assert a.keys() == b.keys()
         for key in a:
-            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-5), (name, key)
+            assert_close(b[key], a[key], f"{name}: {key}, two processes vs one")
     losses = [h["loss"] for h in json.loads((tmp_path / "one" / "train_log.json").read_text())["log_history"]
               if "loss" in h]
     assert losses[-1] < losses[0]  # it trained, so equal modules are not two untouched ones

@@ -7,6 +7,7 @@ import peft
 import pytest
 import torch
 
+from floats import assert_close
 from peftlab import attach, save, tiny_model
 from peftlab.cli import main
 from peftlab.data import Collator
@@ -67,7 +68,7 @@ def test_per_example_diffs_plus_the_shared_adapter_equal_peft_running_both_per_e
         for i, (r, name) in enumerate(zip(rows, ROUTE, strict=True)):
             reference = _peft_pair(wrapped, None if name == "__base__" else name)
             alone = reference(input_ids=torch.tensor([r])).logits[0]
-            assert (logits[i, :len(r)] - alone).abs().max() < 1e-5, name
+            assert_close(logits[i, :len(r)], alone, f"row {i} ({name}) vs peft alone")
             diff_only = tiny_model()[0](input_ids=torch.tensor([r])).logits[0]
             assert (alone - diff_only).abs().max() > 1e-2  # the adapters really act
 
@@ -96,7 +97,7 @@ def test_training_moves_only_the_shared_adapter_with_each_example_s_own_gradient
         grads = shared_grads(torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:], reduction="sum"))
         one_by_one = grads if one_by_one is None else [a + b for a, b in zip(one_by_one, grads, strict=True)]
     for got, want in zip(batched, one_by_one, strict=True):
-        assert (got - want).abs().max() < 1e-4 * max(1.0, want.abs().max().item())
+        assert_close(got, want, "batched gradient vs the sum of per-example ones")
     assert max(g.abs().max().item() for g in batched) > 0
     assert all(not layer.lora_A.requires_grad for layer in wrapped.lora_layers.values())
 
@@ -109,7 +110,7 @@ def test_each_adapter_is_clipped_on_its_own_the_shared_one_too():
     wrapped.clip_grad_norm_(1.0)
     shared = sum(p.grad.pow(2).sum() for layer in wrapped.lora_layers.values()
                  for p in (layer.shared_A, layer.shared_B)).sqrt()
-    assert abs(shared.item() - 1.0) < 1e-4
+    assert_close(shared, 1.0, "the shared adapter's clipped norm")
 
 
 def test_a_shared_adapter_is_one_and_stays_on_the_model_s_layers():

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from floats import assert_close
 from peftlab import load_records
 from peftlab.cli import build_parser, main
 from peftlab.config import ConfigError
@@ -325,10 +326,10 @@ def test_lm_eval_bridge_on_a_local_task(tmp_path, tiny_dir):
     ids = tokenizer("abcd", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
-    assert lp == pytest.approx((logits[1, ids[2]] + logits[2, ids[3]]).item(), abs=1e-4)
+    assert_close(lp, (logits[1, ids[2]] + logits[2, ids[3]]).item(), "log-likelihood vs direct")
     assert greedy == bool(logits[1].argmax() == ids[2] and logits[2].argmax() == ids[3])
     both = lm.loglikelihood([Req("ab", "cd"), Req("a much longer context", " x")])
-    assert both[0][0] == pytest.approx(lp, abs=1e-4)
+    assert_close(both[0][0], lp, "log-likelihood in a batch of 2 vs alone")
     (rolling,) = lm.loglikelihood_rolling([Req("abcd")])
     assert rolling < 0 and rolling < lp
     (text,) = lm.generate_until([Req("hello", {"until": ["\n"], "max_gen_toks": 3})])

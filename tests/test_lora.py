@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from floats import assert_close
 from peftlab import TrainConfig, attach, load, load_model, read_info, train
 from peftlab.adapters import merge
 from peftlab.cli import main
@@ -34,11 +35,11 @@ def test_plain_peft_loads_the_module_with_equal_logits(tiny_dir, tmp_path, pairs
     ours = _logits(result.model)
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
     plain = peft.PeftModel.from_pretrained(base, result.module_dir).eval()
-    assert (_logits(plain) - ours).abs().max().item() < 1e-5
+    assert_close(_logits(plain), ours, "plain peft vs peftlab")
     # training really moved the adapter: the module's logits differ from the base model's
     assert (_logits(AutoModelForCausalLM.from_pretrained(tiny_dir)) - ours).abs().max().item() > 1e-3
     reloaded = load(result.module_dir, load_model(str(tiny_dir))[0])
-    assert (_logits(reloaded) - ours).abs().max().item() < 1e-5
+    assert torch.equal(_logits(reloaded), ours)  # the same tensors read back, the same forward
 
 
 def test_saved_module_folder_is_peft_plus_manifest(tiny_dir, tmp_path, pairs):
@@ -62,7 +63,7 @@ def test_merge_output_is_a_plain_model_with_the_same_logits(tiny_dir, tmp_path, 
     assert main(["merge", "--adapter", str(result.module_dir), "-o", str(out)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in n or "ia3" in n for n, _ in merged.named_parameters())
-    assert (_logits(merged) - _logits(result.model)).abs().max().item() < 1e-4
+    assert_close(_logits(merged), _logits(result.model), "merged vs unmerged")
     with pytest.raises(FileExistsError, match="already exists"):
         merge(result.module_dir, out)
 
@@ -133,9 +134,9 @@ def test_example_mean_loss_weighs_every_example_the_same(tiny_dir, pairs):
         padded = Collator(tokenizer.pad_token_id)(features)
         packed = Collator(tokenizer.pad_token_id, pack=True)(features)
         expected = torch.stack(per_example).mean()
-        assert abs(example_mean_loss(model(**padded).logits, padded["labels"]) - expected) < 1e-5
+        assert_close(example_mean_loss(model(**padded).logits, padded["labels"]), expected, "padded")
         packed_loss = example_mean_loss(model(**packed).logits, packed["labels"], packed["position_ids"])
-        assert abs(packed_loss - expected) < 1e-5
+        assert_close(packed_loss, expected, "packed")
         assert abs(model(**padded).loss - expected) > 1e-3  # the token mean is a different number
 
 

@@ -7,6 +7,7 @@ import peft
 import pytest
 import torch
 
+from floats import assert_close
 from peftlab import DataConfig, TrainConfig, attach, load, load_records, read_info, save, tiny_model, train
 from peftlab.data import Collator, encode
 from peftlab.methods import AdapterMismatchError
@@ -70,7 +71,7 @@ def test_a_mixed_batch_equals_peft_run_alone_per_example(pack):
         got = logits[0, start:start + len(r)] if pack else logits[i, :len(r)]
         start += len(r)
         reference = _alone(wrapped, name, r)
-        assert (got - reference).abs().max() < 1e-5, name
+        assert_close(got, reference, f"row {i} ({name}) vs peft alone")
         if name != "__base__":  # the adapter really changes the output
             assert (reference - _alone(wrapped, "__base__", r)).abs().max() > 1e-2
 
@@ -90,9 +91,9 @@ def test_the_kernel_by_rows_and_by_tokens_agrees_with_its_formula():
     grouped = lora_delta(x, a, b, scaling, tokens, TokenGroups.of(tokens, 3, masked_up_to=0))
     for i in range(4):
         for t in range(7):
-            assert torch.allclose(by_row[i, t], formula(int(rows[i]), x[i, t]), atol=1e-5)
-            assert torch.allclose(masked[i, t], formula(int(tokens[i, t]), x[i, t]), atol=1e-5)
-            assert torch.allclose(grouped[i, t], formula(int(tokens[i, t]), x[i, t]), atol=1e-5)
+            assert_close(by_row[i, t], formula(int(rows[i]), x[i, t]), f"by row at {i, t}")
+            assert_close(masked[i, t], formula(int(tokens[i, t]), x[i, t]), f"masked at {i, t}")
+            assert_close(grouped[i, t], formula(int(tokens[i, t]), x[i, t]), f"grouped at {i, t}")
 
 
 def test_a_decode_step_runs_every_adapter_masked_and_follows_in_place_writes():
@@ -110,16 +111,16 @@ def test_a_decode_step_runs_every_adapter_masked_and_follows_in_place_writes():
         return layer.base_layer(x) + lora_delta(x, layer.lora_A, layer.lora_B, layer.scaling, slots)
 
     with torch.no_grad():
-        assert torch.allclose(layer(x), by_rows(), atol=1e-5)
+        assert_close(layer(x), by_rows(), "side by side vs by rows")
         layer.lora_B[3].mul_(2)  # written in place: the side-by-side copy must follow
-        assert torch.allclose(layer(x), by_rows(), atol=1e-5)
+        assert_close(layer(x), by_rows(), "after an in-place write")
         assert not torch.allclose(by_rows()[3], layer.base_layer(x)[3], atol=1e-3)  # the adapter matters
     wrapped.add_adapter("late", wrapped.adapters["a0"])
     with torch.no_grad():
         layer.lora_B[-1].normal_()
         slots = torch.tensor([9, 0, 9, -1, 1])
         wrapped.context.bind(ExampleFields(), slots)
-        assert torch.allclose(layer(x), by_rows(), atol=1e-5)
+        assert_close(layer(x), by_rows(), "after a new adapter")
 
 
 def test_beams_and_sampling_route_each_prompt():
@@ -152,11 +153,11 @@ def test_each_adapter_exports_as_a_plain_peft_folder_and_comes_back(tmp_path):
         plain = peft.PeftModel.from_pretrained(tiny_model()[0], folder).eval()
         with torch.no_grad():
             ours = wrapped(input_ids=ids, adapter_names=[name], adapter_index=torch.tensor([0])).logits
-            assert (plain(input_ids=ids).logits - ours).abs().max() < 1e-5
+            assert_close(plain(input_ids=ids).logits, ours, f"{name}: plain peft vs multilora")
     restored = load(tmp_path / "m", tiny_model()[0])
     route = {"adapter_names": list(ADAPTERS), "adapter_index": torch.arange(9)}
     batch = torch.randint(0, 250, (9, 6))
-    with torch.no_grad():
+    with torch.no_grad():  # the same tensors read back, the same batch and route: the same forward
         assert torch.equal(restored(input_ids=batch, **route).logits, wrapped(input_ids=batch, **route).logits)
 
 
@@ -173,10 +174,12 @@ def test_adapters_are_added_and_removed_in_place():
     with torch.no_grad():
         for layer in wrapped.lora_layers.values():
             layer.lora_B[2].normal_()
-    assert torch.equal(run("b"), before)
+    # b's factors are now zero-padded to rank 8: another shape, so another summation order
+    assert_close(run("b"), before, "b after c was added")
     wrapped.remove_adapter("a")
-    assert list(wrapped.adapters) == ["b", "c"] and torch.equal(run("b"), before)
-    assert (run("c") - _peft_alone(wrapped, "c")(input_ids=ids).logits).abs().max() < 1e-5
+    assert list(wrapped.adapters) == ["b", "c"]
+    assert_close(run("b"), before, "b after a was removed")
+    assert_close(run("c"), _peft_alone(wrapped, "c")(input_ids=ids).logits, "c vs peft alone")
     with pytest.raises(ValueError, match=r"adapters \['a'\] are not in this model; it has \['b', 'c'\]"):
         run("a")  # never served by the base model instead
 
@@ -241,7 +244,9 @@ def test_training_together_equals_training_each_alone(pairs):
     for name, model in alone.items():
         theirs = peft.get_peft_model_state_dict(model)
         ours = wrapped.adapter_state_dict(name)
-        assert max((ours[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-5, name
+        assert ours.keys() == theirs.keys()
+        for k in theirs:
+            assert_close(ours[k], theirs[k], f"{name}: {k} trained together vs alone")
         assert min((ours[k] - start[name][k]).abs().max() for k in ours) > 1e-2  # every tensor moved
 
 
@@ -309,7 +314,7 @@ def test_cli_imports_peft_folders_and_exports_them_unchanged(tmp_path, tiny_dir,
     for name, folder in folders.items():
         original = peft.PeftModel.from_pretrained(load_model(str(tiny_dir))[0], folder).eval()
         exported = peft.PeftModel.from_pretrained(load_model(str(tiny_dir))[0], tmp_path / "out" / name).eval()
-        with torch.no_grad():
+        with torch.no_grad():  # exported unchanged: the same tensors in the same peft model
             assert torch.equal(original(input_ids=ids).logits, exported(input_ids=ids).logits)
 
 
@@ -397,12 +402,14 @@ def test_adapter_batches_put_every_adapter_in_every_batch_in_its_own_order():
     assert list(sampler) != order
 
 
-@pytest.mark.parametrize(("pack", "tolerance"), [(False, 1e-5), (True, 1e-4)])
-def test_train_together_equals_train_alone_through_trainer(tmp_path, tiny_dir, pairs, pack, tolerance):
+@pytest.mark.parametrize("pack", [False, True])
+def test_train_together_equals_train_alone_through_trainer(tmp_path, tiny_dir, pairs, pack):
     """The whole path (Trainer, sampler, collation, per-adapter loss, clipping, AdamW, schedule): two adapters trained
-    in one run end where each ends trained in a run of its own. Packed rows change the float rounding of attention;
-    Adam's first steps magnify a rounding difference on a near-zero gradient to ~3e-5 (measured: equal at step 1,
-    1e-7 at step 2), so packed runs are held to 1e-4."""
+    in one run end where each ends trained in a run of its own, up to float32 rounding. Packed rows change the float
+    rounding of attention; Adam divides by sqrt(v), so a rounding difference on a near-zero gradient becomes a
+    difference in the step of up to the learning rate: measured here ~3e-5 after 8 steps (equal at step 1, 1e-7 at
+    step 2). Another machine's kernels round differently, so the check allows 1e-3 of the largest weight: 30x what
+    was seen, and 10x below what coupling the adapters does (one global clip instead of each adapter's: 1.3e-2)."""
     from peftlab import read
 
     records = [{**p, "adapter": "x" if i < 4 else "y"} for i, p in enumerate(pairs)]
@@ -418,4 +425,6 @@ def test_train_together_equals_train_alone_through_trainer(tmp_path, tiny_dir, p
     together = run("both", records)
     for name in ("x", "y"):
         alone = run(name, [r for r in records if r["adapter"] == name])[name]
-        assert max((together[name][k] - alone[k]).abs().max().item() for k in alone) < tolerance, name
+        assert together[name].keys() == alone.keys()
+        for k in alone:
+            assert_close(together[name][k], alone[k], f"{name}: {k} trained together vs alone", rel=1e-3)

@@ -258,3 +258,14 @@ def cache_arg(model: nn.Module) -> str:
 @functools.cache
 def _cache_arg_of(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+# transformers 5.2x renames gradient checkpointing to activation checkpointing (the training flag, the model's
+# ``*_enable`` and ``is_*``; the old names warn there): peftlab reads and names whichever this transformers has.
+CHECKPOINTING = ("activation_checkpointing" if hasattr(PreTrainedModel, "activation_checkpointing_enable")
+                 else "gradient_checkpointing")
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether ``model`` recomputes activations in its backward pass (transformers' checkpointing is on)."""
+    return bool(getattr(model, f"is_{CHECKPOINTING}", False))

@@ -19,7 +19,15 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from peftlab.data import IGNORE_INDEX
-from peftlab.methods.base import DEFAULT_ADAPTER, Method, PeftlabModel, cache_arg, cache_in
+from peftlab.methods.base import (
+    CHECKPOINTING,
+    DEFAULT_ADAPTER,
+    Method,
+    PeftlabModel,
+    cache_arg,
+    cache_in,
+    is_checkpointing,
+)
 from peftlab.methods.bitune.config import BIDIR, CAUSAL, BituneConfig
 from peftlab.methods.bitune.layer import KVMixer, bidirectional_mask
 from peftlab.methods.lora import get_peft_model, read_peft_folder, write_peft_folder
@@ -146,7 +154,7 @@ class BituneModel(PeftlabModel):
 
         Leaves the causal adapter active, for what follows the prompt.
         """
-        if self.training and getattr(self.causal_lm, "is_activation_checkpointing", False):
+        if self.training and is_checkpointing(self.causal_lm):
             raise ValueError(_NO_CHECKPOINTING)
         self._check_window(ids.shape[1])
         caches = [self._prompt_pass(ids, mask, pos, adapter, bidir) for adapter, bidir in self.bitune_config.passes]
@@ -267,9 +275,9 @@ class BituneModel(PeftlabModel):
 
 
 
-_NO_CHECKPOINTING = ("Bitune cannot use transformers' activation checkpointing: in training it turns the KV cache "
-                     "off, so the answer would silently never see the prompt. Set training.activation_checkpointing: "
-                     "false (and lower the batch size or sequence length to save memory).")
+_NO_CHECKPOINTING = (f"Bitune cannot use transformers' activation checkpointing: in training it turns the KV cache "
+                     f"off, so the answer would silently never see the prompt. Set training.{CHECKPOINTING}: "
+                     f"false (and lower the batch size or sequence length to save memory).")
 
 
 class BituneMethod(Method):
