@@ -1,6 +1,7 @@
 """Bitune cost on the default model against a LoRA with the same adapter settings, side by side in one run.
 
-    python bench/bitune.py [--repeats 5] [--new-tokens 64] [--out bench/results/bitune.json]
+    python bench/bitune.py [--repeats 5] [--new-tokens 64] [--device cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
+                           [--out bench/results/bitune.json]
 
 - train step time (forward + backward + AdamW step), Bitune / LoRA, on the same padded batch of 8 prompt-heavy
   examples (facts and tables from the eval suite); the token ratio (3P + A) / (P + A) is what three passes over the
@@ -15,18 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 
 import torch
-from common import generation_times, print_trainable, train_step_time  # bench/common.py
 
-from peftlab import attach, load_model, load_records
+# bench/common.py
+from common import Base, add_device_arguments, generation_times, output_path, print_trainable, train_step_time
+
+from peftlab import attach, load_records
 from peftlab.adapters import parameter_report
 from peftlab.data import IGNORE_INDEX, Collator, PromptFormat, encode
 from peftlab.evals.suite import Suite, training_records
 from peftlab.models import DEFAULT_MODEL
 
-ROOT = Path(__file__).resolve().parent.parent
 ADAPTER = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
 
 
@@ -35,14 +36,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--model", default=None, help="base model (default: the built-in default model)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bitune.json"))
+    add_device_arguments(parser)
     args = parser.parse_args()
+    out = output_path(args.out, "bitune", args.device)
     torch.manual_seed(0)
 
-    name = args.model or DEFAULT_MODEL
-    base, tokenizer = load_model(name)
+    spec = Base(args.model or DEFAULT_MODEL, args.device, args.dtype)
+    base, tokenizer = spec.load()
     models = {"lora": attach(base, "lora", ADAPTER).eval(),
-              "bitune": attach(load_model(name)[0], "bitune", {"adapter": {"name": "lora", **ADAPTER}}).eval()}
+              "bitune": attach(spec.load()[0], "bitune", {"adapter": {"name": "lora", **ADAPTER}}).eval()}
     fmt = PromptFormat("chat")
     records = training_records(Suite("bench", trained=["fact_choice", "table_lookup"]), 4, seed=0)
     features, _ = encode(load_records(records), tokenizer, fmt)
@@ -70,7 +72,7 @@ def main() -> None:
     token_ratio = (3 * prompt_tokens + answer_tokens) / (prompt_tokens + answer_tokens)
 
     result = {
-        "device": "cpu", "threads": torch.get_num_threads(), "repeats": args.repeats, "adapter": ADAPTER,
+        "environment": spec.environment(), "repeats": args.repeats, "adapter": ADAPTER,
         "train_step": {"batch": f"{len(features)} examples (fact_choice, table_lookup), right-padded to "
                                 f"{train_batch['input_ids'].shape[1]} tokens",
                        "prompt_tokens": prompt_tokens, "answer_tokens": answer_tokens, "seconds": step,
@@ -82,8 +84,8 @@ def main() -> None:
                        "decode_target": ">= 0.97"},
         "trainable": {k: parameter_report(m) for k, m in models.items()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"train step s     lora {step['lora']:.2f}  bitune {step['bitune']:.2f}  ratio "
           f"{result['train_step']['ratio_bitune_over_lora']:.2f} (tokens (3P+A)/(P+A) = {token_ratio:.2f})")
     print(f"first token s    lora {ttft['lora']:.3f}  bitune {ttft['bitune']:.3f}  ratio "
@@ -91,7 +93,7 @@ def main() -> None:
     print(f"decode tokens/s  lora {decode_tps['lora']:.1f}  bitune {decode_tps['bitune']:.1f}  ratio "
           f"{result['generation']['decode_ratio_bitune_over_lora']:.3f} (target >= 0.97)")
     print_trainable(result["trainable"])
-    print(f"-> {args.out}")
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

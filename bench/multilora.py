@@ -1,7 +1,9 @@
 """MultiLoRA cost on the default model: many adapters in one batch against one shared LoRA, peft's mixed batches,
 training adapters one after another, and the bare base model, side by side in one run.
 
-    python bench/multilora.py [--repeats 3] [--adapters 32] [--resident 1000] [--out bench/results/multilora.json]
+    python bench/multilora.py [--repeats 3] [--adapters 32] [--resident 1000] [--parts a b c d]
+                              [--device cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
+                              [--out bench/results/multilora.json]
 
 (a) train step (forward + backward + AdamW) of a batch whose rows use 32 distinct adapters / the same batch on one
     shared peft LoRA (target <= 1.15);
@@ -11,7 +13,7 @@ training adapters one after another, and the bare base model, side by side in on
     (target >= 1.5), peftlab mixed / peftlab one adapter time (target <= 1.2), peftlab mixed / bare base model
     throughput (target >= 0.8);
 (d) 1,000 rank-8 adapters on q_proj, v_proj: folder size, load time and resident memory, and (c)'s mixed
-    generation drawn from them.
+    generation drawn from them; on CUDA the module's GPU memory is recorded besides the process's resident memory.
 Every adapter is rank 8, alpha 16, on every linear layer for (a)-(c); B is random so each adapter matters.
 Contenders alternate within each repeat; medians with [min, max] over the repeats.
 """
@@ -26,21 +28,21 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import peft
 import torch
-from common import memory_mb, spread, timed  # bench/common.py
 
-from peftlab import attach, load_model, load_records
+# bench/common.py
+from common import Base, add_device_arguments, clock, memory_mb, on_cuda, output_path, spread, timed, to_device
+
+from peftlab import attach, load_records
 from peftlab.adapters import load
 from peftlab.data import Collator, PromptFormat, encode
 from peftlab.evals.suite import Suite, training_records
 from peftlab.methods import get_method
 from peftlab.module import Adapter, Manifest, write
 
-ROOT = Path(__file__).resolve().parent.parent
 LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
 
 
@@ -60,15 +62,15 @@ def peft_many(base, names: list[str], config: peft.LoraConfig) -> peft.PeftModel
     return model.eval()
 
 
-def multilora(model_name: str, names: list[str]):
+def multilora(spec: Base, names: list[str]):
     """A fresh MultiLoRA model holding ``names``, every adapter with ``LORA``'s settings."""
     method = get_method("multilora")
-    return method.attach_many(load_model(model_name)[0], {n: method.make_config(LORA) for n in names})
+    return method.attach_many(spec.load()[0], {n: method.make_config(LORA) for n in names})
 
 
-def peftlab_from(peft_model: peft.PeftModel, names: list[str], model_name: str):
+def peftlab_from(peft_model: peft.PeftModel, names: list[str], spec: Base):
     """A MultiLoRA model with exactly the peft model's adapters."""
-    wrapped = multilora(model_name, names)
+    wrapped = multilora(spec, names)
     for name in names:
         wrapped.load_adapter_state_dict(peft.get_peft_model_state_dict(peft_model, adapter_name=name), name)
     return wrapped.eval()
@@ -80,13 +82,13 @@ def train_step(model, batch: dict, optimizer) -> None:
     optimizer.zero_grad()
 
 
-def bench_train(model_name, tokenizer, features, names, repeats):
+def bench_train(spec: Base, tokenizer, features, names, repeats):
     """(a) one train step, 32 adapters in the batch / one shared LoRA on the same batch."""
     routed = Collator(tokenizer.pad_token_id)([{**f, "adapter": n} for f, n in zip(features, names, strict=True)])
+    routed = to_device(routed, spec.device)
     shared = {k: v for k, v in routed.items() if k not in ("adapter_names", "adapter_index")}
-    multi = multilora(model_name, names)
-    one = peft.get_peft_model(load_model(model_name)[0], peft.LoraConfig(r=8, lora_alpha=16,
-                                                                          target_modules="all-linear"))
+    multi = multilora(spec, names)
+    one = peft.get_peft_model(spec.load()[0], peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     contenders = {"multilora_32": (multi.train(), routed), "peft_one_lora": (one.train(), shared)}
     optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
                   for k, (m, _) in contenders.items()}
@@ -95,7 +97,7 @@ def bench_train(model_name, tokenizer, features, names, repeats):
         train_step(m, batch, optimizers[k])
     for _ in range(repeats):
         for k, (m, batch) in contenders.items():
-            times[k].append(timed(lambda m=m, batch=batch, k=k: train_step(m, batch, optimizers[k])))
+            times[k].append(timed(lambda m=m, batch=batch, k=k: train_step(m, batch, optimizers[k]), spec.device))
             print(f"  (a) {k}: {times[k][-1]:.2f} s", flush=True)
     ratio = [a / b for a, b in zip(times["multilora_32"], times["peft_one_lora"], strict=True)]
     return {"batch": f"{len(features)} rows, {routed['input_ids'].shape[1]} tokens padded, one adapter per row",
@@ -103,13 +105,13 @@ def bench_train(model_name, tokenizer, features, names, repeats):
             "target": "<= 1.15"}
 
 
-def bench_train_many(model_name, tokenizer, features, names, steps):
+def bench_train_many(spec: Base, tokenizer, features, names, steps):
     """(b) 32 adapters, ``steps`` steps each: one batched run / peft LoRAs one after another (one row each)."""
     collate = Collator(tokenizer.pad_token_id)
-    routed = collate([{**f, "adapter": n} for f, n in zip(features, names, strict=True)])
+    routed = to_device(collate([{**f, "adapter": n} for f, n in zip(features, names, strict=True)]), spec.device)
 
     def batched():
-        model = multilora(model_name, names)
+        model = multilora(spec, names)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         model.train()
         for _ in range(steps):
@@ -117,14 +119,15 @@ def bench_train_many(model_name, tokenizer, features, names, steps):
 
     def one_after_another():
         for f in features:
-            model = peft.get_peft_model(load_model(model_name)[0],
+            model = peft.get_peft_model(spec.load()[0],
                                         peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).train()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            row = {k: v for k, v in collate([f]).items() if k not in ("adapter_names", "adapter_index")}
+            row = {k: v.to(spec.device) for k, v in collate([f]).items() if k not in ("adapter_names", "adapter_index")}
             for _ in range(steps):
                 train_step(model, row, optimizer)
 
-    seconds = {"multilora_batched": timed(batched), "peft_one_after_another": timed(one_after_another)}
+    seconds = {"multilora_batched": timed(batched, spec.device),
+               "peft_one_after_another": timed(one_after_another, spec.device)}
     print(f"  (b) {seconds}", flush=True)
     return {"adapters": len(names), "steps_each": steps, "seconds": seconds,
             "ratio_batched_over_sequential": seconds["multilora_batched"] / seconds["peft_one_after_another"],
@@ -135,9 +138,10 @@ def bench_train_many(model_name, tokenizer, features, names, steps):
 def generation_seconds(model, inputs: dict, new_tokens: int, pad: int, **route) -> tuple[float, torch.Tensor]:
     settings = {"do_sample": False, "eos_token_id": None, "pad_token_id": pad, "max_new_tokens": new_tokens,
                 "min_new_tokens": new_tokens}
-    start = time.perf_counter()
+    device = inputs["input_ids"].device  # the model's; the route's adapter_index is there too
+    start = clock(device)
     out = model.generate(**inputs, **settings, **route)
-    return time.perf_counter() - start, out
+    return clock(device) - start, out
 
 
 def bench_generation(contenders: dict, inputs: dict, new_tokens: int, pad: int, repeats: int):
@@ -152,41 +156,51 @@ def bench_generation(contenders: dict, inputs: dict, new_tokens: int, pad: int, 
     return times, {k: tokens / statistics.median(v) for k, v in times.items()}, outputs
 
 
-def measure_load(folder: str, model_name: str) -> None:
-    """In a fresh process (the parent's freed memory would hide the growth): memory and time of loading a module."""
-    model = load_model(model_name)[0]
-    before = memory_mb()
-    start = time.perf_counter()
+def measure_load(folder: str, spec: Base) -> None:
+    """In a fresh process (the parent's freed memory would hide the growth): memory and time of loading a module;
+    on CUDA also the memory torch holds there."""
+    model = spec.load()[0]
+
+    def gpu_mb() -> dict:
+        return {"gpu_mb": torch.cuda.memory_allocated(spec.device) / 2**20} if on_cuda(spec.device) else {}
+
+    before, gpu_before = memory_mb(), gpu_mb()
+    start = clock(spec.device)
     load(folder, model)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"load_seconds": seconds, "rss_mb_base_model": before, "rss_mb_with_module": memory_mb()}))
+    seconds = clock(spec.device) - start
+    print(json.dumps({"load_seconds": seconds, "rss_mb_base_model": before, "rss_mb_with_module": memory_mb(),
+                      **{f"{k}_base_model": v for k, v in gpu_before.items()},
+                      **{f"{k}_with_module": v for k, v in gpu_mb().items()}}))
 
 
-def bench_resident(model_name, count: int, inputs: dict, new_tokens: int, pad: int, repeats: int, workdir: Path):
+def bench_resident(spec: Base, count: int, inputs: dict, new_tokens: int, pad: int, repeats: int, workdir: Path):
     """(d) ``count`` rank-8 q_proj/v_proj adapters written as one module, loaded, and served 32 at a time."""
     config = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-    template = attach(load_model(model_name)[0], "multilora", config, name="a0")
+    template = attach(spec.load()[0], "multilora", config, name="a0")
     shapes = {k: v.shape for k, v in template.adapter_state_dict("a0").items()}
     generator = torch.Generator().manual_seed(0)
     names = [f"a{i}" for i in range(count)]
     tensors = {n: {k: torch.randn(s, generator=generator) * (0.02 if "lora_B" in k else 0.05)
                    for k, s in shapes.items()} for n in names}
     folder = workdir / "resident"
-    manifest = Manifest({n: Adapter("multilora", template.adapters["a0"].to_dict()) for n in names}, model_name)
-    start = time.perf_counter()
+    manifest = Manifest({n: Adapter("multilora", template.adapters["a0"].to_dict()) for n in names}, spec.name)
+    start = clock("cpu")  # the tensors are made and written on the CPU
     write(folder, manifest, tensors)
-    written = time.perf_counter() - start
+    written = clock("cpu") - start
     del tensors, template
     gc.collect()
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    child = [sys.executable, __file__, "--measure-load", str(folder), "--model", model_name]
+    child = [sys.executable, __file__, "--measure-load", str(folder), "--model", spec.name, *spec.argv()]
     loading = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-    model = load(folder, load_model(model_name)[0])
-    adapter_bytes = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in model.lora_layers.values()) * 4
+    model = load(folder, spec.load()[0])
+    adapter_bytes = sum(t.numel() * t.element_size() for layer in model.lora_layers.values()
+                        for t in (layer.lora_A, layer.lora_B))
     rows = inputs["input_ids"].shape[0]
     drawn = torch.randperm(count, generator=generator)[:rows].tolist()
-    routes = {"drawn_from_all": {"adapter_names": [names[i] for i in drawn], "adapter_index": torch.arange(rows)},
-              "one_adapter": {"adapter_names": [names[0]], "adapter_index": torch.zeros(rows, dtype=torch.long)}}
+    routes = {"drawn_from_all": {"adapter_names": [names[i] for i in drawn],
+                                 "adapter_index": torch.arange(rows, device=spec.device)},
+              "one_adapter": {"adapter_names": [names[0]],
+                              "adapter_index": torch.zeros(rows, dtype=torch.long, device=spec.device)}}
     times, throughput, _ = bench_generation({k: (model, r) for k, r in routes.items()}, inputs, new_tokens, pad,
                                             repeats)
     shutil.rmtree(folder)
@@ -206,54 +220,61 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--resident", type=int, default=1000, help="(d): adapters resident at once")
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "multilora.json"))
     parser.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"],
                         help="measure only these parts; the others are kept from --out")
+    add_device_arguments(parser)
     parser.add_argument("--measure-load", metavar="FOLDER", help=argparse.SUPPRESS)  # (d)'s child process
     args = parser.parse_args()
+    spec = Base(args.model, args.device, args.dtype)
     if args.measure_load:
-        return measure_load(args.measure_load, args.model)
+        return measure_load(args.measure_load, spec)
+    out = output_path(args.out, "multilora", args.device)
+    result = json.loads(out.read_text()) if out.exists() and len(args.parts) < 4 else {}
+    # results written before the environment was recorded name only "device" and "threads" (they are float32)
+    legacy = {"device": result.pop("device", "cpu"), "threads": result.pop("threads", None), "dtype": "float32"}
+    kept = result.get("environment", legacy)
+    if result and (kept["device"], kept["dtype"]) != (args.device, args.dtype):
+        parser.error(f"--parts {' '.join(args.parts)} keeps the other parts from {out}, measured with "
+                     f"{kept['device']} {kept['dtype']}, not {args.device} {args.dtype}: give another --out")
     torch.manual_seed(0)
     names = [f"a{i}" for i in range(args.adapters)]
-    base, tokenizer = load_model(args.model)
+    base, tokenizer = spec.load()
     fmt = PromptFormat("chat")
     records = training_records(Suite("bench", trained=["arithmetic", "fact_choice", "string_ops", "unit_conversion"]),
                                args.adapters // 4, seed=0)[:args.adapters]
     features, _ = encode(load_records(records), tokenizer, fmt)
     prompts = [{"input_ids": ids, "attention_mask": [1] * len(ids)}
                for ids in (fmt.encode_prompt(tokenizer, r["prompt"]) for r in records)]
-    inputs = Collator(tokenizer.pad_token_id, padding_side="left")(prompts)
+    inputs = to_device(Collator(tokenizer.pad_token_id, padding_side="left")(prompts), args.device)
     pad = tokenizer.pad_token_id
 
-    out = Path(args.out)
-    result = json.loads(out.read_text()) if out.exists() and len(args.parts) < 4 else {}
-    result.update({"device": "cpu", "threads": torch.get_num_threads(), "repeats": args.repeats, "model": args.model,
-                   "adapter": LORA})
+    result.update({"environment": spec.environment(), "repeats": args.repeats,
+                   "model": args.model, "adapter": LORA})
     if "a" in args.parts:
-        result["train_step"] = bench_train(args.model, tokenizer, features, names, args.repeats)
+        result["train_step"] = bench_train(spec, tokenizer, features, names, args.repeats)
     if "b" in args.parts:
-        result["train_many"] = bench_train_many(args.model, tokenizer, features, names, args.steps)
+        result["train_many"] = bench_train_many(spec, tokenizer, features, names, args.steps)
     if "c" in args.parts:
-        result["generation"] = bench_mixed_generation(args.model, base, names, inputs, args.new_tokens, pad,
-                                                      args.repeats)
+        result["generation"] = bench_mixed_generation(spec, base, names, inputs, args.new_tokens, pad, args.repeats)
     if "d" in args.parts:
         with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as tmp:
-            result["resident"] = bench_resident(args.model, args.resident, inputs, args.new_tokens, pad,
-                                                args.repeats, Path(tmp))
+            result["resident"] = bench_resident(spec, args.resident, inputs, args.new_tokens, pad, args.repeats,
+                                                Path(tmp))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     report(result, names, out)
 
 
-def bench_mixed_generation(model_name, base, names, inputs, new_tokens, pad, repeats):
+def bench_mixed_generation(spec: Base, base, names, inputs, new_tokens, pad, repeats):
     """(c) the four contenders on the same prompts and weights."""
-    peft_model = peft_many(load_model(model_name)[0], names,
+    peft_model = peft_many(spec.load()[0], names,
                            peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    ours = peftlab_from(peft_model, names, model_name)
-    mixed = {"adapter_names": names, "adapter_index": torch.arange(len(names))}
+    ours = peftlab_from(peft_model, names, spec)
+    mixed = {"adapter_names": names, "adapter_index": torch.arange(len(names), device=spec.device)}
     contenders = {"peftlab_mixed": (ours, mixed), "peft_adapter_names": (peft_model, {"adapter_names": names}),
                   "peftlab_one_adapter": (ours, {"adapter_names": [names[0]],
-                                                 "adapter_index": torch.zeros(len(names), dtype=torch.long)}),
+                                                 "adapter_index": torch.zeros(len(names), dtype=torch.long,
+                                                                              device=spec.device)}),
                   "base_model": (base.eval(), {})}
     times, throughput, outputs = bench_generation(contenders, inputs, new_tokens, pad, repeats)
     median = {k: statistics.median(v) for k, v in times.items()}

@@ -1,6 +1,7 @@
 """ReFT cost on the default model, measured side by side in one run (ratios; these machines are noisy).
 
-    python bench/reft.py [--repeats 5] [--new-tokens 64] [--out bench/results/reft.json]
+    python bench/reft.py [--repeats 5] [--new-tokens 64] [--device cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
+                         [--out bench/results/reft.json]
 
 - decode tokens/s: LoReFT (rank 4, layer 15, last prompt token, prompt-only) vs the bare model, same prompts,
   greedy, a fixed number of new tokens; time to first token for both;
@@ -14,16 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 
 import torch
-from common import generation_times, print_trainable, train_step_time  # bench/common.py
 
-from peftlab import attach, load_model, load_records
+# bench/common.py
+from common import ROOT, Base, add_device_arguments, generation_times, output_path, print_trainable, train_step_time
+
+from peftlab import attach, load_records
 from peftlab.adapters import parameter_report
 from peftlab.data import Collator, PromptFormat, encode
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Plan a family road trip to Austin", "Why is the sky blue?", "Write a short poem about the moon.",
            "How do I make a cup of tea?", "Give me three tips for a job interview.", "Who are you?",
            "Explain how a rainbow forms.", "What should I pack for a beach holiday?"]
@@ -35,12 +36,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "reft.json"))
+    add_device_arguments(parser)
     args = parser.parse_args()
+    out = output_path(args.out, "reft", args.device)
     torch.manual_seed(0)
 
-    bare, tokenizer = load_model()
-    reft = attach(load_model()[0], "loreft", LOREFT).eval()
+    spec = Base(None, args.device, args.dtype)  # the default model
+    bare, tokenizer = spec.load()
+    reft = attach(spec.load()[0], "loreft", LOREFT).eval()
     fmt = PromptFormat()
     features = [{"input_ids": ids, "attention_mask": [1] * len(ids)}
                 for ids in (fmt.encode_prompt(tokenizer, p) for p in PROMPTS)]
@@ -61,7 +64,7 @@ def main() -> None:
     train_features, _ = encode(load_records(ROOT / "examples" / "data" / "emoji.jsonl"), tokenizer, fmt, 256)
     train_batch = Collator(tokenizer.pad_token_id, pack=True)(train_features)
     del reft
-    lora = attach(load_model()[0], "lora", LORA)
+    lora = attach(spec.load()[0], "lora", LORA)
     reft_train = attach(bare, "loreft", LOREFT)
     steps = {"loreft": [], "lora": []}
     for _ in range(max(3, args.repeats // 2)):
@@ -70,7 +73,7 @@ def main() -> None:
     step = {k: statistics.median(v) for k, v in steps.items()}
 
     result = {
-        "device": "cpu", "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "environment": spec.environment(), "repeats": args.repeats,
         "decode": {"prompts": len(PROMPTS), "new_tokens": args.new_tokens, "tokens_per_s": decode_tps,
                    "ratio_loreft_over_bare": decode_tps["loreft"] / decode_tps["bare"], "target": ">= 0.97",
                    "time_to_first_token_s": ttft, "ttft_ratio_loreft_over_bare": ttft["loreft"] / ttft["bare"]},
@@ -82,8 +85,8 @@ def main() -> None:
     }
     for report in result["trainable"].values():
         report.pop("per_intervention", None)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"decode tokens/s  bare {decode_tps['bare']:.1f}  loreft {decode_tps['loreft']:.1f}  "
           f"ratio {result['decode']['ratio_loreft_over_bare']:.3f} (target >= 0.97)")
     print(f"first token s    bare {result['decode']['time_to_first_token_s']['bare']:.3f}  "
@@ -91,7 +94,7 @@ def main() -> None:
     print(f"train step s     lora {step['lora']:.2f}  loreft {step['loreft']:.2f}  "
           f"ratio {result['train_step']['ratio_loreft_over_lora']:.3f}")
     print_trainable(result["trainable"])
-    print(f"-> {args.out}")
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

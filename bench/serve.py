@@ -2,7 +2,7 @@
 clients on one adapter and on the bare base model, side by side in one run (loopback only, bounded).
 
     python bench/serve.py [--clients 64] [--adapters 16] [--requests 128] [--max-tokens 32] [--repeats 3]
-                          [--out bench/results/serve.json]
+                          [--device cpu|cuda[:N]] [--dtype float32|bfloat16|float16] [--out bench/results/serve.json]
 
 Three servers, one at a time, each driven by ``--clients`` concurrent `openai.AsyncOpenAI` clients for a fixed
 number of greedy chat requests:
@@ -13,6 +13,7 @@ Reported: output tokens/s, requests/s, p50/p95 latency and time to first token (
 over the repeats (contenders alternate within each repeat); the ratios mixed/single (target >= 0.8) and mixed/base
 (target >= 0.7) per repeat. Every request must be answered, and every mixed answer must equal what
 ``peftlab generate`` answers with its adapter alone (none lost, none mixed up): counted and reported.
+The servers and the reference answers use the model in --dtype on --device; the clients' process has no model.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import spread  # bench/common.py
+from common import Base, add_device_arguments, on_cuda, output_path, spread  # bench/common.py
 
 import peftlab
 from peftlab.generation import generate
@@ -36,7 +37,6 @@ from peftlab.models import DEFAULT_MODEL, load_model
 from peftlab.serve.app import Limits, create_app
 from peftlab.serve.cli import Server, build_engine
 
-ROOT = Path(__file__).resolve().parent.parent
 LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Give me a tip for sleeping well.",
              "What is 12 plus 7?", "Write a haiku about rain.", "Why is the sky blue?",
@@ -44,7 +44,8 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "Give me a
 
 
 def make_adapters(model_name: str, count: int, folder: Path) -> dict[str, Path]:
-    """``count`` LoRAs with random B (each changes the answers), saved as module folders."""
+    """``count`` LoRAs with random B (each changes the answers), saved as module folders; made on the CPU in float32
+    whatever --device and --dtype say (they are files, the servers' input)."""
     folders = {}
     for i in range(count):
         base, _ = load_model(model_name)
@@ -58,12 +59,14 @@ def make_adapters(model_name: str, count: int, folder: Path) -> dict[str, Path]:
     return folders
 
 
-def references(model_name: str, folders: dict[str, Path], jobs: list[tuple[str, str]], max_tokens: int
+def references(spec: Base, folders: dict[str, Path], jobs: list[tuple[str, str]], max_tokens: int
                ) -> dict[tuple[str, str], str]:
-    """What ``peftlab generate`` answers for each (adapter, question), the adapters loaded side by side."""
+    """What ``peftlab generate`` answers for each (adapter, question), the adapters loaded side by side, on the
+    servers' device and dtype."""
     from peftlab.adapters import load_for_inference
 
-    loaded = load_for_inference(model=model_name, adapters={n: folders[n] for n in sorted({a for a, _ in jobs})})
+    loaded = load_for_inference(model=spec.name, dtype=spec.dtype, device=spec.device,
+                                adapters={n: folders[n] for n in sorted({a for a, _ in jobs})})
     distinct = sorted(set(jobs))
     answers = generate(loaded.model, loaded.tokenizer, [q for _, q in distinct], max_new_tokens=max_tokens,
                        batch_size=32, strip=False, adapters=[a for a, _ in distinct])
@@ -109,7 +112,8 @@ async def drive(url: str, jobs: list[tuple[str, str]], clients: int, max_tokens:
 
 def drive_elsewhere(url: str, jobs: list[tuple[str, str]], clients: int, max_tokens: int) -> dict:
     """``drive`` in a process of its own, as real clients are: the server's engine thread then shares the GIL
-    only with the server's own web threads, not with 64 clients parsing streams."""
+    only with the server's own web threads, not with 64 clients parsing streams. The clients speak HTTP and hold no
+    model, so --device and --dtype do not go to them."""
     command = [sys.executable, __file__, "--drive", json.dumps({"url": url, "jobs": jobs, "clients": clients,
                                                                 "max_tokens": max_tokens})]
     return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
@@ -128,8 +132,20 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    add_device_arguments(parser)
     args = parser.parse_args()
+    out = output_path(args.out, "serve", args.device)
+    spec = Base(args.model, args.device, args.dtype)
+    notes = []
+    if on_cuda(args.device):  # peftlab.serve's engine reads its clock without synchronising the GPU
+        notes.append("prefill_s and decode_s are the engine's own clock, which does not wait for the GPU: on CUDA "
+                     "they may count kernel launches rather than the work; the clients' timings (tokens/s, latency, "
+                     "TTFT) see each token arrive, so they are exact")
+    if args.dtype != "float32":
+        notes.append(f"in {args.dtype} a server's batch (other rows, other padding) can round differently from "
+                     f"generate's, so a few mixed answers unlike generate's may be rounding, not mixed-up adapters")
+    for note in notes:
+        print(f"note: {note}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="peftlab-serve-bench-"))
     folders = make_adapters(args.model, args.adapters, work)
@@ -138,11 +154,11 @@ def main() -> int:
             "single": [(names[0], QUESTIONS[i % len(QUESTIONS)]) for i in range(args.requests)],
             "base": [("base", QUESTIONS[i % len(QUESTIONS)]) for i in range(args.requests)]}
     print("references from peftlab generate ...", flush=True)
-    expected = references(args.model, folders, jobs["mixed"], args.max_tokens)
+    expected = references(spec, folders, jobs["mixed"], args.max_tokens)
 
     servers, engines = {}, {}
     for kind, adapters in (("adapters", folders), ("bare", {})):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = spec.load()
         engine = engines[kind] = build_engine(model, tokenizer, "base", adapters, max_batch=args.clients,
                                               max_queue=4 * args.clients)
         servers[kind] = Server(create_app(engine, limits=Limits(max_tokens=args.max_tokens))).start()
@@ -173,7 +189,7 @@ def main() -> int:
         return [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs[a], runs[b], strict=True)]
 
     report = {
-        "device": "cpu", "threads": torch.get_num_threads(), "model": args.model, "clients": args.clients,
+        "environment": spec.environment(), "model": args.model, "clients": args.clients,
         "adapters": args.adapters, "adapter": LORA, "requests": args.requests, "max_tokens": args.max_tokens,
         "repeats": args.repeats, "note": "the clients run in a process of their own, over loopback HTTP",
         "results": {kind: {"tokens_per_s": spread([r["tokens_per_s"] for r in rs]),
@@ -190,12 +206,13 @@ def main() -> int:
         "ratio_mixed_over_base": {**spread(per_repeat("mixed", "base")), "target": ">= 0.7"},
         "mixed_answers_checked": args.requests * args.repeats,
         "mixed_answers_unlike_generate": len(wrong), "unlike_examples": wrong[:5],
+        **({"notes": notes} if notes else {}),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("ratio_mixed_over_single", "ratio_mixed_over_base",
                                              "mixed_answers_unlike_generate")}, indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -41,10 +41,12 @@ class CallContext:
     def __init__(self) -> None:
         self.fields = ExampleFields()
         self.adapter_slots: torch.Tensor | None = None  # per example: the index of its adapter in the model
+        self.only_slot: int | None = None  # the slot of every example, when the call names one adapter
         self._memo: dict[str, Any] = {}
 
-    def bind(self, fields: ExampleFields, adapter_slots: torch.Tensor | None = None) -> None:
-        self.fields, self.adapter_slots, self._memo = fields, adapter_slots, {}
+    def bind(self, fields: ExampleFields, adapter_slots: torch.Tensor | None = None,
+             only_slot: int | None = None) -> None:
+        self.fields, self.adapter_slots, self.only_slot, self._memo = fields, adapter_slots, only_slot, {}
 
     def memo(self, key: str, make: Callable[[], Any]) -> Any:
         """``make()`` once per call, shared by every layer that asks (e.g. how a packed row's tokens group)."""

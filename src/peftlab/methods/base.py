@@ -197,7 +197,7 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
     def bind(self, kwargs: dict[str, Any]) -> None:
         """Take the per-example fields out of a call's arguments and make them this call's context."""
         fields = ExampleFields.pop(kwargs)
-        slots = None
+        slots = only = None
         if fields.adapter_names is not None:
             if fields.adapter_index is None:
                 raise ValueError("adapter_names given without adapter_index (which example uses which adapter)")
@@ -210,7 +210,9 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
             slot = {name: i for i, name in enumerate(self.adapters)} | {BASE_ADAPTER: -1}
             lookup = torch.tensor([slot[n] for n in fields.adapter_names], device=fields.adapter_index.device)
             slots = lookup[fields.adapter_index]
-        self.context.bind(fields, slots)
+            if len(set(fields.adapter_names)) == 1:  # known on the host: layers need not look at slots on the device
+                only = slot[fields.adapter_names[0]]
+        self.context.bind(fields, slots, only)
 
     def forward(self, *args, **kwargs):
         self.bind(kwargs)

@@ -169,12 +169,17 @@ class MultiLoraLinear(nn.Module):
             y = y + ((h @ self.shared_B.T) * self.shared_scaling).to(y.dtype)
         if self.lora_A.shape[0] == 0:  # only the shared adapter
             return y
-        slots = self.context.adapter_slots
+        slots, only = self.context.adapter_slots, self.context.only_slot
         if slots is None:
             if self.lora_A.shape[0] != 1:
                 raise ValueError(f"this MultiLoRA model holds {self.lora_A.shape[0]} adapters: name one per example "
                                  f"(the record's 'adapter' field, generate(adapters=...), or '__base__')")
-            slots = torch.zeros(1, dtype=torch.long, device=x.device)
+            only = 0
+        if only is not None:  # every example on one adapter: a plain LoRA, no per-example gather of its factors
+            if only < 0:
+                return y
+            h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A[only].T
+            return y + ((h @ self.lora_B[only].T) * self.scaling[only]).to(y.dtype)
         if slots.dim() == 1:
             slots = per_row(slots, x.shape[0])
         elif tuple(slots.shape) != tuple(x.shape[:2]):
