@@ -10,7 +10,8 @@ training adapters one after another, and the bare base model, side by side in on
 (b) wall time to train 32 adapters the same number of steps each: one batched MultiLoRA run / 32 peft LoRAs one
     after another, each on its own row;
 (c) greedy generation of 32 prompts with 32 distinct adapters: peftlab / peft ``adapter_names`` throughput
-    (target >= 1.5), peftlab mixed / peftlab one adapter time (target <= 1.2), peftlab mixed / bare base model
+    (target >= 1.5), peftlab mixed / peftlab one adapter time (target <= 1.2), peftlab one adapter / peft's one
+    adapter throughput (target >= 0.95), peftlab mixed / bare base model
     throughput (target >= 0.8);
 (d) 1,000 rank-8 adapters on q_proj, v_proj: folder size, load time and resident memory, and (c)'s mixed
     generation drawn from them; on CUDA the module's GPU memory is recorded besides the process's resident memory.
@@ -212,6 +213,9 @@ def bench_resident(spec: Base, count: int, inputs: dict, new_tokens: int, pad: i
             statistics.median(times["one_adapter"])}
 
 
+PARTS = {"a": "train_step", "b": "train_many", "c": "generation", "d": "resident"}  # a part's key in the JSON
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -260,21 +264,25 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as tmp:
             result["resident"] = bench_resident(spec, args.resident, inputs, args.new_tokens, pad, args.repeats,
                                                 Path(tmp))
+    for letter in args.parts:  # each part says where and with what it ran: --parts keeps the others from earlier
+        result[PARTS[letter]]["environment"] = result["environment"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     report(result, names, out)
 
 
 def bench_mixed_generation(spec: Base, base, names, inputs, new_tokens, pad, repeats):
-    """(c) the four contenders on the same prompts and weights."""
+    """(c) the five contenders on the same prompts and weights (peft's one adapter: its first, the active one)."""
     peft_model = peft_many(spec.load()[0], names,
                            peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    peft_model.set_adapter(names[0])
     ours = peftlab_from(peft_model, names, spec)
     mixed = {"adapter_names": names, "adapter_index": torch.arange(len(names), device=spec.device)}
     contenders = {"peftlab_mixed": (ours, mixed), "peft_adapter_names": (peft_model, {"adapter_names": names}),
                   "peftlab_one_adapter": (ours, {"adapter_names": [names[0]],
                                                  "adapter_index": torch.zeros(len(names), dtype=torch.long,
                                                                               device=spec.device)}),
+                  "peft_one_adapter": (peft_model, {}),
                   "base_model": (base.eval(), {})}
     times, throughput, outputs = bench_generation(contenders, inputs, new_tokens, pad, repeats)
     median = {k: statistics.median(v) for k, v in times.items()}
@@ -284,9 +292,11 @@ def bench_mixed_generation(spec: Base, base, names, inputs, new_tokens, pad, rep
         "peftlab_over_peft_throughput": throughput["peftlab_mixed"] / throughput["peft_adapter_names"],
         "peftlab_mixed_over_one_adapter_time": median["peftlab_mixed"] / median["peftlab_one_adapter"],
         "peftlab_mixed_over_base_throughput": throughput["peftlab_mixed"] / throughput["base_model"],
+        "peftlab_one_over_peft_one_throughput": throughput["peftlab_one_adapter"] / throughput["peft_one_adapter"],
         "targets": {"peftlab_over_peft_throughput": ">= 1.5", "peftlab_mixed_over_one_adapter_time": "<= 1.2",
-                    "peftlab_mixed_over_base_throughput": ">= 0.8"},
-        "same_tokens_as_peft": bool(torch.equal(outputs["peftlab_mixed"], outputs["peft_adapter_names"]))}
+                    "peftlab_mixed_over_base_throughput": ">= 0.8", "peftlab_one_over_peft_one_throughput": ">= 0.95"},
+        "same_tokens_as_peft": bool(torch.equal(outputs["peftlab_mixed"], outputs["peft_adapter_names"])
+                                    and torch.equal(outputs["peftlab_one_adapter"], outputs["peft_one_adapter"]))}
 
 
 def report(result: dict, names: list[str], out: Path) -> None:
@@ -296,7 +306,8 @@ def report(result: dict, names: list[str], out: Path) -> None:
           f"{result['train_many']['ratio_batched_over_sequential']:.2f}")
     print(f"(c) peftlab/peft throughput {g['peftlab_over_peft_throughput']:.2f} (>= 1.5); mixed/one adapter time "
           f"{g['peftlab_mixed_over_one_adapter_time']:.2f} (<= 1.2); mixed/base throughput "
-          f"{g['peftlab_mixed_over_base_throughput']:.2f} (>= 0.8); same tokens as peft: {g['same_tokens_as_peft']}")
+          f"{g['peftlab_mixed_over_base_throughput']:.2f} (>= 0.8); one adapter peftlab/peft throughput "
+          f"{g['peftlab_one_over_peft_one_throughput']:.2f} (>= 0.95); same tokens as peft: {g['same_tokens_as_peft']}")
     print(f"(d) {r['adapters']} adapters: {r['folder_mb']:.0f} MB on disk, loaded in {r['load_seconds']:.1f} s, "
           f"{r['adapter_tensor_mb']:.0f} MB of tensors, resident {r['rss_mb_base_model']:.0f} -> "
           f"{r['rss_mb_with_module']:.0f} MB; drawn/one adapter time "

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import Base, add_device_arguments, on_cuda, output_path, spread  # bench/common.py
+from common import Base, add_device_arguments, output_path, spread  # bench/common.py
 
 import peftlab
 from peftlab.generation import generate
@@ -137,10 +137,6 @@ def main() -> int:
     out = output_path(args.out, "serve", args.device)
     spec = Base(args.model, args.device, args.dtype)
     notes = []
-    if on_cuda(args.device):  # peftlab.serve's engine reads its clock without synchronising the GPU
-        notes.append("prefill_s and decode_s are the engine's own clock, which does not wait for the GPU: on CUDA "
-                     "they may count kernel launches rather than the work; the clients' timings (tokens/s, latency, "
-                     "TTFT) see each token arrive, so they are exact")
     if args.dtype != "float32":
         notes.append(f"in {args.dtype} a server's batch (other rows, other padding) can round differently from "
                      f"generate's, so a few mixed answers unlike generate's may be rounding, not mixed-up adapters")

@@ -311,7 +311,8 @@ def _prometheus(engine: Engine) -> str:
             yield GaugeMetricFamily("peftlab_batch_size_mean", "mean rows per decode step (last 1000 steps)",
                                     value=sum(sizes) / len(sizes) if sizes else 0.0)
             yield CounterMetricFamily("peftlab_decode_steps", "decode steps run", value=stats.steps)
-            seconds = CounterMetricFamily("peftlab_model_seconds", "time in model calls", labels=["phase"])
+            seconds = CounterMetricFamily("peftlab_model_seconds", "time in model calls and sampling",
+                                          labels=["phase"])
             for phase, value in list(stats.seconds.items()):
                 seconds.add_metric([phase], value)
             yield seconds

@@ -108,7 +108,7 @@ class Stats:
     completion_tokens: dict[str, int] = field(default_factory=dict)
     steps: int = 0
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=1000))
-    seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})  # model time
+    seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})  # model + sampling
 
     def add(self, table: dict, key: Any, amount: int = 1) -> None:
         table[key] = table.get(key, 0) + amount
@@ -302,8 +302,8 @@ class Engine:
                     self._close(s, "error", str(e))
                 continue
             self.running[name] += seqs
-            self.stats.seconds["prefill"] += time.perf_counter() - start
             lane.set_pending(self._sample(logits, seqs))
+            self.stats.seconds["prefill"] += time.perf_counter() - start  # reading the tokens waits for the GPU
             self._after_sampling(name)
 
     def _decode(self, name: str) -> None:
@@ -318,8 +318,8 @@ class Engine:
             self.running[name] = []
             lane.keep([False] * len(lane))
             return
-        self.stats.seconds["decode"] += time.perf_counter() - start
         lane.set_pending(self._sample(logits, seqs))
+        self.stats.seconds["decode"] += time.perf_counter() - start  # reading the tokens waits for the GPU
         self.stats.steps += 1
         self.stats.batch_sizes.append(len(seqs))
         self._after_sampling(name)
