@@ -151,3 +151,16 @@ def test_attaching_raises_no_deprecation_warning(method):
         attach(tiny_model()[0], method)
     assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], \
         [str(w.message) for w in caught]
+
+
+def test_a_trainer_checkpoint_records_the_prompt_format_it_trained_with(tiny_dir, tmp_path, pairs):
+    """A checkpoint loaded for inference or served renders prompts as training did, not with the default format."""
+    from peftlab import DataConfig
+
+    model, tokenizer = load_model(str(tiny_dir))
+    data = DataConfig(template="plain", plain_format="Q: {prompt}\nA:", system_prompt=None)
+    config = TrainConfig(model=str(tiny_dir), method={"name": "lora", "r": 2}, data=data,
+                         training={"output_dir": str(tmp_path / "run"), "max_steps": 2, "save_strategy": "steps",
+                                   "save_steps": 1, "per_device_train_batch_size": 3})
+    train(config, model, tokenizer, train_data=pairs)
+    assert read_info(tmp_path / "run" / "checkpoint-1").prompt_format == data.prompt_format

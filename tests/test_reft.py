@@ -353,3 +353,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     plain = grads(False)
     assert plain.abs().max() > 1e-3
     assert_close(grads(True), plain, "checkpointed gradients")  # recomputed: sums accumulate in another order
+
+
+def test_a_seeded_attach_leaves_the_callers_random_stream_alone():
+    models = [tiny_model()[0], tiny_model()[0]]
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    first = attach(models[0], "loreft", {"layers": [0], "rank": R, "seed": 7})
+    assert torch.equal(torch.rand(3), want)  # the seed drew the interventions, then the stream went on as before
+    second = attach(models[1], "loreft", {"layers": [0], "rank": R, "seed": 7})
+    assert all(torch.equal(a, b) for a, b in zip(first.adapter_state_dict().values(),
+                                                 second.adapter_state_dict().values(), strict=True))
+    with pytest.raises(KeyError, match="no adapter 'other'"):
+        first.adapter_state_dict("other")

@@ -138,7 +138,7 @@ def test_convert_of_a_module_that_is_not_reft_says_so(tmp_path, tiny_dir, capsys
 def test_a_lora_trained_alongside_is_exported_beside_not_dropped(tmp_path, tiny_dir, capsys):
     import peft
 
-    from peftlab import load_model, save
+    from peftlab import load, load_model, save
     from peftlab.cli import main
 
     wrapped = attach(load_model(str(tiny_dir))[0], "loreft", {"layers": [1], "rank": 2, "lora": {"r": 2}}).eval()
@@ -153,6 +153,13 @@ def test_a_lora_trained_alongside_is_exported_beside_not_dropped(tmp_path, tiny_
     theirs = peft.get_peft_model_state_dict(exported)
     ours = {k.removeprefix("lora."): v for k, v in wrapped.adapter_state_dict().items() if k.startswith("lora.")}
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    # and back: the round trip keeps the LoRA (it used to come back without it, silently)
+    assert main(["convert", str(tmp_path / "pyreft"), "-o", str(tmp_path / "back"), "--model", str(tiny_dir),
+                 "--positions", "l1", "--short-prompts", "paper"]) == 0
+    back = load(tmp_path / "back", load_model(str(tiny_dir))[0])
+    assert back.reft_config.lora is not None
+    with torch.no_grad():
+        assert_close(back(input_ids=IDS).logits, wrapped(input_ids=IDS).logits, "export -> import")
 
 
 def test_import_takes_the_activation_pyreft_does_not_record(tmp_path, tiny_dir):

@@ -207,13 +207,11 @@ def _cmd_lm_eval(args: argparse.Namespace) -> int:
     results = run_lm_eval(args.lm_eval_task, include_path=args.lm_eval_include, adapter=args.adapter,
                           model=args.model, dtype=args.dtype, device=args.device, limit=args.lm_eval_limit,
                           batch_size=args.batch_size, use_prompt_format=args.lm_eval_chat)
-    text = json.dumps(results, indent=2, default=str)
-    print(text)
+    print(json.dumps(results, indent=2, default=str))
     if args.out:
-        from pathlib import Path
+        from peftlab.report import write_json
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json(args.out, results)
     return 0
 
 
@@ -274,7 +272,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                   f"(first and last positions <= n // 2); this module was trained with the paper's rule")
         if config.lora is not None:
             print(f"pyreft keeps no LoRA: the one trained alongside is in {args.output}/lora as a plain peft folder; "
-                  f"apply it with peft.PeftModel.from_pretrained to the base model under the interventions")
+                  f"apply it with peft.PeftModel.from_pretrained to the base model under the interventions "
+                  f"(peftlab convert reads it back)")
     return 0
 
 

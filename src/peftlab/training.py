@@ -257,6 +257,7 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
 
     set_seed(args.seed)  # the method's fresh weights are drawn here, before Trainer seeds again
     wrapped = method.attach_many(model, dict.fromkeys(adapter_names, method_config))
+    wrapped.prompt_format = fmt  # before training: every checkpoint's manifest records how its prompts looked
     params = parameter_report(wrapped)
     log.info("%s: %s trainable parameters (%.4f%% of %s)", method.name, f"{params['trainable_parameters']:,}",
              params["trainable_percent"], f"{params['base_parameters']:,}")
@@ -281,7 +282,6 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     finally:
         model.config.use_cache = use_cache
     wrapped.eval()
-    wrapped.prompt_format = fmt
     history = trainer.state.log_history
     if trainer.is_world_process_zero():  # under torchrun every process holds the same module: one writes it
         save(wrapped, config.module_dir, overwrite=config.overwrite)

@@ -130,26 +130,30 @@ class ReftModel(PeftlabModel):
         base = self.causal_lm
         layers = decoder_layers(base)
         targets = {i: _component_module(layers[i], config.component) for i in config.layer_indices(len(layers))}
-        if config.seed is not None:
-            torch.manual_seed(config.seed)
         self._handles.append(base.register_forward_pre_hook(self._on_call, with_kwargs=True))
         groups = ["all"] if config.tied else ["first", "last"]
         kwargs = {"dropout": config.dropout, "act": config.act, "dtype": getattr(torch, config.dtype)}
         if self.kind in ("noreft", "direft"):
             kwargs["add_bias"] = config.add_bias
-        for layer, target in targets.items():
-            keys = []
-            for k, group in enumerate(groups):
-                key = f"layer_{layer}_comp_{config.component}_unit_pos_nunit_1#{k}"
-                self.interventions[key] = INTERVENTIONS[self.kind](base.config.hidden_size, config.rank, **kwargs)
-                self.groups[key] = group
-                keys.append(key)
-            self._handles.append(self._hook(target, config, keys))
+        # config.seed draws the initial weights only: the caller's random stream goes on as if nothing was drawn
+        with torch.random.fork_rng(devices=[], enabled=config.seed is not None):
+            if config.seed is not None:
+                torch.manual_seed(config.seed)
+            for layer, target in targets.items():
+                keys = []
+                for k, group in enumerate(groups):
+                    key = f"layer_{layer}_comp_{config.component}_unit_pos_nunit_1#{k}"
+                    self.interventions[key] = INTERVENTIONS[self.kind](base.config.hidden_size, config.rank, **kwargs)
+                    self.groups[key] = group
+                    keys.append(key)
+                self._handles.append(self._hook(target, config, keys))
         self.interventions.to(next(base.parameters()).device).train(self.training)
         self.adapters[name] = config
 
     # --- tensors -----------------------------------------------------------------------------------------------
     def adapter_state_dict(self, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+        if name not in self.adapters:
+            raise KeyError(f"this {self.kind} model has no adapter {name!r}; it has {sorted(self.adapters)}")
         state = {f"{key}.{n}": t for key, iv in self.interventions.items() for n, t in iv.export_state().items()}
         if self.reft_config.lora is not None:
             state.update({f"{LORA}.{k}": v.detach() for k, v in peft.get_peft_model_state_dict(self.model).items()})

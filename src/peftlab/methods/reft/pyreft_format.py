@@ -20,7 +20,7 @@ from torch import nn
 
 from peftlab.io import atomic_dir
 from peftlab.methods import get_method
-from peftlab.methods.lora import LoraConfig, write_peft_folder
+from peftlab.methods.lora import LoraConfig, read_peft_folder, write_peft_folder
 from peftlab.methods.reft.config import ReftConfig
 from peftlab.methods.reft.layer import PYREFT_NAMES
 from peftlab.methods.reft.model import LORA, ReftModel, lora_part
@@ -129,8 +129,14 @@ def read_pyreft_config(folder: str | Path, positions: str = "l1", **settings: An
 
 def load_pyreft(folder: str | Path, model: nn.Module, positions: str = "l1", **settings: Any) -> ReftModel:
     """Attach the interventions of a pyreft folder to ``model`` (the base model they were trained on). The
-    interventions' dtype is the one their saved tensors have, unless ``dtype`` is given."""
+    interventions' dtype is the one their saved tensors have, unless ``dtype`` is given. A ``lora/`` peft folder
+    beside them (what ``save_pyreft`` writes for a LoRA trained alongside) comes back as that LoRA."""
+    from peftlab.module import read_info
+
     folder = Path(folder)
+    lora = folder / LORA if (folder / LORA / "adapter_config.json").exists() else None
+    if lora is not None:
+        settings["lora"] = read_info(lora).config
     files = {_canonical_key(p.name[len("intkey_"):-len(".bin")]): p for p in folder.glob("intkey_*.bin")}
     saved = {key: torch.load(path, map_location="cpu", weights_only=True) for key, path in files.items()}
     dtypes = {str(t.dtype).removeprefix("torch.") for state in saved.values() for k, t in state.items()
@@ -144,6 +150,10 @@ def load_pyreft(folder: str | Path, model: nn.Module, positions: str = "l1", **s
         if key not in files:
             raise ValueError(f"{folder}: no intkey file for intervention {key}; found {sorted(files)}")
         iv.import_state(_from_pyreft_state(kind, saved[key], str(files[key])), str(files[key]))
+    if lora is not None:
+        wrapped.load_adapter_state_dict({**wrapped.adapter_state_dict(), **{f"{LORA}.{k}": v for k, v in
+                                                                         read_peft_folder(lora).items()}},
+                                        where=str(lora))
     return wrapped.eval()
 
 
