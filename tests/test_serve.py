@@ -452,3 +452,28 @@ def test_a_dora_module_gets_its_own_lane_and_answers_as_generate(tmp_path):
     with Server(create_app(engine)) as running:
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="x", max_retries=0)
         assert _chat(client, "dora", PROMPTS[0]).choices[0].message.content == _reference(folder, PROMPTS[0], 16)
+
+
+def test_incremental_text_equals_decoding_the_whole_answer_and_decodes_a_few_tokens_per_step():
+    """Multi-byte characters cut across tokens wait for their last byte; the text streamed is the text of the whole
+    answer; each step decodes a window of tokens, not the answer so far (which made streaming O(n^2))."""
+    from peftlab.serve.engine import IncrementalText
+
+    _, tokenizer = tiny_model()
+    decoded = []
+
+    class Counting:  # the tokenizer, counting the tokens each decode call is given
+        def decode(self, ids, **kwargs):
+            decoded.append(len(ids))
+            return tokenizer.decode(ids, **kwargs)
+
+    answer = "naïve café: 日本語 🙂🙂 and a stop-string " * 8
+    tokens = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert len(tokens) > len(answer)  # the byte-level tokens cut multi-byte characters
+    text, seen = IncrementalText(), []
+    for n in range(1, len(tokens) + 1):
+        seen.append(text.update(Counting(), tokens[:n], final=n == len(tokens)))
+        assert "\ufffd" not in seen[-1]
+        assert answer.startswith(seen[-1])
+    assert seen[-1] == tokenizer.decode(tokens, skip_special_tokens=True) == answer
+    assert max(decoded) <= 8  # a window of a few tokens per call, however long the answer

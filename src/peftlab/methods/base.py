@@ -104,6 +104,7 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
         self.adapters: dict[str, MethodConfig] = {}
         self.context = CallContext()
         self.prompt_format = None  # how training prompts were rendered (a data.PromptFormat), saved with the module
+        self._slot_lookup: tuple[tuple, torch.Tensor] | None = None  # the last call's names -> slots, on its device
         self._requires_grad = [p.requires_grad for p in model.parameters()]  # what unload() gives back
         self.train(model.training)
 
@@ -208,8 +209,10 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
                 raise ValueError(f"{BASE_ADAPTER!r} (the base model alone) needs a routable method; "
                                  f"{self.method.name!r} is not")
             slot = {name: i for i, name in enumerate(self.adapters)} | {BASE_ADAPTER: -1}
-            lookup = torch.tensor([slot[n] for n in fields.adapter_names], device=fields.adapter_index.device)
-            slots = lookup[fields.adapter_index]
+            key = (tuple(slot), tuple(fields.adapter_names), fields.adapter_index.device)
+            if self._slot_lookup is None or self._slot_lookup[0] != key:  # a decode loop repeats the same names
+                self._slot_lookup = key, torch.tensor([slot[n] for n in fields.adapter_names], device=key[2])
+            slots = self._slot_lookup[1][fields.adapter_index]
             if len(set(fields.adapter_names)) == 1:  # known on the host: layers need not look at slots on the device
                 only = slot[fields.adapter_names[0]]
         self.context.bind(fields, slots, only)

@@ -42,6 +42,7 @@ class Lane:
     cache: DynamicCache | None = None
     mask: torch.Tensor | None = None  # [rows, cached tokens]: 1 where a real token is cached
     pending: torch.Tensor | None = None  # [rows]: the last sampled token of each row, not yet in the cache
+    routes: dict | None = None  # the rows' adapter fields, kept until rows join or leave
 
     @property
     def device(self) -> torch.device:
@@ -72,6 +73,7 @@ class Lane:
         return logits
 
     def _append(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        self.routes = None
         if self.cache is None:
             self.rows, self.cache, self.mask = list(rows), cache, mask
             return
@@ -95,12 +97,15 @@ class Lane:
         """Feed every row's pending token; the logits [rows, vocab] of each row's next token."""
         self.mask = F.pad(self.mask, (0, 1), value=1)
         positions = self.mask.sum(-1, keepdim=True) - 1
-        return self.model.decode(self.pending[:, None], self.mask, positions, self.cache, **self._fields(self.rows))
+        if self.routes is None:
+            self.routes = self._fields(self.rows)
+        return self.model.decode(self.pending[:, None], self.mask, positions, self.cache, **self.routes)
 
     def keep(self, keep: list[bool]) -> None:
         """Drop the rows where ``keep`` is False, and the padding columns no remaining row needs."""
         if all(keep):
             return
+        self.routes = None
         index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.device)
         self.rows = [r for r, k in zip(self.rows, keep, strict=True) if k]
         if not self.rows:

@@ -87,6 +87,30 @@ class Request:
 
 
 @dataclass
+class IncrementalText:
+    """A sequence's text as its tokens arrive, decoding a few tokens per step instead of the whole answer.
+
+    Two offsets into the tokens (as vLLM and TGI keep them): ``text`` holds the text of ``tokens[:read]``, and the
+    next step decodes ``tokens[prefix:]`` beside ``tokens[prefix:read]``; the difference is what the new tokens add.
+    Decoding from ``prefix``, a few tokens back, keeps a tokenizer's word-boundary spaces right. A difference that
+    ends in U+FFFD (a multi-byte character not complete yet) waits for the next token.
+    """
+
+    text: str = ""
+    prefix: int = 0
+    read: int = 0
+
+    def update(self, tokenizer: PreTrainedTokenizerBase, tokens: list[int], final: bool = False) -> str:
+        """The text of ``tokens`` (the sequence's so far; ``final``: all of it, a cut character included)."""
+        before = tokenizer.decode(tokens[self.prefix:self.read], skip_special_tokens=True)
+        after = tokenizer.decode(tokens[self.prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(tokens)
+        return self.text
+
+
+@dataclass
 class Sequence:
     """One choice of one request, as it is decoded."""
 
@@ -96,6 +120,7 @@ class Sequence:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text already emitted
+    text: IncrementalText = field(default_factory=IncrementalText)
     lane: str = SHARED_LANE
 
 
@@ -345,7 +370,8 @@ class Engine:
             return False
         sampling, token = seq.request.sampling, seq.tokens[-1]
         ended = token in self.eos
-        text = self.tokenizer.decode(seq.tokens[:-1] if ended else seq.tokens, skip_special_tokens=True)
+        text = seq.text.update(self.tokenizer, seq.tokens[:-1] if ended else seq.tokens,
+                               final=ended or len(seq.tokens) >= sampling.max_tokens)
         reason = "stop" if ended else None
         cut = _first_stop(text, sampling.stop, seq.sent)
         if cut is not None:
