@@ -353,6 +353,12 @@ def test_cli_generate_serves_each_request_with_its_adapter(tmp_path, tiny_dir, c
     path.write_text(json.dumps({"prompt": "a", "adapter": "x"}) + "\n" + json.dumps({"prompt": "b", "adapter": "q"}))
     assert main(["generate", "--adapters", spec, "--jsonl", str(path)]) == 2
     assert f"{path}:2: adapter 'q' is not served here" in capsys.readouterr().err
+    path.write_text(json.dumps({"prompt": "a"}) + "\n")  # no adapter named, two served: which one is unsaid
+    assert main(["generate", "--adapters", spec, "--jsonl", str(path)]) == 2
+    assert f"{path}:1: no 'adapter', and this model serves ['x', 'y']" in capsys.readouterr().err
+    save(attach(load_model(str(tiny_dir))[0], "loreft", {"layers": [0]}), tmp_path / "reft")
+    assert main(["generate", "--adapters", f"x={folders['x']},r={tmp_path / 'reft'}", "hi"]) == 2
+    assert f"{tmp_path / 'reft'}: a loreft module, which a multilora module cannot hold" in capsys.readouterr().err
 
 
 def test_eval_routes_each_family_to_its_adapter(tmp_path, tiny_dir, capsys):

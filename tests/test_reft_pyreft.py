@@ -214,3 +214,20 @@ def test_the_interventions_dtype_is_read_from_the_saved_tensors(tmp_path):
     save_pyreft(wrapped, tmp_path / "p")
     assert load_pyreft(tmp_path / "p", tiny_model()[0]).reft_config.dtype == "bfloat16"
     assert load_pyreft(tmp_path / "p", tiny_model()[0], dtype="float32").reft_config.dtype == "float32"
+
+
+def test_import_refuses_what_it_would_get_wrong(tmp_path, tiny_dir, capsys):
+    """An untied folder without positions naming both groups (its last interventions would be dropped and its first
+    ones run at the last token), and a collapsed R (pyreft's LoReFT trained with weight decay on R): clean errors."""
+    from peftlab.cli import main
+
+    save_pyreft(_trained("loreft", positions="f1+l2", share_weights=False), tmp_path / "untied")
+    assert main(["convert", str(tmp_path / "untied"), "-o", str(tmp_path / "out"), "--model", str(tiny_dir)]) == 2
+    assert "two interventions per layer (untied" in capsys.readouterr().err
+    save_pyreft(_trained("loreft"), tmp_path / "decayed")
+    for path in (tmp_path / "decayed").glob("intkey_*.bin"):
+        state = torch.load(path, weights_only=True)
+        torch.save({**state, "rotate_layer": torch.zeros_like(state["rotate_layer"])}, path)
+    assert main(["convert", str(tmp_path / "decayed"), "-o", str(tmp_path / "out"), "--model", str(tiny_dir)]) == 2
+    assert "weight decay on R" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -95,6 +95,9 @@ def _generate_requests(args: argparse.Namespace, model, tokenizer, fmt) -> int:
         raise DataError(f"{bare}: no 'adapter' while other requests name one; name one on every request "
                         f"('__base__' for the base model alone)")
     served = set(getattr(model, "adapters", {})) | {"__base__"}
+    if not routed and len(served) > 2:
+        raise DataError(f"{requests[0]['where']}: no 'adapter', and this model serves {sorted(served - {'__base__'})}: "
+                        f"name one on every request ('__base__' for the base model alone)")
     unknown = next((r for r in routed if r["adapter"] not in served), None)
     if unknown is not None:
         raise DataError(f"{unknown['where']}: adapter {unknown['adapter']!r} is not served here; serving "

@@ -246,7 +246,9 @@ def combine(sources: dict[str, str | Path], method: str = "multilora") -> Module
         try:
             config = target.make_config(adapter.config, where=f"{folder}")
         except ValueError as e:
-            raise ModuleError(f"{folder} ({adapter.method}): {e}") from None
+            raise ModuleError(f"{folder}: a {adapter.method} module, which a {method} module cannot hold as one of "
+                              f"its adapters (it holds LoRAs: peft LoRA folders, lora or multilora modules): {e}") \
+                from None
         if reference is None:
             reference = (Path(folder), module.manifest, config)
         for what, mine, theirs in (("base_model", module.manifest.base_model, reference[1].base_model),

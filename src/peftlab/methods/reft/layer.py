@@ -18,6 +18,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers.activations import ACT2FN
 
+from peftlab.methods.base import AdapterMismatchError
+
 _ROTATION_ORIGINAL = "rotate_layer.parametrizations.weight.original"
 
 
@@ -85,8 +87,14 @@ class Intervention(nn.Module):
         for name, tensor in state.items():
             if name == "rotate_layer":
                 gram = tensor.float().T @ tensor.float()
-                if (gram - torch.eye(self.r, device=gram.device)).abs().max() > 1e-3:
-                    raise ValueError(f"{where}: rotate_layer does not have orthonormal columns")
+                deviation = (gram - torch.eye(self.r, device=gram.device)).abs().max()
+                if deviation > 1e-3:
+                    raise AdapterMismatchError(
+                        f"{where}: rotate_layer does not have orthonormal columns (max |RᵀR - I| = "
+                        f"{deviation:.3g})" + (
+                            "; it is all zeros, which is what pyreft's LoReFT becomes when trained with weight "
+                            "decay on R (torch's Householder map reads its diagonal with .int()): retrain it with "
+                            "weight_decay 0 for rotate_layer" if not tensor.any() else ""))
                 stored = self.rotate_layer.parametrizations.weight.original  # R is set in place: where it lives
                 self.rotate_layer.weight = tensor.to(device=stored.device, dtype=torch.float32)
             else:

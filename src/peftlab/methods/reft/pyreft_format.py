@@ -107,23 +107,29 @@ def pyreft_order(keys) -> list[str]:
 
 def read_pyreft_config(folder: str | Path, positions: str = "l1", **settings: Any) -> tuple[str, ReftConfig]:
     """The intervention type and a ReftConfig for a pyreft folder; ``settings`` fill what pyreft does not store."""
+    from peftlab.module import ModuleError  # (peftlab.module reads modules of every method: imported when used)
+
     path = Path(folder) / "config.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     kinds = {re.search(r"\.(\w+)'>$", t).group(1) for t in data.get("intervention_types", [])}
     by_pyreft = {v: k for k, v in PYREFT_NAMES.items()}
     if len(kinds) != 1 or next(iter(kinds)) not in by_pyreft:
-        raise ValueError(f"{path}: intervention types {sorted(kinds)} are not one of {sorted(by_pyreft)}")
+        raise ModuleError(f"{path}: intervention types {sorted(kinds)} are not one of {sorted(by_pyreft)}")
     rows = [dict(zip(_FIELDS, row, strict=False)) for row in data["representations"]]
     layers = sorted({row["layer"] for row in rows})
     components, ranks = {row["component"] for row in rows}, {row["low_rank_dimension"] for row in rows}
     if len(components) != 1 or len(ranks) != 1:
-        raise ValueError(f"{path}: mixed components {components} or ranks {ranks} are not supported")
+        raise ModuleError(f"{path}: mixed components {components} or ranks {ranks} are not supported")
     per_layer = len(rows) // len(layers)
     if per_layer not in (1, 2):
-        raise ValueError(f"{path}: {per_layer} interventions per layer; peftlab reads 1 (tied) or 2 (untied)")
+        raise ModuleError(f"{path}: {per_layer} interventions per layer; peftlab reads 1 (tied) or 2 (untied)")
     settings = {"short_prompts": "pyreft", **settings}  # behave as in pyreft unless told otherwise
     config = ReftConfig(layers=layers, component=components.pop(), rank=ranks.pop(), positions=positions,
                         share_weights=per_layer == 1, **settings)
+    if per_layer == 2 and config.tied:
+        raise ModuleError(f"{path}: two interventions per layer (untied: one for the first positions, one for the "
+                          f"last), but positions {positions!r} name one group; give the positions it was trained "
+                          f"with, e.g. --positions f5+l5")
     return by_pyreft[next(iter(kinds))], config
 
 
@@ -131,7 +137,7 @@ def load_pyreft(folder: str | Path, model: nn.Module, positions: str = "l1", **s
     """Attach the interventions of a pyreft folder to ``model`` (the base model they were trained on). The
     interventions' dtype is the one their saved tensors have, unless ``dtype`` is given. A ``lora/`` peft folder
     beside them (what ``save_pyreft`` writes for a LoRA trained alongside) comes back as that LoRA."""
-    from peftlab.module import read_info
+    from peftlab.module import ModuleError, read_info
 
     folder = Path(folder)
     lora = folder / LORA if (folder / LORA / "adapter_config.json").exists() else None
@@ -148,7 +154,7 @@ def load_pyreft(folder: str | Path, model: nn.Module, positions: str = "l1", **s
     wrapped = get_method(kind).attach(model, config)
     for key, iv in wrapped.interventions.items():
         if key not in files:
-            raise ValueError(f"{folder}: no intkey file for intervention {key}; found {sorted(files)}")
+            raise ModuleError(f"{folder}: no intkey file for intervention {key}; found {sorted(files)}")
         iv.import_state(_from_pyreft_state(kind, saved[key], str(files[key])), str(files[key]))
     if lora is not None:
         wrapped.load_adapter_state_dict({**wrapped.adapter_state_dict(), **{f"{LORA}.{k}": v for k, v in
