@@ -145,11 +145,13 @@ def test_a_newer_format_and_a_pickled_peft_folder_are_refused(tmp_path):
 
 
 def test_capability_flags():
-    flags = {name: (m.mergeable, m.composable, m.supports_packing, m.routable) for name, m in METHODS.items()}
-    assert flags["lora"] == flags["ia3"] == (True, True, True, False)
-    assert flags["loreft"] == (False, False, True, False)
-    assert flags["bitune"] == (False, False, False, False)
-    assert flags["multilora"] == (False, True, True, True)
+    flags = {name: (m.mergeable, m.composable, m.supports_packing, m.routable, m.lora_adapters)
+             for name, m in METHODS.items()}
+    assert flags["lora"] == (True, True, True, False, True)
+    assert flags["ia3"] == (True, True, True, False, False)
+    assert flags["loreft"] == (False, False, True, False, False)
+    assert flags["bitune"] == (False, False, False, False, False)
+    assert flags["multilora"] == (False, True, True, True, True)
 
 
 def test_load_is_attach_then_load_adapter_state_dict(tmp_path):
@@ -167,3 +169,4 @@ def test_a_second_adapter_on_a_method_that_holds_one_is_refused():
         attach(wrapped, "lora", {"r": 2}, name="other")
     with pytest.raises(ValueError, match="carries 'lora'"):
         attach(wrapped, "loreft", REFT)
+

@@ -98,18 +98,14 @@ def base_name(model: nn.Module) -> str | None:
 
 
 def parameter_report(model: nn.Module) -> dict[str, Any]:
-    """Trainable parameters and their share of the frozen base model (the papers' denominator).
-
-    For ReFT this counts 2dr + r per LoReFT intervention (R counted as its d·r entries, as pyreft does).
-    """
+    """Trainable parameters and their share of the frozen base model (the papers' denominator), and what the method
+    adds (``PeftlabModel.parameter_details``: ReFT's count per intervention, R counted as its d·r entries)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     report = {"trainable_parameters": trainable, "base_parameters": base,
               "trainable_percent": 100 * trainable / base if base else float("nan")}
-    interventions = getattr(model, "interventions", None)
-    if isinstance(interventions, nn.ModuleDict):
-        report["interventions"] = len(interventions)
-        report["per_intervention"] = {k: sum(p.numel() for p in iv.parameters()) for k, iv in interventions.items()}
+    if isinstance(model, PeftlabModel):
+        report.update(model.parameter_details())
     return report
 
 

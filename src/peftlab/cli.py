@@ -145,6 +145,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from peftlab.methods import get_method
     from peftlab.module import read_info
 
     info = read_info(args.folder)
@@ -155,10 +156,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "prompt_format": asdict(info.prompt_format)}
     if len(adapters) > 1:
         data["adapters"] = {name: asdict(a) for name, a in adapters.items()}
-    ranks = sorted({a.config.get("r") for a in adapters.values()} - {None})
-    if info.method == "multilora" and len(ranks) > 1:
-        data["ranks"] = (f"{ranks}: served zero-padded to rank {ranks[-1]} in one stacked tensor per layer "
-                         f"(exact: the padding is zeros and stays zero)")
+    data.update(get_method(info.method).describe({name: a.config for name, a in adapters.items()}))
     if args.json:
         print(json.dumps(data, indent=2))
     else:

@@ -52,6 +52,7 @@ class Method(ABC):
     not_composable_because: ClassVar[str] = "its trained parts are not an additive weight update"
     supports_packing: ClassVar[bool] = False  # examples may share one row (see data.Collator)
     routable: ClassVar[bool] = False  # one batch may use a different adapter per example
+    lora_adapters: ClassVar[bool] = False  # its adapters are plain LoRAs: a server routes them in its shared lane
 
     def make_config(self, values: MethodConfig | dict[str, Any] | None, where: str | None = None) -> MethodConfig:
         if isinstance(values, MethodConfig):
@@ -81,6 +82,10 @@ class Method(ABC):
                              f"several (asked for {sorted([*wrapper.adapters, *configs])})")
         wrapper.add_adapters(configs)
         return wrapper
+
+    def describe(self, configs: dict[str, dict[str, Any]]) -> dict[str, str]:
+        """What ``peftlab info`` adds about a module of this method whose adapters have ``configs`` (by name)."""
+        return {}
 
     @abstractmethod
     def write_files(self, folder: Path, config: MethodConfig, tensors: dict[str, torch.Tensor],
@@ -132,6 +137,14 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
 
     def has_adapter(self, name: str) -> bool:
         return name in self.adapters
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` in place (a server unloads adapters without rebuilding the model)."""
+        raise NotImplementedError(f"a {self.method.name} model holds one adapter: unload() gives the base model back")
+
+    def parameter_details(self) -> dict[str, Any]:
+        """What a parameter report adds for this method beyond the trainable and frozen counts."""
+        return {}
 
     @abstractmethod
     def adapter_state_dict(self, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:

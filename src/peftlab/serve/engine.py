@@ -227,15 +227,15 @@ class Engine:
             except Exception:
                 shared.remove_adapter(name)
                 raise
-            lane, method = SHARED_LANE, "lora"
+            lane = SHARED_LANE
         else:
             from peftlab.adapters import load_module
 
             model = load_module(module, clone_sharing_weights(self.base), where=folder or name)
-            lane, method = name, module.manifest.method
+            lane = name
             self.lanes[lane] = Lane(model, routable=False)
             self.running[lane] = []
-        served = Served(name, method, lane, fmt, folder, now())
+        served = Served(name, module.manifest.method, lane, fmt, folder, now())
         self.served[name] = served
         return served
 

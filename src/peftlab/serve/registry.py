@@ -23,7 +23,6 @@ from peftlab.methods.multilora.model import PEFT_PREFIX, MultiLoraModel, target_
 from peftlab.module import Module, ModuleError, read
 
 SHARED_LANE = "__lora__"  # the lane of the base model and every LoRA adapter
-LORA_METHODS = ("lora", "multilora")
 
 
 class AdapterPathError(PermissionError):
@@ -66,7 +65,7 @@ def as_shared_lora(module: Module, model: MultiLoraModel) -> tuple[MultiLoraConf
     """A single-adapter LoRA module as an adapter of the shared lane (its tensors zero-padded to every layer the
     lane holds), or None if it cannot join it (DoRA, trained biases, layers the lane does not hold)."""
     (adapter,), (tensors,) = module.manifest.adapters.values(), module.tensors.values()
-    if adapter.method not in LORA_METHODS:
+    if not get_method(adapter.method).lora_adapters:
         return None
     try:
         config = MultiLoraConfig.from_dict({**adapter.config, "target_modules": "all-linear", "dropout": 0.0})

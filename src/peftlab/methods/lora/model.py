@@ -95,6 +95,7 @@ class PeftAdapterMethod(PeftFolderFiles, Method):
 class LoraMethod(PeftAdapterMethod):
     name = "lora"
     config_class = LoraConfig
+    lora_adapters = True
 
 
 class IA3Method(PeftAdapterMethod):

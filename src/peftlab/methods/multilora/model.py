@@ -9,6 +9,7 @@ be loaded by peft alone, and peft LoRA folders come in as adapters.
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -192,3 +193,11 @@ class MultiLoraMethod(PeftFolderFiles, Method):
     composable = True
     supports_packing = True
     routable = True
+    lora_adapters = True
+
+    def describe(self, configs: dict[str, dict[str, Any]]) -> dict[str, str]:
+        ranks = sorted({c.get("r") for c in configs.values()} - {None})
+        if len(ranks) < 2:
+            return {}
+        return {"ranks": f"{ranks}: served zero-padded to rank {ranks[-1]} in one stacked tensor per layer (exact: "
+                         f"the padding is zeros and stays zero)"}

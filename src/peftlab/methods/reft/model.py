@@ -16,6 +16,7 @@ peft adapter folder. ``peftlab.methods.reft.pyreft_format`` reads and writes pyr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import peft
 import torch
@@ -149,6 +150,11 @@ class ReftModel(PeftlabModel):
                 self._handles.append(self._hook(target, config, keys))
         self.interventions.to(next(base.parameters()).device).train(self.training)
         self.adapters[name] = config
+
+    def parameter_details(self) -> dict[str, Any]:
+        """The interventions and each one's parameters (2dr + r for LoReFT: R as its d·r entries, as pyreft counts)."""
+        counts = {key: sum(p.numel() for p in iv.parameters()) for key, iv in self.interventions.items()}
+        return {"interventions": len(counts), "per_intervention": counts}
 
     # --- tensors -----------------------------------------------------------------------------------------------
     def adapter_state_dict(self, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
