@@ -142,6 +142,24 @@ def test_the_svd_export_reports_the_error_it_makes(tmp_path, tiny_dir, loras):
     assert kept >= 0.9 - 1e-9 and 1 <= record["result"]["rank"] < 9
 
 
+def test_an_svd_rank_above_the_sum_of_ranks_is_capped_with_a_note(tmp_path, tiny_dir, loras, capsys):
+    from peftlab.cli import main
+
+    modules = [arg for k in "abc" for arg in ("-m", f"{k}={loras[k]}")]
+    assert main(["compose", "a + b - c", *modules, "-o", str(tmp_path / "big"), "--export", "svd", "--rank",
+                 "1000"]) == 0
+    err = capsys.readouterr().err
+    result = json.loads((tmp_path / "big" / "compose.json").read_text())["result"]
+    assert result["rank"] == 2 + 3 + 4 and result["requested_rank"] == 1000  # Σr: ΔW has no more non-zero σ
+    assert "note: --rank 1000 is above" in err
+    assert json.loads((tmp_path / "big" / "adapter_config.json").read_text())["r"] == 9
+    tensors = load_file(str(tmp_path / "big" / "adapter_model.safetensors"))
+    assert {v.shape[0] for k, v in tensors.items() if "lora_A" in k} == {9}
+    compose("a + b - c", {k: loras[k] for k in "abc"}, tmp_path / "r9", export="svd", rank=9)
+    _assert_same_deltas(_peft_deltas(tiny_dir, tmp_path / "big"), _peft_deltas(tiny_dir, tmp_path / "r9"), "capped")
+    assert_close(_logits(tiny_dir, tmp_path / "big"), _logits(tiny_dir, tmp_path / "r9"), "capped logits")
+
+
 def test_the_merged_export_is_base_plus_the_sum(tmp_path, tiny_dir, loras):
     modules = {k: loras[k] for k in "ab"}
     compose("0.5*a - 2*b", modules, tmp_path / "merged", export="merged")
@@ -321,6 +339,42 @@ def test_mismatches_are_refused_naming_both_sides_and_inputs_stay_untouched(tmp_
     with pytest.raises(FileExistsError):
         compose("2*a", {"a": loras["a"]}, tmp_path / "o7")
     assert {k: _digest(v) for k, v in loras.items()} == before
+
+
+def test_non_finite_coefficients_and_results_are_refused_and_nothing_is_written(tmp_path, tiny_dir, loras,
+                                                                                finetunes, capsys):
+    from peftlab.cli import main
+
+    out = tmp_path / "out"
+    for text, export, message in (
+            ("1e400*a", "adapter", "the coefficient of a is inf"),  # inf in float64
+            ("1e400*a - 1e400*a", "adapter", "the coefficient of a is nan"),
+            *(("1e39*a", export, "lora_A.weight is not finite in torch.float32")  # finite in float64 only
+              for export in ("adapter", "svd", "merged"))):
+        rank = ["--rank", "2"] if export == "svd" else []
+        assert main(["compose", text, "-m", f"a={loras['a']}", "-o", str(out), "--export", export, *rank]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    with pytest.raises(ComposeError, match=r"the result: \S+\.weight is not finite in torch\.float32"):
+        compose("1e39*x", {"x": finetunes[2]["x"]}, out, base=str(tiny_dir))
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_an_output_in_or_around_an_input_folder_is_refused(tmp_path, loras, capsys):
+    from peftlab.cli import main
+
+    before = {k: _digest(v) for k, v in loras.items()}
+    args = ["compose", "a + b", "-m", f"a={loras['a']}", "-m", f"b={loras['b']}", "--overwrite", "-o"]
+    for out, relation in ((loras["b"], "is the folder of input b"),
+                          (loras["a"] / "sub", "is inside the folder of input a"),
+                          (tmp_path / "b" / ".." / "a", "is the folder of input a"),  # real paths are compared
+                          (tmp_path, "holds the folder of input a")):
+        assert main([*args, str(out)]) == 2
+        assert relation in capsys.readouterr().err
+    with pytest.raises(ComposeError, match="is the folder of input a"):
+        search("lam*a", {"a": loras["a"]}, loras["a"], {"lam": [1.0]}, score_by_b_share, overwrite=True)
+    assert {k: _digest(v) for k, v in loras.items()} == before
+    assert not (loras["a"] / "sub").exists()
 
 
 # --- CLI and search -------------------------------------------------------------------------------------------------

@@ -7,13 +7,24 @@ the export and its measured error, so a composed module can be traced back and r
 from __future__ import annotations
 
 import json
+import math
+import sys
 import tempfile
 from pathlib import Path
 
 from peftlab.compose import lora
 from peftlab.compose.dense import ia3_combine, task_vectors
 from peftlab.compose.expression import Expression
-from peftlab.compose.operands import ComposeError, Operand, base_of, check_compatible, describe, read_operand
+from peftlab.compose.operands import (
+    ComposeError,
+    Operand,
+    base_of,
+    check_compatible,
+    check_finite,
+    check_output,
+    describe,
+    read_operand,
+)
 from peftlab.io import atomic_dir
 from peftlab.methods import DEFAULT_ADAPTER
 from peftlab.module import Adapter, Manifest, write_into
@@ -39,9 +50,13 @@ def compose(expression: str | Expression, modules: dict[str, str | Path], out: s
         raise ComposeError(f"mode must be one of {MODES} and export one of {EXPORTS}; got {mode!r}, {export!r}")
     expression = expression if isinstance(expression, Expression) else Expression(expression)
     coefficients = expression.evaluate(numbers, modules=list(modules))
+    for name, c in coefficients.items():
+        if not math.isfinite(c):
+            raise ComposeError(f"the coefficient of {name} is {c} in {expression.text!r}: it must be a finite number")
     unused = sorted(set(modules) - set(coefficients))
     if unused:
         raise ComposeError(f"modules {unused} are given but the expression {expression.text!r} does not use them")
+    check_output(out, modules)
     operands = [read_operand(name, modules[name]) for name in coefficients]
     check_compatible(operands, base)
     kind = operands[0].kind
@@ -61,15 +76,19 @@ def compose(expression: str | Expression, modules: dict[str, str | Path], out: s
         from peftlab.models import resolve_model_path
 
         record.update(base_model=base, export="merged")
+        theta0 = Path(resolve_model_path(base))
+        check_output(out, {"--base": theta0})
 
         def written(summary: dict) -> str:
             record["result"] = summary
             return _text(record)
 
-        task_vectors(Path(resolve_model_path(base)), operands, coefficients, Path(out), ties, dare, seed, overwrite,
-                     record=written)
+        task_vectors(theta0, operands, coefficients, Path(out), ties, dare, seed, overwrite, record=written)
         return record
     config, tensors, record["result"] = _adapter(kind, operands, coefficients, mode, export, rank, energy)
+    check_finite(tensors)
+    if "note" in record["result"]:
+        print(f"compose: note: {record['result']['note']}", file=sys.stderr)
     manifest = Manifest({DEFAULT_ADAPTER: Adapter(kind, config.to_dict())}, base_of(operands, base),
                         operands[0].manifest.prompt_format)
     record["base_model"] = manifest.base_model
@@ -124,6 +143,7 @@ def _merged(out: str | Path, manifest: Manifest, config, tensors: dict, base: st
 
     model, tokenizer = load_model(base or manifest.base_model or DEFAULT_MODEL)
     lora.merge_into(model, tensors, config.scaling)
+    check_finite(model.state_dict())  # W + ΔW in the model's own dtype (float16 overflows far sooner)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from peftlab.compose.operands import ComposeError, Operand
+from peftlab.compose.operands import ComposeError, Operand, check_finite
 from peftlab.io import atomic_dir
 
 
@@ -120,6 +120,7 @@ def task_vectors(base: Path, operands: list[Operand], coefficients: dict[str, fl
                     mixed = combine_deltas(deltas, [coefficients[n] for n in names], ties, dare_drop, generator)
                     changed += int(bool(mixed.any()))
                     result[key] = (theta0.float() + mixed).to(theta0.dtype)
+            check_finite(result)  # in the base's dtype, as written
             save_file(result, str(tmp / shard.name), metadata={"format": "pt"})
         summary = {"tensors_changed": changed, "tensors": len(base_files), "ties_density": ties,
                    "dare_drop": dare_drop, "seed": seed}

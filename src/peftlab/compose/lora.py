@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from peftlab.compose.operands import ComposeError, Operand, split_lora_key
+from peftlab.compose.operands import ComposeError, Operand, check_finite, split_lora_key
 from peftlab.methods.lora.config import LoraConfig
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (B [out, r], A [r, in]): ΔW = B @ A
@@ -51,7 +51,8 @@ def terms(operands: list[Operand], coefficients: dict[str, float]) -> dict[str, 
         for key, tensor in operand.tensors.items():
             layer, factor = split_lora_key(key, operand)
             pairs.setdefault(layer, {})[factor] = tensor.float()
-        for layer, pair in pairs.items():
+        for layer, pair in pairs.items():  # c·s·A is what concat writes, and what the SVD must not get as inf
+            check_finite({f"{layer}.lora_A.weight": c * operand.config.scaling * pair["A"]}, f"{operand} × {c:g}")
             layers.setdefault(layer, []).append(Term(c, operand.config.scaling, pair["B"], pair["A"]))
     if not layers:
         raise ComposeError("every coefficient is zero: the result is the base model itself, with nothing to write")
@@ -106,6 +107,12 @@ def truncate(layers: dict[str, list[Term]], rank: int | None = None,
         rank = rank_for_energy([s for _, s, _ in svds.values()], energy)
     if rank < 1:
         raise ComposeError(f"rank must be at least 1, got {rank}")
+    sum_r = sum(t.a.shape[0] for t in next(iter(layers.values())))  # the same on every layer
+    capped = {}
+    if rank > sum_r:  # a sum of rank-rᵢ products has at most Σr non-zero σ: more rank would only add zero rows
+        capped = {"requested_rank": rank, "note": f"--rank {rank} is above Σr = {sum_r}, the most ΔW can have: "
+                                                  f"rank {sum_r} written, which loses nothing"}
+        rank = sum_r
     out, errors, dropped_total, energy_total = {}, {}, 0.0, 0.0
     for layer, (u, s, vt) in svds.items():
         k = min(rank, len(s))
@@ -119,7 +126,7 @@ def truncate(layers: dict[str, list[Term]], rank: int | None = None,
         errors[layer] = (dropped / total) ** 0.5 if total > 0 else 0.0
         dropped_total, energy_total = dropped_total + dropped, energy_total + total
     report = {"rank": rank, "relative_error": (dropped_total / energy_total) ** 0.5 if energy_total else 0.0,
-              "max_layer_relative_error": max(errors.values()), "layer_relative_error": errors}
+              "max_layer_relative_error": max(errors.values()), "layer_relative_error": errors, **capped}
     return out, rank, report
 
 
@@ -133,6 +140,7 @@ def pem(layers: dict[str, list[Term]], operands: list[Operand]) -> tuple[dict[st
         total = sum(abs(t.coefficient) for t in layer_terms)
         mean_a = sum(abs(t.coefficient) / total * t.a for t in layer_terms)
         b = sum(t.coefficient * t.scale * t.b for t in layer_terms)
+        check_finite({f"{layer}.lora_B.weight": b})
         out[layer] = (b, mean_a)
         norm = float(mean_a.norm())
         drift[layer] = max(float((t.a - mean_a).norm()) / norm if norm else 0.0 for t in layer_terms)

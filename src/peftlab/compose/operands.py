@@ -141,6 +141,27 @@ def split_lora_key(key: str, operand: Operand) -> tuple[str, str]:
                        f"compose handles linear-layer LoRAs only")
 
 
+def check_output(out: str | Path, folders: dict[str, str | Path]) -> None:
+    """Refuse an output that is, lies inside or holds an input folder: writing it would replace or alter that input
+    (real paths are compared, so links and ``..`` do not hide it)."""
+    target = Path(out).resolve()
+    for name, folder in folders.items():
+        source = Path(folder).resolve()
+        relation = ("is" if target == source else "is inside" if source in target.parents
+                    else "holds" if target in source.parents else None)
+        if relation:
+            raise ComposeError(f"-o {out} {relation} the folder of input {name} ({folder}): writing it would alter "
+                               f"that input; choose an output outside the inputs")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str = "the result") -> None:
+    """Refuse inf or NaN before anything is written: a coefficient finite in float64 (1e39) overflows float32."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ComposeError(f"{what}: {key} is not finite in {tensor.dtype} (inf or NaN): a coefficient is too "
+                               f"large for the dtype it is written in")
+
+
 def base_of(operands: list[Operand], base: str | None) -> str | None:
     """The base model the result is for: ``base`` if given, else the operands' recorded one."""
     return base or next((o.manifest.base_model for o in operands if o.manifest and o.manifest.base_model), None)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from peftlab.compose.compose import compose
-from peftlab.compose.operands import ComposeError
+from peftlab.compose.operands import ComposeError, check_output
 from peftlab.report import plot, write_json
 
 Scorer = Callable[[Path], float]
@@ -74,6 +74,7 @@ def search(expression: str, modules: dict[str, str | Path], out: str | Path, gri
            scorer: Scorer, overwrite: bool = False, **options) -> dict:
     """Compose and score every grid point; the best becomes ``out``. Returns the table written to search.json."""
     out = Path(out)
+    check_output(out, modules)  # the best candidate replaces out, and out's parent holds the scratch folder
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     scratch = out.parent / f".{out.name}.search"
