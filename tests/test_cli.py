@@ -123,3 +123,16 @@ def test_a_character_cut_by_the_token_cap_is_dropped(tiny_dir):
     assert answer == ""
     (answer,) = generate(model, tokenizer, ["hi"], max_new_tokens=2)
     assert answer == ""  # two first bytes are still no character
+
+
+def test_name_dir_lists_read_one_way_everywhere():
+    from peftlab.arguments import named_folders
+    from peftlab.config import ConfigError
+
+    assert named_folders(["a=x,b=y", "c=z"], "--adapter") == {"a": "x", "b": "y", "c": "z"}
+    assert named_folders("a=x", "--adapters") == {"a": "x"} and named_folders(None, "--adapters") == {}
+    assert named_folders(["a=runs/x,y", "b=z"], "-m") == {"a": "runs/x,y", "b": "z"}  # a comma in a folder name
+    with pytest.raises(ConfigError, match=r"--adapter: \['a'\] named twice"):
+        named_folders(["a=x", "a=y"], "--adapter")  # used to keep the last one silently
+    with pytest.raises(ConfigError, match=r"--adapters: \['b'\] should look like NAME=DIR"):
+        named_folders("b", "--adapters")

@@ -140,14 +140,14 @@ def load_for_inference(adapter: str | Path | None = None, model: str | None = No
 
 
 def merge(folder: str | Path, out: str | Path, base_model: str | None = None, overwrite: bool = False,
-          extra_files: dict[str, str] | None = None) -> Path:
+          extra_files: dict[str, str] | None = None, dtype: str = "float32", device: str | None = None) -> Path:
     """Fold a module into its base weights and save a full model folder (with tokenizer, and ``extra_files``:
     name -> text) atomically."""
     method = get_method(read_info(folder).method)
     if not method.mergeable:
         raise NotImplementedError(f"{folder}: method {method.name!r} cannot be folded into the base weights "
                                   f"(it is not a weight update); serve it with its base model instead")
-    loaded = load_for_inference(folder, base_model)
+    loaded = load_for_inference(folder, base_model, dtype, device)
     merged = loaded.model.merge_and_unload()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         merged.save_pretrained(tmp)

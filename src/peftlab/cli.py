@@ -7,16 +7,13 @@ import json
 import sys
 from dataclasses import asdict, replace
 
+from peftlab.arguments import add_model_arguments, named_folders
 from peftlab.models import DEFAULT_MODEL
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", metavar="DIR", help="a saved peftlab module (or peft adapter) folder")
-    p.add_argument("--model", default=None,
-                   help=f"base model: HF id, local folder or '{DEFAULT_MODEL}' "
-                        f"(default: the module's base model, else {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default: float32)")
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    add_model_arguments(p)
     p.add_argument("--system", default=None, help="system prompt (default: the module's, else the template's)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="cap on generated tokens (default: 256)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -28,23 +25,10 @@ def _load_for_generation(args: argparse.Namespace):
     """(model, tokenizer, prompt format) from --adapter/--adapters/--model, with the module's own prompt format."""
     from peftlab.adapters import load_for_inference
 
-    served = _named_folders(getattr(args, "adapters", None))
+    served = named_folders(getattr(args, "adapters", None), "--adapters") or None
     loaded = load_for_inference(args.adapter, args.model, args.dtype, args.device, adapters=served)
     fmt = loaded.prompt_format if args.system is None else replace(loaded.prompt_format, system_prompt=args.system)
     return loaded.model, loaded.tokenizer, fmt
-
-
-def _named_folders(spec: str | None) -> dict[str, str] | None:
-    """``a=DIR,b=DIR`` as {name: folder}."""
-    if not spec:
-        return None
-    pairs = [item.split("=", 1) for item in spec.split(",") if item]
-    bad = [item for item, pair in zip(spec.split(","), pairs, strict=True) if len(pair) != 2 or not all(pair)]
-    if bad:
-        from peftlab.config import ConfigError
-
-        raise ConfigError(f"--adapters: {bad} should look like NAME=DIR (e.g. --adapters support=runs/a,sales=runs/b)")
-    return dict(pairs)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -139,7 +123,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from peftlab.adapters import merge
 
-    out = merge(args.adapter, args.output, base_model=args.model, overwrite=args.overwrite)
+    out = merge(args.adapter, args.output, base_model=args.model, overwrite=args.overwrite, dtype=args.dtype,
+                device=args.device)
     print(f"merged model written to {out}")
     return 0
 
@@ -253,7 +238,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from peftlab.module import ModuleError, read_info
 
     if is_pyreft_folder(args.source):
-        model, _ = load_model(args.model or DEFAULT_MODEL, args.dtype)
+        model, _ = load_model(args.model or DEFAULT_MODEL, args.dtype, args.device)
         settings = {"act": args.act, "dropout": args.dropout, "dtype": args.intervention_dtype,
                     "short_prompts": args.short_prompts}
         save(load_pyreft(args.source, model, positions=args.positions, **settings), args.output,
@@ -264,7 +249,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not isinstance(get_method(method), ReftMethod):
             raise ModuleError(f"{args.source}: a {method} module; convert reads pyreft folders and writes ReFT "
                               f"modules ({', '.join(sorted(INTERVENTIONS))}) in pyreft's layout")
-        model = load_for_inference(args.source, args.model, args.dtype).model
+        model = load_for_inference(args.source, args.model, args.dtype, args.device).model
         save_pyreft(model, args.output, overwrite=args.overwrite)
         print(f"peftlab module {args.source} -> pyreft layout {args.output}")
         config = model.reft_config
@@ -281,7 +266,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_multilora_import(args: argparse.Namespace) -> int:
     from peftlab.module import combine, write
 
-    module = combine(_named_folders(args.adapters))
+    module = combine(named_folders(args.adapters, "multilora import"))
     write(args.output, module.manifest, module.tensors, overwrite=args.overwrite)
     print(f"{len(module.tensors)} adapters -> multilora module {args.output}")
     return 0
@@ -337,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fold a module into its base weights; the output loads with plain transformers.")
     p.add_argument("--adapter", required=True, metavar="DIR", help="the module folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the merged model")
-    p.add_argument("--model", default=None, help="base model (default: the one the module names)")
+    add_model_arguments(p, model_help="base model (default: the one the module names)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_merge)
 
@@ -348,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "an activation imported as linear is wrong); the dtype is read from its tensors.")
     p.add_argument("source", help="a pyreft folder or a peftlab ReFT module folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write")
-    p.add_argument("--model", default=None, help="base model (importing: the one the interventions were trained "
-                                                 f"on, default {DEFAULT_MODEL}; exporting: the module's)")
+    add_model_arguments(p, model_help=f"base model (importing: the one the interventions were trained on, default "
+                                      f"{DEFAULT_MODEL}; exporting: the module's)")
     p.add_argument("--positions", default="l1", help="positions the pyreft interventions use (default: l1)")
     p.add_argument("--act", default="linear", help="importing: the interventions' activation, as in ReFT "
                                                    "configs (default: linear)")
@@ -359,7 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-prompts", default="pyreft", choices=["pyreft", "paper"],
                    help="importing: how prompts shorter than the positions are cut (default: pyreft, as the "
                         "module was trained)")
-    p.add_argument("--dtype", default="float32", help="base model dtype (default: float32)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)
 
@@ -393,8 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "family, greedy decoding, a table on stdout, JSON (+ a PNG chart) with --out. "
                                    "With --lm-eval-task: run an lm-eval-harness task instead (pip install "
                                    "'peftlab[evals]').")
-    p.add_argument("--model", default=None,
-                   help=f"base model (default: the module's base model, else {DEFAULT_MODEL})")
+    add_model_arguments(p)
     p.add_argument("--adapter", metavar="DIR", help="a saved module folder of any method")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="several module folders, evaluated beside the base")
     p.add_argument("--no-base", action="store_true", help="with --compare: leave the base model out")
@@ -417,8 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
     p.add_argument("--keep-examples", type=int, default=5, help="outputs kept per family in the JSON (default: 5)")
     p.add_argument("--out", metavar="FILE.json", help="write the report here (and a bar chart FILE.png)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default: float32)")
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--lm-eval-task", metavar="NAME", help="run this lm-eval-harness task on the model/module")
     p.add_argument("--lm-eval-include", metavar="DIR", help="folder with local lm-eval task YAMLs")

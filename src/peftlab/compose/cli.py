@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from peftlab.arguments import named_folders
+
 EPILOG = """examples:
   peftlab compose "0.5*a + 0.5*b" -m a=runs/a -m b=runs/b -o runs/ab
   peftlab compose "a - 0.8*style" -m a=runs/a -m style=runs/style -o runs/unstyled --export svd --rank 8
@@ -14,26 +16,12 @@ EPILOG = """examples:
 """
 
 
-def _modules(pairs: list[str]) -> dict[str, str]:
-    from peftlab.compose import ComposeError
-
-    out = {}
-    for pair in pairs:
-        name, sep, folder = pair.partition("=")
-        if not sep or not name or not folder:
-            raise ComposeError(f"-m {pair!r}: write NAME=DIR (e.g. -m a=runs/a/module)")
-        if name in out:
-            raise ComposeError(f"-m: module name {name!r} given twice")
-        out[name] = folder
-    return out
-
-
 def cmd_compose(args: argparse.Namespace) -> int:
     from peftlab.compose import compose, eval_scorer, import_scorer, parse_grid, search
 
     options = {"mode": args.mode, "export": args.export, "rank": args.rank, "energy": args.energy,
                "base": args.base, "ties": args.ties, "dare": args.dare, "seed": args.seed}
-    modules = _modules(args.module)
+    modules = named_folders(args.module, "-m")
     if args.search:
         grid = dict(parse_grid(spec) for spec in args.search)
         if args.scorer == "eval" and not args.families:

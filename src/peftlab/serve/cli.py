@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from peftlab.arguments import add_model_arguments, named_folders
 from peftlab.config import ConfigError
 
 if TYPE_CHECKING:  # the server's packages (the `serve` extra) are imported when a server is built
@@ -66,13 +67,6 @@ class Server:
         self.stop()
 
 
-def _named(spec: str) -> tuple[str, str]:
-    if "=" not in spec:
-        raise ConfigError(f"--adapter takes NAME=DIR, got {spec!r}")
-    name, folder = spec.split("=", 1)
-    return name, folder
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -81,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise ConfigError(f"--adapter-dir {args.adapter_dir!r}: no such folder")
-    adapters = dict(_named(s) for s in args.adapter)
+    adapters = named_folders(args.adapter, "--adapter")
     base = args.base or DEFAULT_MODEL
     model, tokenizer = load_model(base, dtype=args.dtype, device=args.device)
     engine = build_engine(model, tokenizer, args.served_name or base, adapters, args.max_batch, args.max_queue)
@@ -99,8 +93,8 @@ def add_command(sub) -> None:
                                    "vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, /health, /metrics). "
                                    "A request's `model` names the base model or an adapter; requests for any mix "
                                    "of LoRA adapters share one batch, other methods batch per module.")
-    p.add_argument("--base", default=None, help="base model: a Hugging Face id or folder (default: the embedded "
-                                                "SmolLM2-135M-Instruct)")
+    add_model_arguments(p, flag="--base", model_help="base model: a Hugging Face id or folder (default: the embedded "
+                                                     "SmolLM2-135M-Instruct)")
     p.add_argument("--served-name", default=None, help="the name the base model is served under (default: --base)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve the module in DIR as NAME (any method; repeatable)")
@@ -115,7 +109,5 @@ def add_command(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="the most new tokens a request may ask for")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + new tokens (default: the model's max_position_embeddings)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
-    p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
     p.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     p.set_defaults(func=cmd_serve)

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from peftlab.arguments import add_model_arguments
 from peftlab.recipes.retune.tasks import ADDITION_FAMILIES, METHODS, TASKS
 
 
@@ -101,7 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             from peftlab.adapters import load_for_inference
 
-            loaded = load_for_inference(folder, args.model)
+            loaded = load_for_inference(folder, args.model, args.dtype, args.device)
             generator = ModelGenerator(loaded.model, loaded.tokenizer, args.max_new_tokens, args.batch_size)
             label, where = f"{method} ({Path(folder).parent.name or folder})", {"module": portable_path(folder)}
         report["runs"][label] = {
@@ -175,7 +176,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--family", default="uniform", choices=ADDITION_FAMILIES,
                    help="addition: the operands (default: uniform); carry-chain, equal-runs, all-carry and "
                         "no-carry are hard or easy for copying, see docs/retune.md")
-    q.add_argument("--model", default=None, help="base model (default: the module's)")
+    add_model_arguments(q, model_help="base model (default: the module's)")
     q.add_argument("--max-new-tokens", type=int, default=64, help="per generation (default: 64)")
     q.add_argument("--batch-size", type=int, default=64, help="prompts per model call (default: 64)")
     q.add_argument("--no-batch", action="store_true", help="one problem at a time")
