@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
+import pkgutil
 import sys
 from dataclasses import asdict, replace
 
@@ -425,16 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
                             description="The task families, their suites, caps and scoring rules.")
     q.set_defaults(func=cmd_data_families)
 
-    from peftlab.compose.cli import add_compose_command
-    from peftlab.recipes.dit.cli import add_commands as add_dit_commands
-    from peftlab.recipes.retune.cli import add_commands as add_retune_commands
-    from peftlab.serve.cli import add_command as add_serve_command
-
-    add_retune_commands(sub)
-    add_serve_command(sub)
-    add_dit_commands(sub)
-    add_compose_command(sub)
+    for module in _command_modules():
+        importlib.import_module(module).add_commands(sub)
     return parser
+
+
+def _command_modules() -> list[str]:
+    """The modules that add their own commands: compose, serve, and every recipe's ``cli.py`` (a new recipe adds its
+    commands from its own folder, with an ``add_commands(subparsers)``)."""
+    import peftlab.recipes
+
+    recipes = [f"peftlab.recipes.{m.name}.cli" for m in pkgutil.iter_modules(peftlab.recipes.__path__) if m.ispkg]
+    return ["peftlab.compose.cli", "peftlab.serve.cli", *(r for r in recipes if importlib.util.find_spec(r))]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_compose_command(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compose", help="add, negate, scale and analogise modules without training",
         description="Evaluate an expression over named modules (+, -, scalar *, /, parentheses, analogy(a, b, c) "

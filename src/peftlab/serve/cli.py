@@ -87,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_command(sub) -> None:
+def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="serve the base model and adapters of any method over an OpenAI-compatible API",
                        description="An OpenAI-compatible server (/v1/models, /v1/chat/completions, /v1/completions, "
                                    "vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, /health, /metrics). "
