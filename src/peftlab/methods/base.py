@@ -268,6 +268,12 @@ def cache_in(kwargs: dict[str, Any]) -> Any:
     return next((kwargs[name] for name in CACHE_ARGS if kwargs.get(name) is not None), None)
 
 
+def is_decode_step(kwargs: dict[str, Any]) -> bool:
+    """Whether a forward call continues a KV cache that already holds tokens (a decode step of ``generate()``)."""
+    cache = cache_in(kwargs)
+    return cache is not None and cache.get_seq_length() > 0
+
+
 def cache_arg(model: nn.Module) -> str:
     """The name under which ``model.forward`` takes its KV cache (looked up once per model class)."""
     return _cache_arg_of(type(model))

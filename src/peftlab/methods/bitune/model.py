@@ -27,6 +27,7 @@ from peftlab.methods.base import (
     cache_arg,
     cache_in,
     is_checkpointing,
+    is_decode_step,
 )
 from peftlab.methods.bitune.config import BIDIR, CAUSAL, BituneConfig
 from peftlab.methods.bitune.layer import KVMixer, bidirectional_mask
@@ -248,7 +249,7 @@ class BituneModel(PeftlabModel):
 
     def _on_generate_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         cache, ids = cache_in(kwargs), kwargs.get("input_ids")
-        if not self._generating or cache is None or ids is None or cache.get_seq_length() > 0 or ids.shape[1] < 2:
+        if not self._generating or cache is None or ids is None or is_decode_step(kwargs) or ids.shape[1] < 2:
             return None  # a prompt pass of ours, a decode step, or nothing before the last token
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from peftlab.context import per_token
-from peftlab.methods.base import DEFAULT_ADAPTER, Method, PeftlabModel, cache_in
+from peftlab.methods.base import DEFAULT_ADAPTER, Method, PeftlabModel, is_decode_step
 from peftlab.methods.lora import LoraConfig, get_peft_model, read_peft_folder, write_peft_folder
 from peftlab.methods.reft.config import ReftConfig
 from peftlab.methods.reft.layer import INTERVENTIONS
@@ -184,8 +184,7 @@ class ReftModel(PeftlabModel):
         ids = kwargs.get("input_ids", args[0] if args else None)
         shape = ids.shape if ids is not None else kwargs["inputs_embeds"].shape[:2]
         device = next(self.causal_lm.parameters()).device
-        cache = cache_in(kwargs)
-        if cache is not None and cache.get_seq_length() > 0:  # a decode step of generate()
+        if is_decode_step(kwargs):
             new = torch.ones(shape, dtype=torch.bool, device=device) if config.generation == "every_token" else None
             self._masks = {"first": None, "last": new, "all": new}
             return
