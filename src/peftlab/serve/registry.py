@@ -19,7 +19,7 @@ import torch
 from peftlab.data import PromptFormat
 from peftlab.methods import get_method
 from peftlab.methods.multilora.config import MultiLoraConfig
-from peftlab.methods.multilora.model import PEFT_PREFIX, MultiLoraModel, target_names
+from peftlab.methods.multilora.model import PEFT_PREFIX, MultiLoraModel, target_names, zero_padded
 from peftlab.module import Module, ModuleError, read
 
 SHARED_LANE = "__lora__"  # the lane of the base model and every LoRA adapter
@@ -75,15 +75,7 @@ def as_shared_lora(module: Module, model: MultiLoraModel) -> tuple[MultiLoraConf
     keys = {f"{PEFT_PREFIX}{m}.lora_{f}.weight" for m in layers for f in "AB"}
     if not set(tensors) <= keys:
         return None
-    padded = dict(tensors)
-    for name in layers:
-        linear = model.causal_lm.get_submodule(name)
-        linear = getattr(linear, "base_layer", linear)
-        a, b = f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
-        if a not in padded:
-            padded[a] = torch.zeros(config.r, linear.in_features)
-            padded[b] = torch.zeros(linear.out_features, config.r)
-    return config, padded
+    return config, zero_padded(tensors, model.causal_lm, layers, config.r)
 
 
 def read_single(folder: str | Path) -> list[tuple[str | None, Module]]:

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from peftlab.context import BASE_ADAPTER
-from peftlab.methods.base import DEFAULT_ADAPTER, Method, PeftlabModel
+from peftlab.methods.base import DEFAULT_ADAPTER, AdapterMismatchError, Method, PeftlabModel
 from peftlab.methods.lora.model import PeftFolderFiles
 from peftlab.methods.multilora.config import MultiLoraConfig
 from peftlab.methods.multilora.layer import MultiLoraLinear
@@ -35,6 +35,25 @@ def target_names(model: PreTrainedModel, targets: list[str] | str | None) -> lis
         return linear
     wanted = [targets] if isinstance(targets, str) else list(targets or [])
     return [n for n in linear if any(n == t or n.endswith("." + t) for t in wanted)]
+
+
+def zero_padded(tensors: dict[str, torch.Tensor], model: PreTrainedModel, layers: list[str],
+                rank: int) -> dict[str, torch.Tensor]:
+    """A LoRA's tensors (peft's keys) on every one of ``layers``: zeros where it has none. This is the one rule by
+    which LoRAs of different targets become adapters of one routed module: a zero factor is an exact no-op. Tensors
+    on a layer outside ``layers`` are refused."""
+    out = {}
+    for layer in layers:
+        linear = model.get_submodule(layer)
+        linear = getattr(linear, "base_layer", linear)  # a layer already wrapped by MultiLoRA
+        for key, shape in ((f"{PEFT_PREFIX}{layer}.lora_A.weight", (rank, linear.in_features)),
+                           (f"{PEFT_PREFIX}{layer}.lora_B.weight", (linear.out_features, rank))):
+            out[key] = tensors.get(key, torch.zeros(shape))
+    outside = sorted(set(tensors) - set(out))
+    if outside:
+        raise AdapterMismatchError(f"LoRA tensors {outside[:3]} are not on the layers this module routes "
+                                   f"({canonical_targets(model, layers)})")
+    return out
 
 
 def canonical_targets(model: PreTrainedModel, names: list[str]) -> list[str]:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from peftlab.methods.multilora import MultiLoraConfig
-from peftlab.methods.multilora.model import PEFT_PREFIX, target_names
+from peftlab.methods.multilora.model import target_names, zero_padded
 from peftlab.module import Adapter, Manifest, Module, ModuleError, read
 from peftlab.recipes.dit.adapter import add_dit, read_dit
 
@@ -57,23 +55,10 @@ def explain(folders: list[str | Path], dit_folder: str | Path, model=None, token
     adapters, tensors = {}, {}
     for name, (config, state) in diffs.items():
         adapters[name] = Adapter("multilora", {**config.to_dict(), "target_modules": layers})
-        tensors[name] = widen(state, layers, config.r, model)
+        tensors[name] = zero_padded(state, model, layers, config.r)
     wrapped = load_module(Module(Manifest(adapters, dit.base_model), tensors), model, where="explain")
     add_dit(wrapped, dit)
     answers = ask(wrapped, tokenizer, list(diffs), dit.question, max_new_tokens)
     wrapped.unload()
     return dict(zip(diffs, answers, strict=True))
 
-
-def widen(state: dict[str, torch.Tensor], layers: list[str], rank: int, model) -> dict[str, torch.Tensor]:
-    """A LoRA's tensors on every one of ``layers``: zeros (an exact no-op) where it has none."""
-    out = {}
-    for layer in layers:
-        linear = model.get_submodule(layer)
-        for key, shape in ((f"{PEFT_PREFIX}{layer}.lora_A.weight", (rank, linear.in_features)),
-                           (f"{PEFT_PREFIX}{layer}.lora_B.weight", (linear.out_features, rank))):
-            out[key] = state.get(key, torch.zeros(shape))
-    unused = sorted(set(state) - set(out))
-    if unused:
-        raise ModuleError(f"LoRA tensors {unused[:3]} are not on a linear layer of this model")
-    return out
