@@ -25,12 +25,11 @@ import peftlab
 from peftlab.config import from_dict
 from peftlab.data import PromptFormat
 from peftlab.io import atomic_dir, is_incomplete
-from peftlab.methods import DEFAULT_ADAPTER, MethodConfig, get_method
+from peftlab.methods import DEFAULT_ADAPTER, METHODS, MethodConfig, get_method
 
 MANIFEST = "peftlab.json"
 FORMAT = "peftlab-module"
 FORMAT_VERSION = 2
-_PEFT_TYPES = {"LORA": "lora", "IA3": "ia3"}
 
 
 class ModuleError(ValueError):
@@ -115,10 +114,11 @@ def _manifest_from_json(data: dict[str, Any], path: Path) -> Manifest:
 def _manifest_from_peft(path: Path) -> Manifest:
     """A plain peft adapter folder, with the config it was really trained with."""
     data = _read_json(path)
-    method = _PEFT_TYPES.get(str(data.get("peft_type")))
+    readable = {m.peft_type: name for name, m in METHODS.items() if m.peft_type}  # each method names its own
+    method = readable.get(str(data.get("peft_type")))
     if method is None:
         raise ModuleError(f"{path}: peft_type {data.get('peft_type')!r} is not one peftlab reads "
-                          f"({sorted(_PEFT_TYPES)})")
+                          f"({sorted(readable)})")
     try:
         peft_config = peft.PeftConfig.from_pretrained(str(path.parent))
         config = get_method(method).config_class.from_peft(peft_config)

@@ -96,8 +96,10 @@ class LoraMethod(PeftAdapterMethod):
     name = "lora"
     config_class = LoraConfig
     lora_adapters = True
+    peft_type = "LORA"
 
 
 class IA3Method(PeftAdapterMethod):
     name = "ia3"
     config_class = IA3Config
+    peft_type = "IA3"
