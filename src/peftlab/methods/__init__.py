@@ -33,7 +33,7 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from peftlab.methods import bitune, lora, multilora, reft  # noqa: E402,F401  (each registers its methods)
+from peftlab.methods import bitune, lora, multilora, reft, tuners  # noqa: E402,F401  (each registers its methods)
 
 __all__ = ["DEFAULT_ADAPTER", "METHODS", "AdapterMismatchError", "Method", "MethodConfig", "PeftlabModel",
            "cache_arg", "cache_in", "get_method", "register_method"]
