@@ -164,3 +164,19 @@ def test_a_trainer_checkpoint_records_the_prompt_format_it_trained_with(tiny_dir
                                    "save_steps": 1, "per_device_train_batch_size": 3})
     train(config, model, tokenizer, train_data=pairs)
     assert read_info(tmp_path / "run" / "checkpoint-1").prompt_format == data.prompt_format
+
+
+def test_a_merge_that_overflows_its_dtype_is_refused_and_writes_nothing(tiny_dir, tmp_path):
+    from peftlab import save
+    from peftlab.module import ModuleError
+
+    wrapped = attach(load_model(str(tiny_dir))[0], "lora", {"r": 2})
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.fill_(300.0)  # ΔW = 8 · 2 · 300² = 1.4e6 per entry: finite in float32, inf in float16 (max 65504)
+    save(wrapped, tmp_path / "m")
+    merge(tmp_path / "m", tmp_path / "fp32")  # float32 holds it
+    with pytest.raises(ModuleError, match=r"is not finite in torch\.float16"):
+        merge(tmp_path / "m", tmp_path / "fp16", dtype="float16")
+    assert not (tmp_path / "fp16").exists()

@@ -149,6 +149,10 @@ def merge(folder: str | Path, out: str | Path, base_model: str | None = None, ov
                                   f"(it is not a weight update); serve it with its base model instead")
     loaded = load_for_inference(folder, base_model, dtype, device)
     merged = loaded.model.merge_and_unload()
+    for key, weight in merged.state_dict().items():  # W + ΔW in the model's own dtype (float16 overflows first)
+        if weight.is_floating_point() and not bool(weight.isfinite().all()):
+            raise ModuleError(f"{folder}: merged into the base, {key} is not finite in {weight.dtype} (inf or NaN); "
+                              f"nothing was written")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)

@@ -131,20 +131,10 @@ def _adapter(kind: str, operands: list[Operand], coefficients: dict[str, float],
 
 def _merged(out: str | Path, manifest: Manifest, config, tensors: dict, base: str | None, overwrite: bool,
             record: str) -> None:
-    """The composed adapter folded into its base model's weights: a full model folder (with ``compose.json``)."""
-    if manifest.method == "ia3":  # peft's IA3 merge (a small adapter) through peftlab merge
-        from peftlab.adapters import merge
+    """The composed adapter folded into its base model's weights: a full model folder (with ``compose.json``),
+    written by the one merge path (``peftlab merge``) from the composed module."""
+    from peftlab.adapters import merge
 
-        with tempfile.TemporaryDirectory(prefix="peftlab-compose-") as tmp:
-            write_into(Path(tmp), manifest, {DEFAULT_ADAPTER: tensors})
-            merge(tmp, out, base_model=base, overwrite=overwrite, extra_files={RECORD: record})
-        return
-    from peftlab.models import DEFAULT_MODEL, load_model
-
-    model, tokenizer = load_model(base or manifest.base_model or DEFAULT_MODEL)
-    lora.merge_into(model, tensors, config.scaling)
-    check_finite(model.state_dict())  # W + ΔW in the model's own dtype (float16 overflows far sooner)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / RECORD).write_text(record)
+    with tempfile.TemporaryDirectory(prefix="peftlab-compose-") as tmp:
+        write_into(Path(tmp), manifest, {DEFAULT_ADAPTER: tensors})
+        merge(tmp, out, base_model=base, overwrite=overwrite, extra_files={RECORD: record})

@@ -168,18 +168,3 @@ def to_peft(layers: dict[str, Factors], rank: int, template: LoraConfig) -> tupl
         tensors[f"{layer}.lora_A.weight"] = a.contiguous()
         tensors[f"{layer}.lora_B.weight"] = b.contiguous()
     return config, tensors
-
-
-@torch.no_grad()
-def merge_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], scaling: float) -> None:
-    """Add each layer's scaling·B·A to the base weight of ``model`` in place, one layer at a time (no copy of the
-    model: a merged export peaks near one model's memory). GPT-2's Conv1D stores W transposed."""
-    from transformers.pytorch_utils import Conv1D
-
-    for key, a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        layer = key.removesuffix(".lora_A.weight")
-        module = model.get_submodule(layer.removeprefix("base_model.model."))
-        delta = scaling * (tensors[f"{layer}.lora_B.weight"].float() @ a.float())
-        module.weight += (delta.T if isinstance(module, Conv1D) else delta).to(module.weight.dtype)
