@@ -162,11 +162,15 @@ class MultiLoraLinear(nn.Module):
         self.scaling = self.scaling[keep]
         self._side_by_side = None
 
+    def _one_lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling) -> torch.Tensor:
+        """scaling · B A dropout(x) for one LoRA that every example runs with (the shared adapter, or a call whose
+        examples all name one adapter): plain matmuls, no per-example gather."""
+        return (self.dropout(x).to(a.dtype) @ a.T @ b.T) * scaling
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.shared_A is not None:
-            h = self.dropout(x).to(self.shared_A.dtype) @ self.shared_A.T
-            y = y + ((h @ self.shared_B.T) * self.shared_scaling).to(y.dtype)
+            y = y + self._one_lora(x, self.shared_A, self.shared_B, self.shared_scaling).to(y.dtype)
         if self.lora_A.shape[0] == 0:  # only the shared adapter
             return y
         slots, only = self.context.adapter_slots, self.context.only_slot
@@ -175,11 +179,10 @@ class MultiLoraLinear(nn.Module):
                 raise ValueError(f"this MultiLoRA model holds {self.lora_A.shape[0]} adapters: name one per example "
                                  f"(the record's 'adapter' field, generate(adapters=...), or '__base__')")
             only = 0
-        if only is not None:  # every example on one adapter: a plain LoRA, no per-example gather of its factors
+        if only is not None:  # every example on one adapter
             if only < 0:
                 return y
-            h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A[only].T
-            return y + ((h @ self.lora_B[only].T) * self.scaling[only]).to(y.dtype)
+            return y + self._one_lora(x, self.lora_A[only], self.lora_B[only], self.scaling[only]).to(y.dtype)
         if slots.dim() == 1:
             slots = per_row(slots, x.shape[0])
         elif tuple(slots.shape) != tuple(x.shape[:2]):
