@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import statistics
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,16 @@ def portable_path(path: str | Path, root: str | Path | None = None) -> str:
 def write_json(path: str | Path, data: Any) -> Path:
     """``data`` as indented JSON, atomically (a reader never sees half a file)."""
     return write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def over_seeds(per_seed: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
+    """A figure measured once per seed, in the one shape every result file gives it: the mean, the sample standard
+    deviation over the seeds (0 for one seed), the seeds and the value each gave."""
+    if len(per_seed) != len(seeds):
+        raise ValueError(f"{len(per_seed)} values for {len(seeds)} seeds {list(seeds)}")
+    values = [float(v) for v in per_seed]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": list(seeds), "per_seed": values}
 
 
 @contextmanager

@@ -1,34 +1,46 @@
-"""LoReFT and DiReFT against LoRA on the eval suite, the ReFT paper's headline (LoReFT beats LoRA at a small
-fraction of the parameters): same data, steps and batch; each method at its best learning rate from a sweep on the
-validation split; then three training seeds at that rate on the test split.
+"""Methods against LoRA on the eval suite: same data, steps and batch; each method at its best learning rate from a
+sweep on the validation split; then three training seeds at that rate on the test split, n = 100 per family.
 
-    python examples/reft_vs_lora.py                              # the whole experiment (hours on 2 CPU cores)
-    python examples/reft_vs_lora.py --steps 2 --n 4 --seeds 0 --model TINY_DIR   # a smoke run
-    python examples/reft_vs_lora.py --steps 200 --seeds 0 --methods lora loreft --rates lora=2e-3 loreft=5e-3 \
-        --runs runs/reft-vs-lora-200 --result runs/results/reft-vs-lora-200.json  # longer, at the swept rates
+Two groups:
+- ``reft``: LoReFT and DiReFT, the ReFT paper's headline (LoReFT beats LoRA at a small fraction of the parameters).
+  The ReFT settings follow the paper's instruction-tuning run (Llama-2 7B: layers 3, 9, 18, 24 of 32, rank 4, the
+  first and last five prompt positions, one intervention for each): here layers 3, 8, 17, 23 of the default
+  model's 30, rank 4, f5+l5, untied.
+- ``tuners``: peft's LoHa, LoKr, VeRA and OFT at their configs' defaults, the table a user reads to choose a tuner.
+LoRA is r 8 on every linear layer (examples/common.py).
+
+    python examples/versus_lora.py reft                          # the whole experiment (hours on 2 CPU cores)
+    python examples/versus_lora.py tuners --rates lora=2e-3      # LoRA at the rate the reft sweep chose
+    python examples/versus_lora.py reft --steps 2 --n 4 --seeds 0 --model TINY_DIR   # a smoke run
 
 Every run is kept under --runs, so a stopped script resumes where it stopped. Writes --result (JSON + a PNG bar
 chart): the sweep (validation accuracy per learning rate), and per family the test accuracy of the untuned model
-and of each method, mean ± std over the seeds, with each method's trainable parameters.
-
-The ReFT settings follow the paper's instruction-tuning run (Llama-2 7B: layers 3, 9, 18, 24 of 32, rank 4, the
-first and last five prompt positions, one intervention for each): here layers 3, 8, 17, 23 of the default model's
-30, rank 4, f5+l5, untied. LoRA is r 8 on every linear layer (examples/common.py).
+and of each method, mean ± std over the seeds, with each method's trainable parameters and the paired difference
+to LoRA with its interval over the questions.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import sys
 from pathlib import Path
 
 from common import LORA, ROOT, evaluate_once, paired_interval, train_once  # examples/common.py
 
 REFT = {"layers": [3, 8, 17, 23], "rank": 4, "positions": "f5+l5", "share_weights": False}
-METHODS = {"lora": {"name": "lora", **LORA}, "loreft": {"name": "loreft", **REFT},
-           "direft": {"name": "direft", **REFT}}
-RATES = {"lora": [5e-4, 2e-3, 5e-3], "loreft": [2e-3, 5e-3, 1e-2], "direft": [2e-3, 5e-3, 1e-2]}
+LORA_RATES = [5e-4, 2e-3, 5e-3]
+# group -> method -> (its settings, the learning rates its sweep tries); LoRA first in each
+GROUPS = {
+    "reft": {"lora": ({"name": "lora", **LORA}, LORA_RATES),
+             "loreft": ({"name": "loreft", **REFT}, [2e-3, 5e-3, 1e-2]),
+             "direft": ({"name": "direft", **REFT}, [2e-3, 5e-3, 1e-2])},
+    "tuners": {"lora": ({"name": "lora", **LORA}, LORA_RATES),
+               "loha": ({"name": "loha"}, [2e-3, 5e-3]),   # LyCORIS's usual LoRA-like range
+               "lokr": ({"name": "lokr"}, [2e-3, 5e-3]),
+               "vera": ({"name": "vera"}, [1e-2, 3e-2]),   # VeRA's paper: 10x LoRA's rate and more
+               "oft": ({"name": "oft"}, [5e-4, 2e-3])},     # a rotation: peft's examples use LoRA's rate or less
+}
 
 
 def accuracy(report: dict, group: str = "all") -> float:
@@ -38,8 +50,7 @@ def accuracy(report: dict, group: str = "all") -> float:
 def main() -> None:
     from peftlab.evals.suite import get_suite, training_records
     from peftlab.models import DEFAULT_MODEL
-    from peftlab.module import read_info
-    from peftlab.report import write_json
+    from peftlab.report import over_seeds, write_json
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -48,16 +59,24 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="test questions per family (default: 100)")
     parser.add_argument("--sweep-n", type=int, default=50, help="validation questions per family (default: 50)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "reft-vs-lora"))
-    parser.add_argument("--result", default=str(ROOT / "examples" / "results" / "reft-vs-lora.json"))
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
-                        help="the methods to run; LoRA must be among them (default: all three)")
+    parser.add_argument("group", choices=list(GROUPS), help="which methods to measure against LoRA")
+    parser.add_argument("--runs", help="where the runs are kept (default: runs/GROUP-vs-lora)")
+    parser.add_argument("--result", help="the result (default: examples/results/GROUP-vs-lora.json)")
+    parser.add_argument("--methods", nargs="+", help="the group's methods to run; LoRA must be among them "
+                        "(default: the whole group)")
     parser.add_argument("--rates", nargs="+", default=[], metavar="METHOD=LR",
                         help="fix a method's learning rate instead of sweeping it, e.g. lora=2e-3")
     args = parser.parse_args()
+    methods = {name: settings for name, (settings, _) in GROUPS[args.group].items()}
+    args.methods = args.methods or list(methods)
+    args.runs = args.runs or str(ROOT / "runs" / f"{args.group}-vs-lora")
+    args.result = args.result or str(ROOT / "examples" / "results" / f"{args.group}-vs-lora.json")
+    unknown = sorted(set(args.methods) - set(methods))
+    if unknown:
+        parser.error(f"--methods: {unknown} are not in group {args.group!r} ({', '.join(methods)})")
     if "lora" not in args.methods:
-        parser.error("--methods: the ReFT methods are measured against LoRA, so it must be among them")
-    rates = {method: grid for method, grid in RATES.items() if method in args.methods}  # LoRA first
+        parser.error("--methods: every method is measured against LoRA, so it must be among them")
+    rates = {method: grid for method, (_, grid) in GROUPS[args.group].items() if method in args.methods}
     for item in args.rates:
         method, _, lr = item.partition("=")
         if method not in rates:
@@ -78,7 +97,7 @@ def main() -> None:
         sweep[method] = {}
         for lr in grid:
             folder = runs / f"{method}-lr{lr:g}-s0"
-            train_once(folder, METHODS[method], seed=0, learning_rate=lr, **train)
+            train_once(folder, methods[method], seed=0, learning_rate=lr, **train)
             report = evaluate_once(folder / f"val-n{args.sweep_n}.json", folder / "module", trained, args.sweep_n,
                                    args.model, split="validation")
             sweep[method][f"{lr:g}"] = accuracy(report)
@@ -90,21 +109,22 @@ def main() -> None:
                            "summary": {g: v["accuracy"] for g, v in base["summary"].items()}}}
     groups = {"trained": [f for f in every if f in suite.trained],
               "held_out": [f for f in every if f not in suite.trained], "all": every}
-    lora_reports: list[dict] = []  # LoRA comes first: each ReFT method is compared with it question by question
+    lora_reports: list[dict] = []  # LoRA comes first: each other method is compared with it question by question
     for method, lr in best.items():
         reports, seconds = [], []
         for seed in args.seeds:
             folder = runs / f"{method}-lr{lr:g}-s{seed}"
-            seconds.append(train_once(folder, METHODS[method], seed=seed, learning_rate=lr, **train))
+            seconds.append(train_once(folder, methods[method], seed=seed, learning_rate=lr, **train))
             reports.append(evaluate_once(folder / f"test-n{args.n}.json", folder / "module", every, args.n,
                                          args.model))
         per_family = {f: [r["families"][f]["accuracy"] for r in reports] for f in every}
         per_group = {g: [r["summary"][g]["accuracy"] for r in reports] for g in reports[0]["summary"]}
         results[method] = {
-            "learning_rate": lr, "trainable_parameters": read_info(folder / "module").trainable_parameters,
+            "learning_rate": lr, "trainable_parameters": json.loads(
+                (folder / "train_log.json").read_text())["parameters"]["trainable_parameters"],
             "train_seconds": seconds,
-            "families": {f: _mean_std(v) for f, v in per_family.items()},
-            "summary": {g: _mean_std(v) for g, v in per_group.items()}}
+            "families": {f: over_seeds(v, args.seeds) for f, v in per_family.items()},
+            "summary": {g: over_seeds(v, args.seeds) for g, v in per_group.items()}}
         if method == "lora":
             lora_reports = reports
         else:  # the paired difference to LoRA, with its interval over the questions
@@ -113,19 +133,14 @@ def main() -> None:
                     "ci95_questions": paired_interval(lora_reports, reports, members)}
                 for g, members in groups.items() if members}
         print(f"{method} (lr {lr:g}): test {results[method]['summary']['all']}", flush=True)
-    report = {"command": " ".join(["python examples/reft_vs_lora.py", *sys.argv[1:]]), "model": args.model,
+    report = {"command": " ".join(["python examples/versus_lora.py", *sys.argv[1:]]), "model": args.model,
               "steps": args.steps, "batch": args.batch, "n": args.n, "sweep_n": args.sweep_n, "seeds": args.seeds,
-              "held_out_families": groups["held_out"],
-              "methods": {method: METHODS[method] for method in rates}, "sweep_validation_accuracy": sweep,
+              "held_out_families": groups["held_out"], "group": args.group,
+              "methods": {method: methods[method] for method in rates}, "sweep_validation_accuracy": sweep,
               "results": results}
     write_json(args.result, report)
     _plot(report, Path(args.result).with_suffix(".png"))
     print(f"wrote {args.result}")
-
-
-def _mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "per_seed": values}
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -146,7 +161,8 @@ def _plot(report: dict, path: Path) -> None:
     ticks = [f"{f} (held out)" if f in report["held_out_families"] else f for f in families]
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], ticks, rotation=30, ha="right")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"LoReFT / DiReFT vs LoRA, {report['steps']} steps, mean ± std over seeds {report['seeds']}")
+    ax.set_title(f"{' / '.join(labels[2:])} vs LoRA, {report['steps']} steps, "
+                 f"mean ± std over seeds {report['seeds']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
