@@ -169,6 +169,20 @@ class BituneModel(PeftlabModel):
         self._use(CAUSAL)
         return into
 
+    def read_prompt(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                    cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read left-padded prompts into ``cache`` the Bitune way, all but their last token (the one rule for where
+        a prompt's read ends, at generation; ``split_prompt`` applies the same rule to rows with answers), and
+        return that last token's ids and positions: it is read causally, on the mixed cache."""
+        if mask.dim() != 2 or not bool(mask[:, -1].all()):
+            raise ValueError("Bitune generation needs left-padded prompts with a 2-D attention mask "
+                             "(tokenizer.padding_side = 'left')")
+        if ids.shape[1] > 1:
+            self.encode_prompt(ids[:, :-1], mask[:, :-1], pos[:, :-1], into=cache)
+        else:
+            self._use(CAUSAL)
+        return ids[:, -1:], pos[:, -1:]
+
     def _check_window(self, tokens: int) -> None:
         """Sliding-window layers keep only their window in the cache, and the bidirectional mask has no window:
         Bitune is exact only while everything it reads at once fits in the smallest window."""
@@ -232,11 +246,8 @@ class BituneModel(PeftlabModel):
         """Bitune's prompt passes on all but each prompt's last token, then that token read causally on the
         mixed cache (what ``generate`` does at its first call); decode steps after it are plain forwards."""
         self.bind(dict(fields))
-        if input_ids.shape[1] > 1:
-            self.encode_prompt(input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1], into=cache)
-        else:
-            self._use(CAUSAL)
-        return self.decode(input_ids[:, -1:], attention_mask, position_ids[:, -1:], cache)
+        last_ids, last_pos = self.read_prompt(input_ids, attention_mask, position_ids, cache)
+        return self.decode(last_ids, attention_mask, last_pos, cache)
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -253,17 +264,14 @@ class BituneModel(PeftlabModel):
             return None  # a prompt pass of ours, a decode step, or nothing before the last token
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
-        if mask.dim() != 2 or not bool(mask[:, -1].all()):
-            raise ValueError("Bitune generation needs left-padded prompts with a 2-D attention mask "
-                             "(tokenizer.padding_side = 'left')")
         pos = kwargs.get("position_ids")
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0) if pos is None else pos
         self._generating = False  # the prompt passes below call this model again
         try:
-            self.encode_prompt(ids[:, :-1], mask[:, :-1], pos[:, :-1], into=cache)
+            last_ids, last_pos = self.read_prompt(ids, mask, pos, cache)
         finally:
             self._generating = True
-        kwargs = {**kwargs, "input_ids": ids[:, -1:], "position_ids": pos[:, -1:]}
+        kwargs = {**kwargs, "input_ids": last_ids, "position_ids": last_pos}
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = kwargs["cache_position"][-1:]
         return args, kwargs
