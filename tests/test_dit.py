@@ -12,7 +12,7 @@ from peftlab import attach, save, tiny_model
 from peftlab.cli import main
 from peftlab.data import Collator
 from peftlab.methods.multilora import MultiLoraConfig
-from peftlab.methods.multilora.model import zero_padded
+from peftlab.methods.multilora.model import layer_shapes, zero_padded
 from peftlab.module import ModuleError
 from peftlab.recipes.dit.data import TopicData, build, first_sentences, slug
 from peftlab.recipes.dit.evaluate import chance, score
@@ -161,7 +161,7 @@ def test_explain_widens_a_narrow_lora_exactly():
     narrow = attach(narrow, "lora", {"r": 2, "alpha": 4, "target_modules": ["q_proj"]})
     state = {k: torch.randn_like(v) for k, v in narrow.adapter_state_dict().items()}
     layers = list(wrapped.lora_layers)
-    wide = zero_padded(state, tiny_model()[0], layers, 2)
+    wide = zero_padded(state, layer_shapes(tiny_model()[0], layers), 2)
     assert set(state) < set(wide) and all(torch.equal(wide[k], v) for k, v in state.items())
     assert all(not wide[k].any() for k in set(wide) - set(state))
 

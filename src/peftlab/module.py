@@ -231,11 +231,12 @@ def read_info(folder: str | Path) -> ModuleInfo:
 
 def combine(sources: dict[str, str | Path], method: str = "multilora") -> Module:
     """Single-adapter folders (plain peft LoRA folders, peftlab LoRA modules) as the named adapters of one module of
-    a routable ``method``, without a model: same base model, same prompt format, configs ``method`` accepts."""
+    a routable ``method``, without a model: same base model, same prompt format, configs ``method`` accepts, joined
+    by the method's rule (``Method.join``: for MultiLoRA, LoRAs of different targets are zero-padded)."""
     target = get_method(method)
     if not target.routable:
         raise ModuleError(f"method {method!r} holds one adapter; combine folders into a routable method")
-    adapters, tensors = {}, {}
+    joining: dict[str, tuple[MethodConfig, dict[str, torch.Tensor]]] = {}
     reference: tuple[Path, Manifest] | None = None
     for name, folder in sources.items():
         module = read(folder)
@@ -250,20 +251,25 @@ def combine(sources: dict[str, str | Path], method: str = "multilora") -> Module
                               f"its adapters (it holds LoRAs: peft LoRA folders, lora or multilora modules): {e}") \
                 from None
         if reference is None:
-            reference = (Path(folder), module.manifest, config)
+            reference = (Path(folder), module.manifest)
         for what, mine, theirs in (("base_model", module.manifest.base_model, reference[1].base_model),
-                                   ("prompt_format", module.manifest.prompt_format, reference[1].prompt_format),
-                                   ("target_modules", _targets(config), _targets(reference[2]))):
+                                   ("prompt_format", module.manifest.prompt_format, reference[1].prompt_format)):
             if mine != theirs:
                 raise ModuleError(f"{folder} has {what} {mine!r}, {reference[0]} has {theirs!r}: the adapters of one "
                                   f"module share them")
-        adapters[name], tensors[name] = Adapter(method, config.to_dict()), state
-    return Module(Manifest(adapters, reference[1].base_model, reference[1].prompt_format), tensors)
+        joining[name] = (config, state)
+    return joined(joining, method, reference[1].base_model, reference[1].prompt_format)
 
 
-def _targets(config: MethodConfig) -> Any:
-    targets = getattr(config, "target_modules", None)
-    return sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
+def joined(adapters: dict[str, tuple[MethodConfig, dict[str, torch.Tensor]]], method: str,
+           base_model: str | None, prompt_format: PromptFormat | None = None,
+           shapes: dict[str, tuple[int, int]] | None = None) -> Module:
+    """Adapters (config, tensors) by name as one module of a routable ``method``, joined by the method's rule
+    (``Method.join``); ``shapes``: the layers a model routes (name -> (in, out)), else the adapters' own."""
+    ready = get_method(method).join(adapters, shapes)
+    return Module(Manifest({name: Adapter(method, config.to_dict()) for name, (config, _) in ready.items()},
+                           base_model, prompt_format or PromptFormat()),
+                  {name: state for name, (_, state) in ready.items()})
 
 
 def split(module: Module, method: str = "lora") -> dict[str, Module]:

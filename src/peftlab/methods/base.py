@@ -84,6 +84,13 @@ class Method(ABC):
         wrapper.add_adapters(configs)
         return wrapper
 
+    def join(self, adapters: dict[str, tuple[MethodConfig, dict[str, torch.Tensor]]],
+             shapes: dict[str, tuple[int, int]] | None = None) -> dict[str, tuple[MethodConfig, dict]]:
+        """Single adapters (config, tensors) by name, made ready to be the adapters of one module of this method
+        (a routable method's rule for adapters that differ, such as their targets); ``shapes`` names the layers a
+        model routes, name -> (in, out)."""
+        raise ValueError(f"method {self.name!r} holds one adapter; join adapters into a routable method")
+
     def describe(self, configs: dict[str, dict[str, Any]]) -> dict[str, str]:
         """What ``peftlab info`` adds about a module of this method whose adapters have ``configs`` (by name)."""
         return {}

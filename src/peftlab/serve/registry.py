@@ -19,7 +19,7 @@ import torch
 from peftlab.data import PromptFormat
 from peftlab.methods import get_method
 from peftlab.methods.multilora.config import MultiLoraConfig
-from peftlab.methods.multilora.model import PEFT_PREFIX, MultiLoraModel, target_names, zero_padded
+from peftlab.methods.multilora.model import PEFT_PREFIX, MultiLoraModel, layer_shapes, target_names
 from peftlab.module import Module, ModuleError, read
 
 SHARED_LANE = "__lora__"  # the lane of the base model and every LoRA adapter
@@ -68,14 +68,15 @@ def as_shared_lora(module: Module, model: MultiLoraModel) -> tuple[MultiLoraConf
     if not get_method(adapter.method).lora_adapters:
         return None
     try:
-        config = MultiLoraConfig.from_dict({**adapter.config, "target_modules": "all-linear", "dropout": 0.0})
+        config = MultiLoraConfig.from_dict({**adapter.config, "dropout": 0.0})
     except ValueError:
         return None
     layers = target_names(model.causal_lm, "all-linear")
     keys = {f"{PEFT_PREFIX}{m}.lora_{f}.weight" for m in layers for f in "AB"}
     if not set(tensors) <= keys:
         return None
-    return config, zero_padded(tensors, model.causal_lm, layers, config.r)
+    (joined,) = model.method.join({"": (config, tensors)}, layer_shapes(model.causal_lm, layers)).values()
+    return joined
 
 
 def read_single(folder: str | Path) -> list[tuple[str | None, Module]]:

@@ -9,6 +9,7 @@ be loaded by peft alone, and peft LoRA folders come in as adapters.
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from peftlab.context import BASE_ADAPTER
-from peftlab.methods.base import DEFAULT_ADAPTER, AdapterMismatchError, Method, PeftlabModel
+from peftlab.methods.base import DEFAULT_ADAPTER, AdapterMismatchError, Method, MethodConfig, PeftlabModel
 from peftlab.methods.lora.model import PeftFolderFiles
 from peftlab.methods.multilora.config import MultiLoraConfig
 from peftlab.methods.multilora.layer import MultiLoraLinear
@@ -37,23 +38,47 @@ def target_names(model: PreTrainedModel, targets: list[str] | str | None) -> lis
     return [n for n in linear if any(n == t or n.endswith("." + t) for t in wanted)]
 
 
-def zero_padded(tensors: dict[str, torch.Tensor], model: PreTrainedModel, layers: list[str],
-                rank: int) -> dict[str, torch.Tensor]:
-    """A LoRA's tensors (peft's keys) on every one of ``layers``: zeros where it has none. This is the one rule by
-    which LoRAs of different targets become adapters of one routed module: a zero factor is an exact no-op. Tensors
-    on a layer outside ``layers`` are refused."""
-    out = {}
+def layer_shapes(model: PreTrainedModel, layers: list[str]) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each of ``layers`` (a layer already wrapped by MultiLoRA: its base layer's)."""
+    shapes = {}
     for layer in layers:
         linear = model.get_submodule(layer)
-        linear = getattr(linear, "base_layer", linear)  # a layer already wrapped by MultiLoRA
-        for key, shape in ((f"{PEFT_PREFIX}{layer}.lora_A.weight", (rank, linear.in_features)),
-                           (f"{PEFT_PREFIX}{layer}.lora_B.weight", (linear.out_features, rank))):
+        linear = getattr(linear, "base_layer", linear)
+        shapes[layer] = (linear.in_features, linear.out_features)
+    return shapes
+
+
+def lora_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each layer a LoRA's tensors (peft's keys) are on, read off the factors."""
+    shapes: dict[str, list[int]] = {}
+    for key, tensor in tensors.items():
+        layer, _, factor = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if factor == "A.weight":
+            shapes.setdefault(layer, [0, 0])[0] = tensor.shape[1]
+        elif factor == "B.weight":
+            shapes.setdefault(layer, [0, 0])[1] = tensor.shape[0]
+    return {layer: (i, o) for layer, (i, o) in shapes.items()}
+
+
+def zero_padded(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+                rank: int) -> dict[str, torch.Tensor]:
+    """A LoRA's tensors (peft's keys) on every layer of ``shapes`` (name -> (in, out)): zeros where it has none.
+    This is the one rule by which LoRAs of different targets become adapters of one routed module: a zero factor
+    is an exact no-op. Tensors on a layer outside ``shapes`` are refused."""
+    out = {}
+    for layer, (fan_in, fan_out) in shapes.items():
+        for key, shape in ((f"{PEFT_PREFIX}{layer}.lora_A.weight", (rank, fan_in)),
+                           (f"{PEFT_PREFIX}{layer}.lora_B.weight", (fan_out, rank))):
             out[key] = tensors.get(key, torch.zeros(shape))
     outside = sorted(set(tensors) - set(out))
     if outside:
         raise AdapterMismatchError(f"LoRA tensors {outside[:3]} are not on the layers this module routes "
-                                   f"({canonical_targets(model, layers)})")
+                                   f"({sorted(shapes)[:6]}{' ...' if len(shapes) > 6 else ''})")
     return out
+
+
+def _sorted_targets(targets: list[str] | str | None) -> tuple[str, ...] | str | None:
+    return tuple(sorted(targets)) if isinstance(targets, (list, tuple, set)) else targets
 
 
 def canonical_targets(model: PreTrainedModel, names: list[str]) -> list[str]:
@@ -213,6 +238,22 @@ class MultiLoraMethod(PeftFolderFiles, Method):
     supports_packing = True
     routable = True
     lora_adapters = True
+
+    def join(self, adapters: dict[str, tuple[MethodConfig, dict[str, torch.Tensor]]],
+             shapes: dict[str, tuple[int, int]] | None = None) -> dict[str, tuple[MethodConfig, dict]]:
+        """LoRAs as adapters of one routed module. Adapters of one set of targets join as they are; otherwise each
+        is zero-padded (``zero_padded``) to the union of their layers, or to ``shapes`` (the layers a model routes,
+        name -> (in, out)), and every adapter then names those layers as its targets."""
+        targets = {_sorted_targets(config.target_modules) for config, _ in adapters.values()}
+        if shapes is None and len(targets) == 1:
+            return adapters
+        if shapes is None:
+            shapes = {}
+            for _, tensors in adapters.values():
+                shapes.update(lora_shapes(tensors))
+            shapes = dict(sorted(shapes.items()))
+        return {name: (replace(config, target_modules=list(shapes)), zero_padded(tensors, shapes, config.r))
+                for name, (config, tensors) in adapters.items()}
 
     def describe(self, configs: dict[str, dict[str, Any]]) -> dict[str, str]:
         ranks = sorted({c.get("r") for c in configs.values()} - {None})

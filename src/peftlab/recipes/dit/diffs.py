@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from peftlab.module import Manifest, Module, ModuleError, read, write
+from peftlab.methods.multilora import MultiLoraConfig
+from peftlab.module import Manifest, Module, ModuleError, joined, read, write
 from peftlab.recipes.dit.data import PROMPT_FORMAT, read_topics
 from peftlab.report import write_json
 
@@ -82,16 +83,16 @@ def train_diffs(data_dir: str | Path, out: str | Path, config: DiffConfig, model
 def join(modules: list[Module]) -> Module:
     """MultiLoRA modules of one base model and one set of targets as one module (adapter names must differ)."""
     first = modules[0].manifest
-    adapters, tensors = {}, {}
+    adapters: dict[str, tuple[MultiLoraConfig, dict]] = {}
     for module in modules:
         if module.manifest.base_model != first.base_model:
             raise ModuleError(f"modules of base models {first.base_model!r} and {module.manifest.base_model!r}")
         clash = sorted(set(module.manifest.adapters) & set(adapters))
         if clash:
             raise ModuleError(f"adapters {clash[:3]} appear in two modules")
-        adapters.update(module.manifest.adapters)
-        tensors.update(module.tensors)
-    return Module(Manifest(adapters, first.base_model, first.prompt_format), tensors)
+        adapters.update({name: (MultiLoraConfig.from_dict(adapter.config), module.tensors[name])
+                         for name, adapter in module.manifest.adapters.items()})
+    return joined(adapters, "multilora", first.base_model, first.prompt_format)
 
 
 @dataclass

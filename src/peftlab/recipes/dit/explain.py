@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftlab.methods.multilora import MultiLoraConfig
-from peftlab.methods.multilora.model import target_names, zero_padded
-from peftlab.module import Adapter, Manifest, Module, ModuleError, read
+from peftlab.methods.multilora.model import layer_shapes, target_names
+from peftlab.module import ModuleError, joined, read
 from peftlab.recipes.dit.adapter import add_dit, read_dit
 
 READABLE = ("lora", "multilora")
@@ -52,11 +52,8 @@ def explain(folders: list[str | Path], dit_folder: str | Path, model=None, token
         model, tokenizer = load_model(dit.base_model)
     layers = sorted({n for config, _ in [*diffs.values(), (dit.config, None)]
                      for n in target_names(model, config.target_modules)})
-    adapters, tensors = {}, {}
-    for name, (config, state) in diffs.items():
-        adapters[name] = Adapter("multilora", {**config.to_dict(), "target_modules": layers})
-        tensors[name] = zero_padded(state, model, layers, config.r)
-    wrapped = load_module(Module(Manifest(adapters, dit.base_model), tensors), model, where="explain")
+    module = joined(diffs, "multilora", dit.base_model, shapes=layer_shapes(model, layers))
+    wrapped = load_module(module, model, where="explain")
     add_dit(wrapped, dit)
     answers = ask(wrapped, tokenizer, list(diffs), dit.question, max_new_tokens)
     wrapped.unload()
