@@ -148,12 +148,12 @@ def test_a_newer_format_and_a_pickled_peft_folder_are_refused(tmp_path):
 def test_capability_flags():
     flags = {name: (m.mergeable, m.composable, m.supports_packing, m.routable, m.lora_adapters)
              for name, m in METHODS.items()}
-    assert flags["lora"] == (True, True, True, False, True)
-    assert flags["ia3"] == (True, True, True, False, False)
-    assert flags["loreft"] == (False, False, True, False, False)
-    assert flags["bitune"] == (False, False, False, False, False)
-    assert flags["multilora"] == (False, True, True, True, True)
-    assert all(flags[name] == (True, False, True, False, False) for name in ("loha", "lokr", "vera", "oft"))
+    assert flags["lora"] == (True, "low_rank", True, False, True)
+    assert flags["ia3"] == (True, "scaling", True, False, False)
+    assert flags["loreft"] == (False, None, True, False, False)
+    assert flags["bitune"] == (False, None, False, False, False)
+    assert flags["multilora"] == (False, None, True, True, True)
+    assert all(flags[name] == (True, None, True, False, False) for name in ("loha", "lokr", "vera", "oft"))
 
 
 def test_load_is_attach_then_load_adapter_state_dict(tmp_path):

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from peftlab.compose import lora
-from peftlab.compose.dense import ia3_combine, task_vectors
+from peftlab.compose.dense import scaling_combine, task_vectors
 from peftlab.compose.expression import Expression
 from peftlab.compose.operands import (
     ComposeError,
@@ -89,7 +89,7 @@ def compose(expression: str | Expression, modules: dict[str, str | Path], out: s
     check_finite(tensors)
     if "note" in record["result"]:
         print(f"compose: note: {record['result']['note']}", file=sys.stderr)
-    manifest = Manifest({DEFAULT_ADAPTER: Adapter(kind, config.to_dict())}, base_of(operands, base),
+    manifest = Manifest({DEFAULT_ADAPTER: Adapter(operands[0].method, config.to_dict())}, base_of(operands, base),
                         operands[0].manifest.prompt_format)
     record["base_model"] = manifest.base_model
     if export == "merged":
@@ -108,10 +108,10 @@ def _text(record: dict) -> str:
 def _adapter(kind: str, operands: list[Operand], coefficients: dict[str, float], mode: str, export: str,
              rank: int | None, energy: float | None) -> tuple:
     """(config, tensors, report) of the composed adapter."""
-    if kind == "ia3":
+    if kind == "scaling":
         if export == "svd":
             raise ComposeError("--export svd truncates a LoRA's rank; IA3 vectors have none")
-        return operands[0].config, ia3_combine(operands, coefficients), {
+        return operands[0].config, scaling_combine(operands, coefficients), {
             "rule": "l = 1 + Σ cᵢ(lᵢ − 1) (PEM's additive form; exact and pem coincide)"}
     layers = lora.terms(operands, coefficients)
     template = operands[0].config

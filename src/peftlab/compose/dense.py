@@ -29,8 +29,8 @@ from peftlab.compose.operands import ComposeError, Operand, check_finite
 from peftlab.io import atomic_dir
 
 
-def ia3_combine(operands: list[Operand], coefficients: dict[str, float]) -> dict[str, torch.Tensor]:
-    """l = 1 + Σ cᵢ(lᵢ − 1) for every IA3 vector."""
+def scaling_combine(operands: list[Operand], coefficients: dict[str, float]) -> dict[str, torch.Tensor]:
+    """l = 1 + Σ cᵢ(lᵢ − 1) for every scaling vector (IA3's)."""
     return {key: 1 + sum(coefficients[o.name] * (o.tensors[key].float() - 1) for o in operands)
             for key in operands[0].tensors}
 

@@ -28,10 +28,11 @@ class Operand:
 
     name: str
     folder: Path
-    kind: str  # the module's method ("lora", "ia3"), or "full" for a model folder
+    kind: str  # the algebra of the module's method (Method.composable: "low_rank", "scaling"), or "full"
     manifest: Manifest | None = None
     config: MethodConfig | None = None
     tensors: dict[str, torch.Tensor] | None = None
+    method: str | None = None  # the module's method; None for a model folder
 
     def __str__(self) -> str:
         return f"{self.name} ({self.folder})"
@@ -61,19 +62,13 @@ def read_operand(name: str, folder: str | Path) -> Operand:
                            f"adapter per folder (peftlab multilora export writes each as a LoRA folder)")
     (adapter_name, adapter), = module.manifest.adapters.items()
     method = get_method(adapter.method)
-    if not method.composable or method.routable:
-        reason = method.not_composable_because if not method.composable else \
-            "it holds many adapters: export them (peftlab multilora export) and compose the LoRA folders"
+    config = adapter.method_config(f"{folder}")
+    reason = method.why_not_composable(config)
+    if reason:
         raise ComposeError(f"{name}: {folder} is a {method.name} module, which compose cannot do arithmetic on: "
                            f"{reason}")
-    config = adapter.method_config(f"{folder}")
-    for setting, bad in (("use_dora", getattr(config, "use_dora", False)),
-                         ("bias", getattr(config, "bias", "none") != "none")):
-        if bad:
-            raise ComposeError(f"{name}: {folder} has {setting}={getattr(config, setting)!r}; its update is not "
-                               f"B·A alone (DoRA renormalises W + ΔW, a trained bias adds a term), so sums of "
-                               f"modules are undefined here. Merge it (peftlab merge) and compose the model folders")
-    return Operand(name, folder, method.name, module.manifest, config, module.tensors[adapter_name])
+    return Operand(name, folder, method.composable, module.manifest, config, module.tensors[adapter_name],
+                   method.name)
 
 
 def shapes(operand: Operand) -> dict[str, tuple[int, ...]]:
@@ -93,8 +88,9 @@ def check_compatible(operands: list[Operand], base: str | None = None) -> None:
     shapes. LoRA ranks may differ: only each target layer's (out, in) must agree."""
     first = operands[0]
     for other in operands[1:]:
-        if other.kind != first.kind:
-            raise ComposeError(f"{first} is {first.kind}, {other} is {other.kind}: compose operands of one method "
+        if (other.kind, other.method) != (first.kind, first.method):
+            raise ComposeError(f"{first} is {first.method or first.kind}, {other} is {other.method or other.kind}: "
+                               f"compose operands of one method "
                                f"(merge LoRA/IA3 into model folders with peftlab merge to mix them)")
         if first.kind == "full":
             continue
@@ -121,7 +117,7 @@ def check_compatible(operands: list[Operand], base: str | None = None) -> None:
 def _layer_shapes(operand: Operand) -> dict[str, tuple[int, ...]]:
     """What must agree between operands: a LoRA's (out, in) per target layer, every tensor's shape otherwise."""
     found = shapes(operand)
-    if operand.kind != "lora":
+    if operand.kind != "low_rank":
         return found
     layers: dict[str, tuple[int, ...]] = {}
     for key in found:
@@ -168,6 +164,6 @@ def base_of(operands: list[Operand], base: str | None) -> str | None:
 
 
 def describe(operands: list[Operand]) -> dict[str, dict]:
-    return {o.name: {"folder": str(o.folder), "kind": o.kind,
+    return {o.name: {"folder": str(o.folder), "kind": o.method or o.kind,
                      "config": o.config.to_dict() if o.config is not None else None}
             for o in operands}

@@ -48,7 +48,9 @@ class Method(ABC):
     name: str
     config_class: ClassVar[type[MethodConfig]]
     mergeable: ClassVar[bool] = False  # its trained parts fold into the base weights (``peftlab merge``)
-    composable: ClassVar[bool] = False  # module arithmetic is defined on its tensors
+    # the algebra module arithmetic applies to its tensors: "low_rank" (factor pairs B·A whose products add) or
+    # "scaling" (vectors l that multiply activations: 1 + Σcᵢ(lᵢ − 1)); None: no arithmetic is defined
+    composable: ClassVar[str | None] = None
     not_composable_because: ClassVar[str] = "its trained parts are not an additive weight update"
     supports_packing: ClassVar[bool] = False  # examples may share one row (see data.Collator)
     routable: ClassVar[bool] = False  # one batch may use a different adapter per example
@@ -90,6 +92,10 @@ class Method(ABC):
         (a routable method's rule for adapters that differ, such as their targets); ``shapes`` names the layers a
         model routes, name -> (in, out)."""
         raise ValueError(f"method {self.name!r} holds one adapter; join adapters into a routable method")
+
+    def why_not_composable(self, config: MethodConfig) -> str | None:
+        """None when module arithmetic is defined on an adapter of ``config``; else the reason, for the user."""
+        return None if self.composable else self.not_composable_because
 
     def describe(self, configs: dict[str, dict[str, Any]]) -> dict[str, str]:
         """What ``peftlab info`` adds about a module of this method whose adapters have ``configs`` (by name)."""

@@ -88,18 +88,27 @@ class PeftAdapterMethod(PeftFolderFiles, Method):
 
     model_class = PeftAdapterModel
     mergeable = True
-    composable = True
     supports_packing = True
 
 
 class LoraMethod(PeftAdapterMethod):
     name = "lora"
     config_class = LoraConfig
+    composable = "low_rank"
     lora_adapters = True
     peft_type = "LORA"
+
+    def why_not_composable(self, config: LoraConfig) -> str | None:
+        for setting, bad in (("use_dora", config.use_dora), ("bias", config.bias != "none")):
+            if bad:
+                return (f"it has {setting}={getattr(config, setting)!r}, so its update is not B·A alone (DoRA "
+                        f"renormalises W + ΔW, a trained bias adds a term) and sums of modules are undefined here. "
+                        f"Merge it (peftlab merge) and compose the model folders")
+        return None
 
 
 class IA3Method(PeftAdapterMethod):
     name = "ia3"
     config_class = IA3Config
+    composable = "scaling"
     peft_type = "IA3"

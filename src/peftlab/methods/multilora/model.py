@@ -234,7 +234,8 @@ class MultiLoraMethod(PeftFolderFiles, Method):
     name = "multilora"
     config_class = MultiLoraConfig
     model_class = MultiLoraModel
-    composable = True
+    not_composable_because = ("it holds many adapters: export them (peftlab multilora export) and compose the LoRA "
+                              "folders")
     supports_packing = True
     routable = True
     lora_adapters = True

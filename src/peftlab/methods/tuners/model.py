@@ -12,7 +12,6 @@ class PeftTunerMethod(PeftAdapterMethod):
     are fine), but whose tensors are not a sum of weight updates: module arithmetic refuses it."""
 
     mergeable = True
-    composable = False
     routable = False
     supports_packing = True
     lora_adapters = False
