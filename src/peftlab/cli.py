@@ -232,65 +232,6 @@ def cmd_data_families(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from peftlab.adapters import load_for_inference, save
-    from peftlab.methods import get_method
-    from peftlab.methods.reft import INTERVENTIONS, ReftMethod
-    from peftlab.methods.reft.pyreft_format import is_pyreft_folder, load_pyreft, save_pyreft
-    from peftlab.models import load_model
-    from peftlab.module import ModuleError, read_info
-
-    if is_pyreft_folder(args.source):
-        model, _ = load_model(args.model or DEFAULT_MODEL, args.dtype, args.device)
-        settings = {"act": args.act, "dropout": args.dropout, "dtype": args.intervention_dtype,
-                    "short_prompts": args.short_prompts}
-        save(load_pyreft(args.source, model, positions=args.positions, **settings), args.output,
-             overwrite=args.overwrite)
-        print(f"pyreft interventions {args.source} -> peftlab module {args.output}")
-    else:
-        method = read_info(args.source).method
-        if not isinstance(get_method(method), ReftMethod):
-            raise ModuleError(f"{args.source}: a {method} module; convert reads pyreft folders and writes ReFT "
-                              f"modules ({', '.join(sorted(INTERVENTIONS))}) in pyreft's layout")
-        model = load_for_inference(args.source, args.model, args.dtype, args.device).model
-        save_pyreft(model, args.output, overwrite=args.overwrite)
-        print(f"peftlab module {args.source} -> pyreft layout {args.output}")
-        config = model.reft_config
-        if config.short_prompts != "pyreft":
-            print(f"note: pyreft cuts prompts shorter than {2 * max(config.first, config.last)} tokens its own way "
-                  f"(first and last positions <= n // 2); this module was trained with the paper's rule")
-        if config.lora is not None:
-            print(f"pyreft keeps no LoRA: the one trained alongside is in {args.output}/lora as a plain peft folder; "
-                  f"apply it with peft.PeftModel.from_pretrained to the base model under the interventions "
-                  f"(peftlab convert reads it back)")
-    return 0
-
-
-def cmd_multilora_import(args: argparse.Namespace) -> int:
-    from peftlab.module import combine, write
-
-    module = combine(named_folders(args.adapters, "multilora import"))
-    write(args.output, module.manifest, module.tensors, overwrite=args.overwrite)
-    print(f"{len(module.tensors)} adapters -> multilora module {args.output}")
-    return 0
-
-
-def cmd_multilora_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from peftlab.module import ModuleError, read, split, write
-
-    parts = split(read(args.module))
-    names = args.adapter or list(parts)
-    unknown = sorted(set(names) - set(parts))
-    if unknown:
-        raise ModuleError(f"{args.module}: no adapters {unknown}; it has {sorted(parts)}")
-    for name in names:
-        write(Path(args.output) / name, parts[name].manifest, parts[name].tensors, overwrite=args.overwrite)
-    print(f"{len(names)} adapters -> plain peft LoRA folders under {args.output}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description=__doc__.split("\n")[0] + " See README.md.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -328,46 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p, model_help="base model (default: the one the module names)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser("convert", help="convert ReFT interventions between pyreft's layout and a peftlab module",
-                       description="A pyreft folder (config.json + intkey_*.bin) becomes a peftlab module, and a "
-                                   "peftlab ReFT module becomes a pyreft folder. pyreft does not record positions, "
-                                   "the activation or dropout, so give them when importing (a module trained with "
-                                   "an activation imported as linear is wrong); the dtype is read from its tensors.")
-    p.add_argument("source", help="a pyreft folder or a peftlab ReFT module folder")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write")
-    add_model_arguments(p, model_help=f"base model (importing: the one the interventions were trained on, default "
-                                      f"{DEFAULT_MODEL}; exporting: the module's)")
-    p.add_argument("--positions", default="l1", help="positions the pyreft interventions use (default: l1)")
-    p.add_argument("--act", default="linear", help="importing: the interventions' activation, as in ReFT "
-                                                   "configs (default: linear)")
-    p.add_argument("--dropout", type=float, default=0.0, help="importing: the interventions' dropout (default 0)")
-    p.add_argument("--intervention-dtype", default=None,
-                   help="importing: the interventions' dtype (default: that of the saved tensors)")
-    p.add_argument("--short-prompts", default="pyreft", choices=["pyreft", "paper"],
-                   help="importing: how prompts shorter than the positions are cut (default: pyreft, as the "
-                        "module was trained)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser("multilora", help="move LoRAs in and out of a MultiLoRA module",
-                       description="A MultiLoRA module serves many LoRAs side by side, one per example. Import peft "
-                                   "LoRA folders (or peftlab LoRA modules) of one base model and one set of target "
-                                   "modules into one; export its adapters as plain peft folders.")
-    actions = p.add_subparsers(dest="multilora_command", required=True, metavar="ACTION")
-    q = actions.add_parser("import", help="combine LoRA folders into one MultiLoRA module",
-                           description="Combine single-LoRA folders into one MultiLoRA module, each under its name.")
-    q.add_argument("adapters", metavar="NAME=DIR,...", help="e.g. support=runs/a/module,sales=peft-folder")
-    q.add_argument("-o", "--output", required=True, metavar="OUT", help="the module folder to write")
-    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    q.set_defaults(func=cmd_multilora_import)
-    q = actions.add_parser("export", help="write adapters of a MultiLoRA module as plain peft LoRA folders",
-                           description="Write each adapter (or those named) to OUT/NAME as a peft LoRA folder.")
-    q.add_argument("module", help="a MultiLoRA module folder")
-    q.add_argument("-o", "--output", required=True, metavar="OUT", help="the folder to write them under")
-    q.add_argument("--adapter", action="append", metavar="NAME", help="only this adapter (repeatable)")
-    q.add_argument("--overwrite", action="store_true", help="replace existing folders")
-    q.set_defaults(func=cmd_multilora_export)
 
     p = sub.add_parser("info", help="describe a saved module", description="Method, base model, parameters.")
     p.add_argument("folder", help="module folder")
@@ -434,12 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_modules() -> list[str]:
-    """The modules that add their own commands: compose, serve, and every recipe's ``cli.py`` (a new recipe adds its
-    commands from its own folder, with an ``add_commands(subparsers)``)."""
+    """The modules that add their own commands: compose, serve, and every method's and recipe's ``cli.py`` (a new
+    method or recipe adds its commands from its own folder, with an ``add_commands(subparsers)``)."""
+    import peftlab.methods
     import peftlab.recipes
 
-    recipes = [f"peftlab.recipes.{m.name}.cli" for m in pkgutil.iter_modules(peftlab.recipes.__path__) if m.ispkg]
-    return ["peftlab.compose.cli", "peftlab.serve.cli", *(r for r in recipes if importlib.util.find_spec(r))]
+    found = [f"{package.__name__}.{m.name}.cli" for package in (peftlab.methods, peftlab.recipes)
+             for m in pkgutil.iter_modules(package.__path__) if m.ispkg]
+    return ["peftlab.compose.cli", "peftlab.serve.cli", *(c for c in found if importlib.util.find_spec(c))]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import peftlab
 from peftlab.config import from_dict
 from peftlab.data import PromptFormat
 from peftlab.io import atomic_dir, is_incomplete
-from peftlab.methods import DEFAULT_ADAPTER, METHODS, MethodConfig, get_method
+from peftlab.methods import DEFAULT_ADAPTER, METHODS, MethodConfig, get_method, lora_router
 
 MANIFEST = "peftlab.json"
 FORMAT = "peftlab-module"
@@ -229,11 +229,12 @@ def read_info(folder: str | Path) -> ModuleInfo:
     return ModuleInfo(folder, manifest, shapes)
 
 
-def combine(sources: dict[str, str | Path], method: str = "multilora") -> Module:
+def combine(sources: dict[str, str | Path], method: str | None = None) -> Module:
     """Single-adapter folders (plain peft LoRA folders, peftlab LoRA modules) as the named adapters of one module of
     a routable ``method``, without a model: same base model, same prompt format, configs ``method`` accepts, joined
     by the method's rule (``Method.join``: for MultiLoRA, LoRAs of different targets are zero-padded)."""
-    target = get_method(method)
+    target = get_method(method) if method else lora_router()
+    method = target.name
     if not target.routable:
         raise ModuleError(f"method {method!r} holds one adapter; combine folders into a routable method")
     joining: dict[str, tuple[MethodConfig, dict[str, torch.Tensor]]] = {}
@@ -272,8 +273,12 @@ def joined(adapters: dict[str, tuple[MethodConfig, dict[str, torch.Tensor]]], me
                   {name: state for name, (_, state) in ready.items()})
 
 
-def split(module: Module, method: str = "lora") -> dict[str, Module]:
-    """Each adapter of ``module`` as a module of its own under ``method`` (a MultiLoRA adapter as a plain LoRA)."""
+def split(module: Module) -> dict[str, Module]:
+    """Each adapter of ``module`` (of a routable method) as a module of its own, of the method its adapters are
+    alone (``Method.each_adapter_as``: a MultiLoRA adapter is a plain LoRA)."""
+    method = get_method(module.manifest.method).each_adapter_as
+    if method is None:
+        raise ModuleError(f"a {module.manifest.method} module holds one adapter; there is nothing to split")
     return {name: Module(replace(module.manifest, adapters={DEFAULT_ADAPTER: Adapter(method, adapter.config)}),
                          {DEFAULT_ADAPTER: module.tensors[name]})
             for name, adapter in module.manifest.adapters.items()}

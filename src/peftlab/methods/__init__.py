@@ -33,7 +33,13 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def lora_router() -> Method:
+    """The routable method whose adapters are plain LoRAs: the one module every LoRA can join (a server's shared
+    lane, ``multilora import``)."""
+    return next(m for m in METHODS.values() if m.routable and m.lora_adapters)
+
+
 from peftlab.methods import bitune, lora, multilora, reft, tuners  # noqa: E402,F401  (each registers its methods)
 
 __all__ = ["DEFAULT_ADAPTER", "METHODS", "AdapterMismatchError", "Method", "MethodConfig", "PeftlabModel",
-           "cache_arg", "cache_in", "get_method", "register_method"]
+           "cache_arg", "cache_in", "get_method", "lora_router", "register_method"]

@@ -55,6 +55,7 @@ class Method(ABC):
     supports_packing: ClassVar[bool] = False  # examples may share one row (see data.Collator)
     routable: ClassVar[bool] = False  # one batch may use a different adapter per example
     lora_adapters: ClassVar[bool] = False  # its adapters are plain LoRAs: a server routes them in its shared lane
+    each_adapter_as: ClassVar[str | None] = None  # routable: the single-adapter method each adapter is alone
     peft_type: ClassVar[str | None] = None  # the peft_type of a plain peft folder this method reads ("LORA")
 
     def make_config(self, values: MethodConfig | dict[str, Any] | None, where: str | None = None) -> MethodConfig:

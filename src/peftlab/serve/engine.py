@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peftlab.context import BASE_ADAPTER
 from peftlab.data import PromptFormat
-from peftlab.methods import get_method
+from peftlab.methods import lora_router
 from peftlab.module import Module
 from peftlab.serve.batch import Lane, Row, clone_sharing_weights, sample
 from peftlab.serve.registry import SHARED_LANE, Served, as_shared_lora, now
@@ -146,7 +146,7 @@ class Engine:
                  max_batch: int = 64, max_queue: int = 256) -> None:
         self.base, self.tokenizer, self.base_name = base, tokenizer, base_name
         self.max_batch, self.max_queue = max_batch, max_queue
-        shared = get_method("multilora").attach_many(clone_sharing_weights(base), {})  # a MultiLoraModel
+        shared = lora_router().attach_many(clone_sharing_weights(base), {})  # every LoRA joins this lane
         self.lanes: dict[str, Lane] = {SHARED_LANE: Lane(shared, routable=True)}
         self.served: dict[str, Served] = {base_name: Served(base_name, "base", SHARED_LANE, PromptFormat(),
                                                             created=now())}

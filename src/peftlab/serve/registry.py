@@ -89,7 +89,7 @@ def read_single(folder: str | Path) -> list[tuple[str | None, Module]]:
         return [(None, module)]
     if not get_method(module.manifest.method).routable:
         raise ModuleError(f"{folder}: {len(module.manifest.adapters)} adapters of a {module.manifest.method} module")
-    return list(split(module, "lora").items())
+    return list(split(module).items())
 
 
 def now() -> int:

@@ -239,6 +239,7 @@ class MultiLoraMethod(PeftFolderFiles, Method):
     supports_packing = True
     routable = True
     lora_adapters = True
+    each_adapter_as = "lora"
 
     def join(self, adapters: dict[str, tuple[MethodConfig, dict[str, torch.Tensor]]],
              shapes: dict[str, tuple[int, int]] | None = None) -> dict[str, tuple[MethodConfig, dict]]:
