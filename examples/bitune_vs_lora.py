@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 from common import paired_interval  # examples/common.py
+
+from peftlab.report import over_seeds
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "examples" / "bitune-suite.yaml"
@@ -56,10 +57,6 @@ def evaluate_run(label: str, adapter: Path | None, n: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def spread(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def combine(base: dict, runs: dict[str, list[dict]], seeds: list[int], n: int) -> dict:
     """One model entry per method: mean ± std over training seeds; plus Bitune - LoRA per family."""
     families = list(base["families"])
@@ -67,13 +64,11 @@ def combine(base: dict, runs: dict[str, list[dict]], seeds: list[int], n: int) -
     for method, reports in runs.items():
         fams = {}
         for f in families:
-            per = [r["families"][f]["accuracy"] for r in reports]
-            fams[f] = {"accuracy": statistics.fmean(per), "std": spread(per), "n": n, "per_seed": per,
+            fams[f] = {**over_seeds([r["families"][f]["mean"] for r in reports], seeds), "n": n,
                        "trained": base["families"][f]["trained"]}
         summary = {}
         for group in base["summary"]:
-            per = [r["summary"][group]["accuracy"] for r in reports]
-            summary[group] = {"accuracy": statistics.fmean(per), "std": spread(per),
+            summary[group] = {**over_seeds([r["summary"][group]["mean"] for r in reports], seeds),
                               "families": base["summary"][group]["families"]}
         models.append({"label": f"{METHODS[method]} ({len(reports)} seeds)", "method": method, "families": fams,
                        "summary": summary, "seconds_eval": [r["seconds"] for r in reports]})
@@ -82,7 +77,7 @@ def combine(base: dict, runs: dict[str, list[dict]], seeds: list[int], n: int) -
             **{f"mean ({g})": (lora["summary"][g], bitune["summary"][g]) for g in base["summary"]}}
     difference = {}
     for name, (a, b) in rows.items():
-        diff = b["accuracy"] - a["accuracy"]
+        diff = b["mean"] - a["mean"]
         seed_spread = max(a["std"], b["std"])
         difference[name] = {"bitune_minus_lora": diff, "seed_spread": seed_spread,
                             "exceeds_spread": abs(diff) > seed_spread if len(seeds) > 1 else None}

@@ -19,7 +19,6 @@ resumes. The table goes to examples/results/multilora-families.json (+ .png).
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 from common import LORA, ROOT, evaluate_once, train_once  # examples/common.py
@@ -63,22 +62,22 @@ def main() -> None:
             result = evaluate_once(home / f"eval-{name}-n{args.n}.json", module, families, args.n, args.model,
                                    route_by_family=True)
             runs.setdefault(name, []).append({"seed": seed, "train_seconds": times[name],
-                                              "families": {f: v["accuracy"] for f, v in result["families"].items()},
-                                              "mean": result["summary"]["trained"]["accuracy"]})
+                                              "families": {f: v["mean"] for f, v in result["families"].items()},
+                                              "mean": result["summary"]["trained"]["mean"]})
             print(f"seed {seed} {name:<10} mean {runs[name][-1]['mean']:.3f}  train {times[name]:.0f} s", flush=True)
         write_result(runs, families, args, Path(args.result))  # after every seed: a stopped run keeps its table
 
 
 def write_result(runs: dict, families: list[str], args: argparse.Namespace, out: Path) -> None:
-    from peftlab.report import plot, write_json
+    from peftlab.report import over_seeds, plot, write_json
 
-    def mean_sd(values):
-        return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-    table = {name: {"families": {f: mean_sd([r["families"][f] for r in seeds]) for f in families},
-                    "mean": mean_sd([r["mean"] for r in seeds]),
-                    "train_seconds": mean_sd([r["train_seconds"] for r in seeds]), "seeds": seeds}
-             for name, seeds in runs.items()}
+    table = {}
+    for name, per_seed in runs.items():
+        seeds = [r["seed"] for r in per_seed]
+        table[name] = {"families": {f: over_seeds([r["families"][f] for r in per_seed], seeds) for f in families},
+                       "mean": over_seeds([r["mean"] for r in per_seed], seeds),
+                       "train_seconds": over_seeds([r["train_seconds"] for r in per_seed], seeds),
+                       "seeds": per_seed}
     write_json(out, {"command": "python examples/multilora_families.py " + " ".join(
         f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
         if k in ("seeds", "steps", "n")), "suite": "core", "split": "test", "n": args.n, "steps": args.steps,
@@ -89,7 +88,7 @@ def write_result(runs: dict, families: list[str], args: argparse.Namespace, out:
         for k, (name, entry) in enumerate(table.items()):
             xs = [i + (k - (len(table) - 1) / 2) * width for i in range(len(families))]
             ax.bar(xs, [entry["families"][f]["mean"] for f in families], width,
-                   yerr=[entry["families"][f]["sd"] for f in families], capsize=2,
+                   yerr=[entry["families"][f]["std"] for f in families], capsize=2,
                    label=f"{name} ({entry['train_seconds']['mean']:.0f} s training)")
         ax.set_xticks(range(len(families)), families, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1)

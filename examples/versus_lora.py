@@ -44,7 +44,7 @@ GROUPS = {
 
 
 def accuracy(report: dict, group: str = "all") -> float:
-    return report["summary"][group]["accuracy"]
+    return report["summary"][group]["mean"]
 
 
 def main() -> None:
@@ -105,8 +105,8 @@ def main() -> None:
         best[method] = max(grid, key=lambda lr, m=method: sweep[m][f"{lr:g}"])
 
     base = evaluate_once(runs / f"test-base-n{args.n}.json", None, every, args.n, args.model)
-    results = {"untuned": {"families": {f: v["accuracy"] for f, v in base["families"].items()},
-                           "summary": {g: v["accuracy"] for g, v in base["summary"].items()}}}
+    results = {"untuned": {"families": {f: v["mean"] for f, v in base["families"].items()},
+                           "summary": {g: v["mean"] for g, v in base["summary"].items()}}}
     groups = {"trained": [f for f in every if f in suite.trained],
               "held_out": [f for f in every if f not in suite.trained], "all": every}
     lora_reports: list[dict] = []  # LoRA comes first: each other method is compared with it question by question
@@ -117,8 +117,8 @@ def main() -> None:
             seconds.append(train_once(folder, methods[method], seed=seed, learning_rate=lr, **train))
             reports.append(evaluate_once(folder / f"test-n{args.n}.json", folder / "module", every, args.n,
                                          args.model))
-        per_family = {f: [r["families"][f]["accuracy"] for r in reports] for f in every}
-        per_group = {g: [r["summary"][g]["accuracy"] for r in reports] for g in reports[0]["summary"]}
+        per_family = {f: [r["families"][f]["mean"] for r in reports] for f in every}
+        per_group = {g: [r["summary"][g]["mean"] for r in reports] for g in reports[0]["summary"]}
         results[method] = {
             "learning_rate": lr, "trainable_parameters": json.loads(
                 (folder / "train_log.json").read_text())["parameters"]["trainable_parameters"],

@@ -420,7 +420,7 @@ def test_search_with_the_eval_scorer_records_what_peftlab_eval_measures(tmp_path
     assert [p["numbers"]["lam"] for p in table["points"]] == [0.2, 0.8]
     again = evaluate(load_candidate(str(tmp_path / "best")), get_suite("core"), split="validation", n=3,
                      families=["list_ops"], progress=False)
-    assert again["summary"]["all"]["accuracy"] == table["best"]["score"]
+    assert again["summary"]["all"]["mean"] == table["best"]["score"]
     assert main(["compose", "lam*a", "-m", f"a={loras['a']}", "-o", str(tmp_path / "x"), "--search", "lam=1,2",
                  "--families", "list_ops", "--split", "test"]) == 2
     assert "would leak it" in capsys.readouterr().err

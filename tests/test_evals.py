@@ -218,7 +218,8 @@ def test_eval_on_tiny_model_writes_report(tmp_path, tiny_dir, capsys):
     for fam in model["families"].values():  # each seed's score counts right answers out of 3; the mean of seeds
         assert fam["n"] == 3 and len(fam["per_seed"]) == 2
         assert all(abs(3 * a - round(3 * a)) < 1e-9 for a in fam["per_seed"])
-        assert fam["accuracy"] == pytest.approx(sum(fam["per_seed"]) / 2)
+        assert fam["mean"] == pytest.approx(sum(fam["per_seed"]) / 2) and fam["seeds"] == [0, 1]
+        assert fam["std"] == pytest.approx(abs(fam["per_seed"][0] - fam["per_seed"][1]) / 2 ** 0.5)  # sample std
     assert model["families"]["calendar"]["trained"] is False
     assert model["examples"]["arithmetic"][0]["gold"] and "output" in model["examples"]["arithmetic"][0]
     assert out.with_suffix(".png").stat().st_size > 1000
@@ -248,7 +249,7 @@ def test_eval_compare_uses_each_modules_prompt_format(tmp_path, tiny_dir, monkey
     report = json.loads(out.read_text())
     assert [m["adapter"] for m in report["models"]] == [None, str(module)]
     assert report["models"][0]["model"] == str(tiny_dir)  # the module's base model
-    assert report["models"][1]["families"]["sequence"]["accuracy"] == 1.0  # the spy answered with the gold
+    assert report["models"][1]["families"]["sequence"]["mean"] == 1.0  # the spy answered with the gold
     assert {f.template for f in seen} == {"auto", "plain"}
 
 
@@ -368,6 +369,17 @@ def test_rescore_uses_the_current_scorers(tiny_dir):
         for ex in entry["examples"][fam]:
             ex["output"] = f"The answer is {ex['gold']}."
     rescore(report)
-    assert entry["families"]["calendar"]["accuracy"] == 1.0 and entry["summary"]["all"]["accuracy"] == 1.0
+    assert entry["families"]["calendar"]["mean"] == 1.0 and entry["summary"]["all"]["mean"] == 1.0
     entry["examples"]["sequence"][0]["output"] = "no idea"
-    assert rescore(report)["models"][0]["families"]["sequence"]["accuracy"] == 0.5
+    assert rescore(report)["models"][0]["families"]["sequence"]["mean"] == 0.5
+
+
+def test_over_seeds_is_mean_and_sample_std_and_names_a_mismatch():
+    from peftlab.report import over_seeds
+
+    summary = over_seeds([0.2, 0.4, 0.9], [0, 1, 2])
+    assert summary["mean"] == pytest.approx(0.5) and summary["std"] == pytest.approx(0.3605551)
+    assert summary["seeds"] == [0, 1, 2] and summary["per_seed"] == [0.2, 0.4, 0.9]
+    assert over_seeds([0.7], [3])["std"] == 0.0
+    with pytest.raises(ValueError, match=r"2 values for 3 seeds \[0, 1, 2\]"):
+        over_seeds([0.1, 0.2], [0, 1, 2])

@@ -58,16 +58,12 @@ def emoji_rate(result: dict) -> float:
 
 
 def accuracy(result: dict, family: str) -> float:
-    return result["families"][family]["accuracy"]
+    return result["families"][family]["mean"]
 
 
 def kept(composed: float, alone: float, base: float) -> float | None:
     """The share of a module's gain over the base that a composition keeps (None: the module gained nothing)."""
     return (composed - base) / (alone - base) if alone > base else None
-
-
-def mean_sd(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def records(family: str | list[str], n: int = TRAIN_PER_FAMILY, split: str = "train") -> list[dict]:
@@ -237,14 +233,16 @@ def analogy(seed: int, n: int, model: str) -> dict:
 EXPERIMENTS = {"multitask": multitask, "distribution": distribution, "unlearning": unlearning, "analogy": analogy}
 
 
-def summarise(per_seed: list[dict]) -> dict:
-    """Mean and sd over seeds of every number in the per-seed results (same nesting)."""
+def summarise(per_seed: list[dict], seeds: list[int]) -> dict:
+    """Mean and std over seeds (report.over_seeds) of every number in the per-seed results (same nesting)."""
+    from peftlab.report import over_seeds
+
     first = per_seed[0]
     if isinstance(first, dict):
-        return {k: summarise([s[k] for s in per_seed]) for k in first}
+        return {k: summarise([s[k] for s in per_seed], seeds) for k in first}
     if isinstance(first, list):
-        return [summarise([s[i] for s in per_seed]) for i in range(len(first))]
-    return mean_sd(per_seed) if isinstance(first, (int, float)) else first
+        return [summarise([s[i] for s in per_seed], seeds) for i in range(len(first))]
+    return over_seeds(per_seed, seeds) if isinstance(first, (int, float)) else first
 
 
 def main() -> None:
@@ -267,7 +265,7 @@ def main() -> None:
                 "command": f"python examples/compose/experiments.py {name} --seeds "
                            f"{' '.join(map(str, args.seeds))} --n {args.n}",
                 "seeds_done": args.seeds[: len(per_seed)], "n": args.n, "lora": LORA, "steps": STEPS,
-                "summary": summarise(per_seed), "per_seed": per_seed})
+                "summary": summarise(per_seed, args.seeds[: len(per_seed)]), "per_seed": per_seed})
             print(f"{name} seed {seed}: {per_seed[-1]}", flush=True)
 
 

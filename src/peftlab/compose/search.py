@@ -54,7 +54,7 @@ def eval_scorer(families: list[str], n: int = 50, split: str = "validation", sui
         candidate = load_candidate(None, str(folder)) if is_model else load_candidate(str(folder), model)
         report = run([candidate], get_suite(suite), split=split, n=n, seeds=(seed,), families=families,
                      keep_examples=0, progress=False)
-        return report["models"][0]["summary"]["all"]["accuracy"]
+        return report["models"][0]["summary"]["all"]["mean"]
 
     return score
 

@@ -24,7 +24,7 @@ from peftlab.data import PromptFormat
 from peftlab.evals.suite import Suite, make_split
 from peftlab.evals.tasks import get_family
 from peftlab.generation import generate
-from peftlab.report import plot, portable_path, write_json
+from peftlab.report import over_seeds, plot, portable_path, write_json
 
 
 @dataclass
@@ -83,10 +83,6 @@ def endpoint_candidate(url: str, model: str | None = None, api_key: str | None =
                      route_by_family, fallback_adapter)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def evaluate(candidate: Candidate, suite: Suite, split: str = "test", n: int = 100, seeds: Sequence[int] = (0,),
              batch_size: int = 16, families: Sequence[str] | None = None, keep_examples: int = 5,
              progress: bool = True) -> dict[str, Any]:
@@ -127,16 +123,13 @@ def evaluate(candidate: Candidate, suite: Suite, split: str = "test", n: int = 1
     bar.close()
     result_families = {}
     for f in families:
-        mean, std = _mean_std(per_seed[f])
-        result_families[f] = {"accuracy": mean, "std": std, "n": n, "per_seed": per_seed[f],
-                              "trained": f in suite.trained}
+        result_families[f] = {**over_seeds(per_seed[f], seeds), "n": n, "trained": f in suite.trained}
     summary = {}
     for group, members in (("all", families), ("trained", [f for f in families if f in suite.trained]),
                            ("held_out", [f for f in families if f in suite.held_out])):
         if members:  # macro average over families, per seed, then mean ± std over seeds
             per = [statistics.fmean(per_seed[f][s] for f in members) for s in range(len(seeds))]
-            mean, std = _mean_std(per)
-            summary[group] = {"accuracy": mean, "std": std, "families": len(members)}
+            summary[group] = {**over_seeds(per, seeds), "families": len(members)}
     routed = {"adapters": routes} if candidate.route_by_family else {}
     return {"label": candidate.label, **candidate.info, **routed, "prompt_format": vars(candidate.prompt_format),
             "families": result_families, "summary": summary, "seconds": round(time.perf_counter() - start, 1),
@@ -159,7 +152,7 @@ def run(candidates: Sequence[Candidate] | Sequence[Any], suite: Suite, split: st
 
 
 def _cell(fam: dict[str, Any], seeds: int) -> str:
-    return f"{fam['accuracy']:.3f} ± {fam['std']:.3f}" if seeds > 1 else f"{fam['accuracy']:.3f}"
+    return f"{fam['mean']:.3f} ± {fam['std']:.3f}" if seeds > 1 else f"{fam['mean']:.3f}"
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -203,7 +196,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     with plot(path, "", "accuracy", title, figsize=(max(7.0, 0.9 * len(families) + 2), 4.2)) as ax:
         for k, m in enumerate(models):
             xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(families))]
-            ys = [m["families"][f]["accuracy"] for f in families]
+            ys = [m["families"][f]["mean"] for f in families]
             errs = [m["families"][f]["std"] for f in families]
             ax.bar(xs, ys, width, yerr=errs if seeds > 1 else None, capsize=2, label=m["label"])
         labels = [f + ("" if models[0]["families"][f]["trained"] else "\n(held out)") for f in families]
@@ -235,13 +228,12 @@ def rescore(report: dict[str, Any]) -> dict[str, Any]:
                 if inst.prompt != ex["prompt"]:
                     raise ValueError(f"{fam_name}: the instances drawn again differ from the report's")
                 ex["correct"] = bool(fam.score(ex["output"], inst))
-            acc = sum(ex["correct"] for ex in kept) / n
-            entry.update(accuracy=acc, std=0.0, per_seed=[acc])
+            entry.update(over_seeds([sum(ex["correct"] for ex in kept) / n], [seed]))
         for group, members in (("all", list(model["families"])),
                                ("trained", [f for f in model["families"] if f in suite.trained]),
                                ("held_out", [f for f in model["families"] if f in suite.held_out])):
             if members:
-                model["summary"][group] = {"accuracy": statistics.fmean(model["families"][f]["accuracy"]
-                                                                         for f in members),
-                                           "std": 0.0, "families": len(members)}
+                model["summary"][group] = {**over_seeds([statistics.fmean(model["families"][f]["mean"]
+                                                                           for f in members)], [seed]),
+                                           "families": len(members)}
     return report
