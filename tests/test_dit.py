@@ -213,3 +213,32 @@ def test_explain_refuses_other_methods_and_other_bases(tmp_path, tiny_dir):
     with pytest.raises(ModuleError, match="trained on 'another-model'"):
         explain([tmp_path / "other"], dit)
     assert main(["explain", str(tmp_path / "ia3"), "--dit", str(dit)]) == 2
+
+
+def test_dit_trains_through_train_moving_only_the_shared_adapter(tmp_path, tiny_dir, monkeypatch):
+    """train_dit prepares the model (diffs frozen in the routed slots, the DIT adapter shared) and hands it to
+    training.train: after training, every diff's tensors are what they were and the DIT adapter moved."""
+    import peftlab.training
+    from peftlab.recipes.dit import Diffs, DitConfig, train_dit
+
+    data, diffs = tmp_path / "data", tmp_path / "diffs"
+    model = ["--model", str(tiny_dir)]
+    assert main(["dit", "gen", "-o", str(data), "--topics", "6", "--questions-per-topic", "3", *model]) == 0
+    assert main(["dit", "diffs", str(data), "-o", str(diffs), "--group", "4", "--epochs", "2", *model]) == 0
+    real_train, seen = peftlab.training.train, {}
+
+    def spy(config, model, **kwargs):
+        names = list(model.adapters)
+        seen["before"] = {n: {k: v.clone() for k, v in model.adapter_state_dict(n).items()} for n in [*names, "dit"]}
+        result = real_train(config, model, **kwargs)
+        seen["after"] = {n: model.adapter_state_dict(n) for n in [*names, "dit"]}
+        return result
+
+    monkeypatch.setattr(peftlab.training, "train", spy)
+    out = train_dit(Diffs.open(diffs), tmp_path / "dit", DitConfig(steps=4, batch_size=2, learning_rate=1e-2))
+    before, after = seen["before"], seen["after"]
+    assert len(before) > 2
+    for name in before:
+        moved = any(not torch.equal(before[name][k], after[name][k]) for k in before[name])
+        assert moved == (name == "dit"), name
+    assert json.loads((out / "train_log.json").read_text())["metrics"]["train_runtime"] > 0

@@ -213,19 +213,22 @@ class _Trainer(Trainer):
         restore(model or self.model, resume_from_checkpoint)
 
 
-def train(config: TrainConfig, model: PreTrainedModel | None = None,
+def train(config: TrainConfig, model: PreTrainedModel | PeftlabModel | None = None,
           tokenizer: PreTrainedTokenizerBase | None = None, train_data: list[dict | Record] | None = None,
           eval_data: list[dict | Record] | None = None,
-          callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+          callbacks: list[TrainerCallback] | None = None, save_module: bool = True) -> TrainResult:
     """Train ``config.method`` on the data with Trainer, save the module atomically, and return it.
 
     ``model``/``tokenizer`` and ``train_data``/``eval_data`` override what the config names, for use from Python;
-    ``callbacks`` go to Trainer (e.g. to evaluate generations during training).
+    ``callbacks`` go to Trainer (e.g. to evaluate generations during training). ``model`` may be prepared: a model
+    of ``config.method`` whose parts that require grad are what trains (DIT: a shared adapter over frozen routed
+    diffs); records then name adapters it already holds, and batches are drawn at random. ``save_module=False``
+    leaves saving to the caller (the training log is written either way).
     """
     method = get_method(config.method["name"])
     settings = {k: v for k, v in config.method.items() if k != "name"}
     method_config = method.make_config(settings, where=f"method ({method.name})")
-    if config.module_dir.exists() and not config.overwrite:
+    if save_module and config.module_dir.exists() and not config.overwrite:
         raise FileExistsError(f"{config.module_dir} already exists; set overwrite: true (--set overwrite=true) "
                               f"or choose another output")
     args_dict = {**TRAINING_DEFAULTS, **config.training}
@@ -247,6 +250,13 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     eval_source = eval_data if eval_data is not None else config.data.eval
     eval_records = load_records(eval_source) if eval_source is not None else None
     adapter_names = _adapter_names(train_records, method)
+    prepared = isinstance(model, PeftlabModel)
+    if prepared:
+        missing = sorted(set(adapter_names) - set(model.adapters) - {DEFAULT_ADAPTER})
+        if model.method is not method or missing:
+            raise ConfigError(f"the prepared model is a {model.method.name} model with adapters "
+                              f"{sorted(model.adapters)[:5]}; the run names method {method.name!r}"
+                              f"{f' and adapters {missing[:5]} it lacks' if missing else ''}")
     if model is None:
         model, tokenizer = load_model(config.model, dtype=config.dtype)
     elif tokenizer is None:
@@ -256,7 +266,7 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     eval_features = encode(eval_records, tokenizer, fmt, config.data.max_length)[0] if eval_records else None
 
     set_seed(args.seed)  # the method's fresh weights are drawn here, before Trainer seeds again
-    wrapped = method.attach_many(model, dict.fromkeys(adapter_names, method_config))
+    wrapped = model if prepared else method.attach_many(model, dict.fromkeys(adapter_names, method_config))
     wrapped.prompt_format = fmt  # before training: every checkpoint's manifest records how its prompts looked
     params = parameter_report(wrapped)
     log.info("%s: %s trainable parameters (%.4f%% of %s)", method.name, f"{params['trainable_parameters']:,}",
@@ -266,11 +276,12 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
         raise ConfigError(f"data.pack: method {method.name!r} needs one example per row; set pack: false")
     collator = Collator(tokenizer.pad_token_id, pack=pack)
     sampler = None
-    if method.routable:  # every adapter in every batch: each steps as it would alone (see data.AdapterBatches)
+    routed_training = method.routable and not prepared  # each named adapter trains
+    if routed_training:  # every adapter in every batch: each steps as it would alone (see data.AdapterBatches)
         adapters = [f["adapter"] for f in train_features]
         args.per_device_train_batch_size = config.data.rows_per_adapter * len(set(adapters))
         sampler = AdapterBatches(adapters, config.data.rows_per_adapter, args.seed)
-    loss = config.data.loss or ("adapter" if method.routable else "token")
+    loss = config.data.loss or ("adapter" if routed_training else "token")
     if loss == "adapter" and not method.routable:
         raise ConfigError(f"data.loss: 'adapter' averages per adapter; method {method.name!r} trains one adapter")
     trainer = _Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
@@ -284,7 +295,8 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None,
     wrapped.eval()
     history = trainer.state.log_history
     if trainer.is_world_process_zero():  # under torchrun every process holds the same module: one writes it
-        save(wrapped, config.module_dir, overwrite=config.overwrite)
+        if save_module:
+            save(wrapped, config.module_dir, overwrite=config.overwrite)
         write_training_report(Path(args.output_dir), history, output.metrics, stats, params)
     return TrainResult(wrapped, config.module_dir, output.metrics, stats, history, params)
 

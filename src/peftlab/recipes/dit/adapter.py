@@ -50,14 +50,15 @@ def attach_diffs(diffs, adapters: list[str], model) -> MultiLoraModel:
 
 def train_dit(diffs, out: str | Path, config: DitConfig, model=None, tokenizer=None,
               overwrite: bool = False) -> Path:
-    """Train the DIT adapter on the training split of ``diffs`` (a ``Diffs``); save it to ``out``."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    """Train the DIT adapter on the training split of ``diffs`` (a ``Diffs``) through ``training.train`` (a
+    prepared model: the diffs frozen in the routed slots, the DIT adapter in the shared one); save it to ``out``
+    with ``dit.json`` and the training log."""
+    from transformers import set_seed
 
-    from peftlab.data import Collator, encode, load_records
     from peftlab.io import atomic_dir
     from peftlab.models import load_model
     from peftlab.module import write_into
-    from peftlab.training import TRAINING_DEFAULTS
+    from peftlab.training import DataConfig, TrainConfig, train
 
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another output or pass overwrite")
@@ -72,25 +73,29 @@ def train_dit(diffs, out: str | Path, config: DitConfig, model=None, tokenizer=N
     wrapped = attach_diffs(diffs, [t["adapter"] for t in topics], model)
     wrapped.add_shared_adapter(SHARED, MultiLoraConfig(r=config.rank, alpha=config.alpha,
                                                        target_modules=config.target_modules))
-    features, _ = encode(load_records(_records(topics, config.question)), tokenizer, PROMPT_FORMAT)
-    scratch = Path(out).parent / f".{Path(out).name}.run"  # Trainer's output_dir: nothing is kept there
-    args = TrainingArguments(**{**TRAINING_DEFAULTS, "output_dir": str(scratch),
-                                "max_steps": config.steps, "per_device_train_batch_size": config.batch_size,
+    scratch = Path(out).parent / f".{Path(out).name}.run"  # Trainer's output_dir: only its log is kept
+    run = TrainConfig(model=wrapped.causal_lm.config.name_or_path, method={"name": "multilora"},
+                      data=DataConfig(template=PROMPT_FORMAT.template, system_prompt=PROMPT_FORMAT.system_prompt,
+                                      pack=False),
+                      training={"output_dir": str(scratch), "max_steps": config.steps,
+                                "per_device_train_batch_size": config.batch_size,
                                 "learning_rate": config.learning_rate, "lr_scheduler_type": "constant",
-                                "seed": config.seed, "logging_steps": 10})
-    trainer = Trainer(model=wrapped.train(), args=args, train_dataset=features,
-                      data_collator=Collator(tokenizer.pad_token_id))
-    output = trainer.train()
-    shutil.rmtree(scratch, ignore_errors=True)
+                                "seed": config.seed, "logging_steps": 10, "save_strategy": "no"})
+    result = train(run, model=wrapped.train(), tokenizer=tokenizer,
+                   train_data=_records(topics, config.question), save_module=False)
     shared = wrapped.shared[SHARED]
     manifest = Manifest({"default": Adapter("lora", shared.to_dict())}, wrapped.causal_lm.config.name_or_path,
                         PROMPT_FORMAT)
     info = {"question": config.question, "config": asdict(config), "diffs": str(diffs.folder),
-            "trained_topics": len(topics), "train_runtime_s": output.metrics["train_runtime"],
-            "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+            "trained_topics": len(topics), "train_runtime_s": result.metrics["train_runtime"],
+            "loss": [h["loss"] for h in result.log_history if "loss" in h]}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_into(tmp, manifest, {"default": wrapped.adapter_state_dict(SHARED)})
         (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+        for log in ("train_log.json", "loss.png"):
+            if (scratch / log).exists():
+                shutil.copy(scratch / log, tmp / log)
+    shutil.rmtree(scratch, ignore_errors=True)
     wrapped.unload()
     return Path(out)
 
