@@ -41,6 +41,8 @@ def _records(method: str, pairs: list[dict]) -> list[dict]:
 
 def _train(case: str, precision: str, tiny_dir, tmp_path, pairs, steps: int = 4) -> tuple:
     method, settings = CASES[case]
+    if "total_step" in settings:  # a setting that names the run's length (AdaLoRA's schedule) follows the run
+        settings = {**settings, "total_step": steps}
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _records(method, pairs)))
     config = tmp_path / "config.yaml"

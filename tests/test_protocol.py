@@ -20,7 +20,8 @@ V1_METHODS = sorted(p.name for p in V1.iterdir() if (p / "peftlab.json").exists(
 REFT = {"layers": "all", "rank": 2, "positions": "f1+l1", "share_weights": False}
 SETTINGS = {"lora": {"r": 2}, "ia3": {}, "bitune": {"adapter": {"name": "lora", "r": 2}}, "multilora": {"r": 2},
             **dict.fromkeys(("loreft", "noreft", "direft", "direft_orth", "consreft", "lobireft"), REFT),
-            "loha": {"r": 2}, "lokr": {"r": 2}, "vera": {"r": 8}, "oft": {"block_size": 16}}
+            "loha": {"r": 2}, "lokr": {"r": 2}, "vera": {"r": 8}, "oft": {"block_size": 16},
+            "adalora": {"init_r": 4, "target_r": 2, "total_step": 3}}  # total_step: the runs here take 3 steps
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3], [0, 0, 11, 23, 60, 8]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
 PROMPTS = torch.tensor([4, 3])
@@ -153,7 +154,7 @@ def test_capability_flags():
     assert flags["loreft"] == (False, None, True, False, False)
     assert flags["bitune"] == (False, None, False, False, False)
     assert flags["multilora"] == (False, None, True, True, True)
-    assert all(flags[name] == (True, None, True, False, False) for name in ("loha", "lokr", "vera", "oft"))
+    assert all(flags[name] == (True, None, True, False, False) for name in ("loha", "lokr", "vera", "oft", "adalora"))
 
 
 def test_load_is_attach_then_load_adapter_state_dict(tmp_path):

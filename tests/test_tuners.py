@@ -1,5 +1,5 @@
-"""LoHa, LoKr, VeRA and OFT (methods/tuners): trained with peftlab, read back by plain peft and transformers with the
-same logits, merged with the same logits, and refused where their tensors do not add up."""
+"""LoHa, LoKr, VeRA, OFT and AdaLoRA (methods/tuners): trained with peftlab, read back by plain peft and transformers
+with the same logits, merged with the same logits, and refused where their tensors do not add up."""
 
 import peft
 import pytest
@@ -13,8 +13,9 @@ from peftlab.compose import ComposeError, compose
 from peftlab.methods import get_method
 
 INPUT = torch.tensor([[5, 17, 99, 3, 200, 42, 7, 8]])
-TUNERS = {"loha": {"r": 4}, "lokr": {"r": 4}, "vera": {"r": 16}, "oft": {"block_size": 16}}
-PEFT_TYPES = {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA", "oft": "OFT"}
+ADALORA = {"init_r": 4, "target_r": 2, "total_step": 12, "tinit": 2, "tfinal": 2}
+TUNERS = {"loha": {"r": 4}, "lokr": {"r": 4}, "vera": {"r": 16}, "oft": {"block_size": 16}, "adalora": ADALORA}
+PEFT_TYPES = {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA", "oft": "OFT", "adalora": "ADALORA"}
 LEARNING_RATES = {"vera": 1e-1}  # VeRA trains two scaling vectors per layer: at 2e-2 it barely moves in 12 steps
 
 
@@ -50,9 +51,14 @@ def test_a_trained_tuner_loads_in_plain_peft_and_merges_with_equal_logits(name, 
 
     info = read_info(result.module_dir)
     assert info.method == name and info.base_model == str(tiny_dir)
-    assert info.config == get_method(name).make_config(TUNERS[name]).to_dict()
+    settings = get_method(name).make_config(TUNERS[name]).to_dict()
+    assert info.config == {**settings, **{k: v for k, v in info.config.items() if k == "rank_pattern"}}  # AdaLoRA
+    # adds the ranks it kept
     reloaded = load(result.module_dir, load_model(str(tiny_dir))[0])
-    assert torch.equal(_logits(reloaded), ours)  # the same tensors read back, the same forward
+    if name == "adalora":  # read back, each layer is cut to the ranks it kept: another computation, same values
+        assert_close(_logits(reloaded), ours, "adalora: reloaded (ranks cut) vs trained (ranks masked)")
+    else:
+        assert torch.equal(_logits(reloaded), ours)  # the same tensors read back, the same forward
 
     merged = AutoModelForCausalLM.from_pretrained(merge(result.module_dir, tmp_path / "merged"))
     assert {n for n, _ in merged.named_parameters()} == \
@@ -118,3 +124,23 @@ def test_a_plain_peft_folder_of_a_tuner_reads_as_that_method(name, tmp_path):
     with torch.no_grad():
         assert_close(load(tmp_path / "p", tiny_model()[0])(input_ids=INPUT).logits,
                      theirs.eval()(input_ids=INPUT).logits, f"{name}: peftlab vs peft on peft's own folder")
+
+
+def test_adalora_reallocates_its_ranks_in_training_and_a_loaded_adapter_keeps_them(tiny_dir, tmp_path, pairs):
+    """The rank schedule runs as a Trainer callback: by the end each layer keeps some of its init_r ranks, target_r
+    on average; the kept ranks are saved in the config, and peft reads the folder back with the same logits."""
+    result = _train(tiny_dir, tmp_path, pairs, "adalora", steps=12)
+    kept = read_info(result.module_dir).config["rank_pattern"]
+    assert kept and all(len(mask) == ADALORA["init_r"] for mask in kept.values())
+    total = sum(sum(mask) for mask in kept.values())
+    assert total == ADALORA["target_r"] * len(kept)  # the budget: target_r per layer on average
+    assert len({sum(mask) for mask in kept.values()}) > 1  # spent unevenly: reallocated, not cut evenly
+    plain = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), result.module_dir).eval()
+    assert_close(_logits(plain), _logits(result.model), "adalora: plain peft vs peftlab after reallocation")
+
+
+def test_adalora_refuses_a_run_of_another_length(tiny_dir, tmp_path, pairs):
+    with pytest.raises(ValueError, match="total_step is 12 but this run takes 5 optimizer steps"):
+        _train(tiny_dir, tmp_path, pairs, "adalora", steps=5)
+    with pytest.raises(ValueError, match=r"total_step must be the run's number of optimizer steps"):
+        get_method("adalora").make_config({})

@@ -286,7 +286,7 @@ def train(config: TrainConfig, model: PreTrainedModel | PeftlabModel | None = No
         raise ConfigError(f"data.loss: 'adapter' averages per adapter; method {method.name!r} trains one adapter")
     trainer = _Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
                        data_collator=collator, processing_class=tokenizer, loss=loss, sampler=sampler,
-                       callbacks=callbacks)
+                       callbacks=[*(callbacks or []), *wrapped.training_callbacks()])
     use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache is only waste in training
     try:
         output = trainer.train(resume_from_checkpoint=resume)

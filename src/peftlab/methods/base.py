@@ -222,6 +222,10 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
         """Scale the gradients down to a norm of at most ``max_norm``; return the norm they had."""
         return nn.utils.clip_grad_norm_([p for p in self.parameters() if p.requires_grad], max_norm)
 
+    def training_callbacks(self) -> list[Any]:
+        """Trainer callbacks the method needs while it trains (AdaLoRA: its rank schedule after each step)."""
+        return []
+
     # --- calls -------------------------------------------------------------------------------------------------
     def bind(self, kwargs: dict[str, Any]) -> None:
         """Take the per-example fields out of a call's arguments and make them this call's context."""

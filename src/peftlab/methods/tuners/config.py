@@ -137,3 +137,44 @@ class OFTConfig(PeftTunerConfig):
                              f"r={self.r}, block_size={self.block_size}")
         if not isinstance(self.block_size, int) or self.block_size < 0:
             raise ValueError(f"block_size must be a non-negative integer, got {self.block_size!r}")
+
+
+@dataclass
+class AdaLoraConfig(PeftTunerConfig):
+    """AdaLoRA: LoRA in SVD form, ΔW = P·diag(λ)·Q, whose rank budget moves to the layers that need it (Zhang et al.
+    2023). Every layer starts at ``init_r``; from step ``tinit`` until ``tfinal`` steps before the end, every
+    ``delta_t`` steps, the least important singular values are masked (importance: |λ·∇λ| smoothed by ``beta1``
+    and ``beta2``) until ``target_r`` per layer remain on average. ``orth_reg_weight`` adds the penalty that keeps P
+    and Q orthogonal to the loss. ``total_step`` must be the run's number of optimizer steps
+    (``training.max_steps``). ``rank_pattern`` is what training kept, per layer; it is written when training ends
+    and saved with the adapter, so a loaded adapter has the ranks it was trained down to.
+    """
+
+    PEFT_CLASS = peft.AdaLoraConfig
+    PEFT_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "delta_t": "deltaT"}
+
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    alpha: float = 8
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = "all-linear"
+    rank_pattern: dict[str, list[bool]] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.total_step, int) or self.total_step < 1:
+            raise ValueError(f"total_step must be the run's number of optimizer steps (training.max_steps), got "
+                             f"{self.total_step!r}: AdaLoRA's rank schedule is laid out over it")
+        if not 1 <= self.target_r <= self.init_r:
+            raise ValueError(f"target_r must be in [1, init_r={self.init_r}], got {self.target_r}")
+        if self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(f"tinit={self.tinit} and tfinal={self.tfinal} leave no steps of total_step="
+                             f"{self.total_step} to reallocate ranks in")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
