@@ -6,7 +6,8 @@ Two groups:
   The ReFT settings follow the paper's instruction-tuning run (Llama-2 7B: layers 3, 9, 18, 24 of 32, rank 4, the
   first and last five prompt positions, one intervention for each): here layers 3, 8, 17, 23 of the default
   model's 30, rank 4, f5+l5, untied.
-- ``tuners``: peft's LoHa, LoKr, VeRA and OFT at their configs' defaults, the table a user reads to choose a tuner.
+- ``tuners``: peft's LoHa, LoKr, VeRA and OFT at their configs' defaults, and AdaLoRA from rank 12 down to LoRA's
+  8 on average: the table a user reads to choose a tuner.
 LoRA is r 8 on every linear layer (examples/common.py).
 
     python examples/versus_lora.py reft                          # the whole experiment (hours on 2 CPU cores)
@@ -39,7 +40,10 @@ GROUPS = {
                "loha": ({"name": "loha"}, [2e-3, 5e-3]),   # LyCORIS's usual LoRA-like range
                "lokr": ({"name": "lokr"}, [2e-3, 5e-3]),
                "vera": ({"name": "vera"}, [1e-2, 3e-2]),   # VeRA's paper: 10x LoRA's rate and more
-               "oft": ({"name": "oft"}, [5e-4, 2e-3])},     # a rotation: peft's examples use LoRA's rate or less
+               "oft": ({"name": "oft"}, [5e-4, 2e-3]),      # a rotation: peft's examples use LoRA's rate or less
+               # AdaLoRA: from init_r 12 down to 8 on average (LoRA's r) between steps 6 and 48 of 60
+               "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "tinit": 6, "tfinal": 12,
+                            "total_step": 60}, [2e-3, 5e-3])},
 }
 
 
@@ -68,6 +72,9 @@ def main() -> None:
                         help="fix a method's learning rate instead of sweeping it, e.g. lora=2e-3")
     args = parser.parse_args()
     methods = {name: settings for name, (settings, _) in GROUPS[args.group].items()}
+    for settings in methods.values():  # a setting that names the run's length (AdaLoRA's schedule) follows it
+        if "total_step" in settings:
+            settings["total_step"] = args.steps
     args.methods = args.methods or list(methods)
     args.runs = args.runs or str(ROOT / "runs" / f"{args.group}-vs-lora")
     args.result = args.result or str(ROOT / "examples" / "results" / f"{args.group}-vs-lora.json")
