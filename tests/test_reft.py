@@ -252,7 +252,7 @@ def test_save_load_restores_every_setting(tmp_path):
     with torch.no_grad():
         # no rotation to re-orthonormalise: the same tensors read back, the same forward
         assert torch.equal(restored(input_ids=ids).logits, wrapped(input_ids=ids).logits)
-    with pytest.raises(NotImplementedError, match="cannot be folded"):
+    with pytest.raises(NotImplementedError, match="cannot be folded into the base weights: an intervention edits"):
         from peftlab.adapters import merge
         merge(tmp_path / "m", tmp_path / "merged", base_model="unused")
 

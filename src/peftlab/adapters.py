@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,27 +139,36 @@ def load_for_inference(adapter: str | Path | None = None, model: str | None = No
     return Loaded(load_module(module, base, where=where), tokenizer, module.manifest.prompt_format, name, info)
 
 
-def merge(folder: str | Path, out: str | Path, base_model: str | None = None, overwrite: bool = False,
-          extra_files: dict[str, str] | None = None, dtype: str = "float32", device: str | None = None) -> Path:
-    """Fold a module into its base weights and save a full model folder (with tokenizer, and ``extra_files``:
-    name -> text) atomically."""
+def merged_model(folder: str | Path, base_model: str | None = None, dtype: str = "float32",
+                 device: str | None = None) -> Loaded:
+    """A module folded into its base weights: a plain transformers model (``Loaded.model``) with the tokenizer. The
+    one merge path (``peftlab merge``, compose's merged export, GGUF export)."""
     method = get_method(read_info(folder).method)
     if not method.mergeable:
-        raise NotImplementedError(f"{folder}: method {method.name!r} cannot be folded into the base weights "
-                                  f"(it is not a weight update); serve it with its base model instead")
+        raise NotImplementedError(f"{folder}: a {method.name} module cannot be folded into the base weights: "
+                                  f"{method.not_mergeable_because}")
     loaded = load_for_inference(folder, base_model, dtype, device)
     merged = loaded.model.merge_and_unload()
     for key, weight in merged.state_dict().items():  # W + ΔW in the model's own dtype (float16 overflows first)
         if weight.is_floating_point() and not bool(weight.isfinite().all()):
             raise ModuleError(f"{folder}: merged into the base, {key} is not finite in {weight.dtype} (inf or NaN); "
                               f"nothing was written")
+    return replace(loaded, model=merged)
+
+
+def merge(folder: str | Path, out: str | Path, base_model: str | None = None, overwrite: bool = False,
+          extra_files: dict[str, str] | None = None, dtype: str = "float32", device: str | None = None) -> Path:
+    """Fold a module into its base weights and save a full model folder (with tokenizer, and ``extra_files``:
+    name -> text) atomically."""
+    merged = merged_model(folder, base_model, dtype, device)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        merged.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
+        merged.model.save_pretrained(tmp)
+        merged.tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out)
 
 
 __all__ = ["Loaded", "ModuleError", "attach", "base_name", "load", "load_for_inference", "load_module", "merge",
+           "merged_model",
            "parameter_report", "restore", "save", "save_into"]

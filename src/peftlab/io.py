@@ -1,4 +1,4 @@
-"""Atomic folder writes: a save is built in a hidden sibling folder and renamed into place only when complete."""
+"""Atomic writes: a folder or file is built as a hidden sibling and renamed into place only when complete."""
 
 from __future__ import annotations
 
@@ -59,20 +59,30 @@ def is_incomplete(folder: str | Path) -> bool:
     return (folder / INCOMPLETE_MARKER).exists() or folder.name.endswith(".incomplete")
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write to a temporary sibling and rename: a reader (or a crash) never leaves half a file."""
+@contextmanager
+def atomic_file(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on success it is renamed onto ``path``, on failure removed,
+    so a reader (or a crash) never leaves half a file."""
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".incomplete", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the written file should not be
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` into ``path`` atomically (``atomic_file``)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_jsonl(records: list[dict], path: str | Path) -> Path:

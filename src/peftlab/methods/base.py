@@ -48,6 +48,7 @@ class Method(ABC):
     name: str
     config_class: ClassVar[type[MethodConfig]]
     mergeable: ClassVar[bool] = False  # its trained parts fold into the base weights (``peftlab merge``)
+    not_mergeable_because: ClassVar[str] = "its trained parts are not a weight update"
     # the algebra module arithmetic applies to its tensors: "low_rank" (factor pairs B·A whose products add) or
     # "scaling" (vectors l that multiply activations: 1 + Σcᵢ(lᵢ − 1)); None: no arithmetic is defined
     composable: ClassVar[str | None] = None

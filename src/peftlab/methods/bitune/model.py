@@ -297,6 +297,9 @@ class BituneMethod(Method):
     name = "bitune"
     config_class = BituneConfig
     model_class = BituneModel
+    not_mergeable_because = ("it reads the prompt twice, causally and bidirectionally with two LoRAs, and mixes the "
+                             "two passes' keys and values with learned coefficients: no single set of weights does "
+                             "that in one causal pass")
     not_composable_because = ("its two LoRAs feed two passes whose keys and values are mixed by learned "
                               "coefficients, so its parameters do not add up to a weight update")
 

@@ -234,6 +234,8 @@ class MultiLoraMethod(PeftFolderFiles, Method):
     name = "multilora"
     config_class = MultiLoraConfig
     model_class = MultiLoraModel
+    not_mergeable_because = ("it holds many adapters, one per example: export one (peftlab multilora export) and "
+                             "merge that")
     not_composable_because = ("it holds many adapters: export them (peftlab multilora export) and compose the LoRA "
                               "folders")
     supports_packing = True

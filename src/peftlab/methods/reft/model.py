@@ -236,6 +236,8 @@ class ReftMethod(Method):
     config_class = ReftConfig
     model_class = ReftModel
     supports_packing = True  # positions are found per example inside a packed row (see prompt_spans)
+    not_mergeable_because = ("an intervention edits hidden states at chosen positions of the prompt (h + Rᵀ(Wh + b − "
+                             "Rh)), not the weights: the same weights at every position cannot do it")
     not_composable_because = ("an intervention edits hidden states through its learned projection R, which enters "
                               "nonlinearly (h + Rᵀ(Wh + b − Rh)): a sum of interventions' parameters is not a sum of "
                               "their effects, and applying two in turn depends on their order")
