@@ -342,20 +342,22 @@ def _command_modules() -> list[str]:
 
     found = [f"{package.__name__}.{m.name}.cli" for package in (peftlab.methods, peftlab.recipes)
              for m in pkgutil.iter_modules(package.__path__) if m.ispkg]
-    return ["peftlab.compose.cli", "peftlab.serve.cli", *(c for c in found if importlib.util.find_spec(c))]
+    return ["peftlab.compose.cli", "peftlab.serve.cli", "peftlab.export.cli",
+            *(c for c in found if importlib.util.find_spec(c))]
 
 
 def main(argv: list[str] | None = None) -> int:
     from peftlab.compose import ComposeError, ExpressionError
     from peftlab.config import ConfigError
     from peftlab.data import DataError
+    from peftlab.export.gguf import ExportError
     from peftlab.methods import AdapterMismatchError
     from peftlab.module import ModuleError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModuleError, AdapterMismatchError, ComposeError, ExpressionError,
+    except (ConfigError, DataError, ModuleError, AdapterMismatchError, ComposeError, ExpressionError, ExportError,
             FileExistsError, NotImplementedError) as e:
         print(f"peftlab {args.command}: error: {e}", file=sys.stderr)
         return 2

