@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per answer (default: 32)")
     parser.add_argument("--out", default=str(ROOT / "examples" / "results" / "gguf-agreement.json"))
     args = parser.parse_args()
-    import gguf
+    from importlib.metadata import version
+
     import llama_cpp
     import torch
     import transformers
@@ -124,7 +125,7 @@ def main() -> None:
                           "llama_cpp_side": "greedy (top_k 1), n_threads 2",
                           "tokenizer_same_ids_of": len(prompts), "results": results,
                           "versions": {"peftlab": __version__, "llama_cpp_python": llama_cpp.__version__,
-                                       "gguf": gguf.__version__ if hasattr(gguf, "__version__") else None,
+                                       "gguf": version("gguf"),
                                        "torch": torch.__version__, "transformers": transformers.__version__}})
     print(f"tokenizer: llama.cpp gives the same ids for {results['tokenizer_same_ids']}/{len(prompts)} prompts; "
           f"wrote {args.out}")

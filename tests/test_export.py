@@ -129,3 +129,43 @@ def test_what_cannot_be_exported_is_refused_with_the_reason(tmp_path, capsys):
     out.write_text("keep me")
     assert main(["export", "gguf", str(module), "-o", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_text() == "keep me"
+
+
+def test_llama_cpp_runs_the_export_with_the_same_tokens(tmp_path):
+    """llama.cpp's own runtime (where llama-cpp-python is installed: pip install 'peftlab[llama]') loads the merged
+    file, tokenises text with its special tokens as transformers does, and answers greedily with the same tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    # llama.cpp wants a BPE with merges: the tiny byte-level vocabulary plus one merge, "a" + "b"
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["ab"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    from peftlab.export.gguf import write_model
+
+    write_model(model, tokenizer, tmp_path / "m.gguf", kind="f32")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, n_threads=2, verbose=False)
+    try:
+        text = "abc<|im_start|>ab<|im_end|>"
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text)["input_ids"]
+        for ids in ([5, 17, 99, 3, 200, 42, 7], [40, 41, 42]):
+            ours = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+            theirs = []
+            for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+                theirs.append(int(token))
+                if len(theirs) == len(ours):
+                    break
+            assert theirs == ours
+    finally:
+        llm.close()
