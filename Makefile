@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 $(BIN)/peftlab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,evals,serve]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,evals,serve,quantize]"
 	touch $@
 
 install: $(BIN)/peftlab

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from peftlab.module import (
     write,
     write_into,
 )
+from peftlab.quantize import dequantized, quantization_of
+
+log = logging.getLogger(__name__)
 
 
 def attach(model: nn.Module, method: str, config: MethodConfig | dict | None = None,
@@ -38,7 +42,8 @@ def attach(model: nn.Module, method: str, config: MethodConfig | dict | None = N
 def manifest_of(model: PeftlabModel, prompt_format: PromptFormat | None = None) -> Manifest:
     """The manifest that describes ``model``'s adapters (``prompt_format``: how its training prompts looked)."""
     adapters = {name: Adapter(model.method.name, config.to_dict()) for name, config in model.adapters.items()}
-    return Manifest(adapters, base_name(model), prompt_format or model.prompt_format or PromptFormat())
+    return Manifest(adapters, base_name(model), prompt_format or model.prompt_format or PromptFormat(),
+                    base_quantization=quantization_of(model.causal_lm))
 
 
 def tensors_of(model: PeftlabModel) -> dict[str, dict[str, Any]]:
@@ -121,10 +126,12 @@ class Loaded:
 
 
 def load_for_inference(adapter: str | Path | None = None, model: str | None = None, dtype: str = "float32",
-                       device: str | None = None, adapters: dict[str, str | Path] | None = None) -> Loaded:
+                       device: str | None = None, adapters: dict[str, str | Path] | None = None,
+                       quantize: str | None = None) -> Loaded:
     """The one loader behind the CLI, evaluations and recipes: the base model ``model`` (default: the module's,
     else the embedded default), with the module in ``adapter`` attached, or the single-adapter folders
-    ``adapters`` (name -> folder) combined into one MultiLoRA model that serves them side by side."""
+    ``adapters`` (name -> folder) combined into one MultiLoRA model that serves them side by side. The base is
+    quantized as ``quantize`` says, else as the module's base was in training (a different choice is warned of)."""
     from peftlab.models import DEFAULT_MODEL, load_model
 
     if adapter is not None and adapters:
@@ -132,7 +139,12 @@ def load_for_inference(adapter: str | Path | None = None, model: str | None = No
     module = combine(adapters) if adapters else read(adapter) if adapter is not None else None
     info = read_info(adapter) if adapter is not None else None
     name = model or (module.manifest.base_model if module is not None else None) or DEFAULT_MODEL
-    base, tokenizer = load_model(name, dtype=dtype, device=device)
+    trained_on = module.manifest.base_quantization if module is not None else None
+    if quantize is not None and module is not None and quantize != (trained_on or "none"):
+        log.warning("%s was trained on a base quantized as %s; loading it on a %s base as asked", adapter or adapters,
+                    trained_on or "none (full precision)", quantize)
+    quantize = trained_on if quantize is None else quantize
+    base, tokenizer = load_model(name, dtype=dtype, device=device, quantize=None if quantize == "none" else quantize)
     if module is None:
         return Loaded(base, tokenizer, PromptFormat(), name)
     where = str(adapter) if adapter is not None else ", ".join(f"{k}={v}" for k, v in adapters.items())
@@ -142,12 +154,17 @@ def load_for_inference(adapter: str | Path | None = None, model: str | None = No
 def merged_model(folder: str | Path, base_model: str | None = None, dtype: str = "float32",
                  device: str | None = None) -> Loaded:
     """A module folded into its base weights: a plain transformers model (``Loaded.model``) with the tokenizer. The
-    one merge path (``peftlab merge``, compose's merged export, GGUF export)."""
+    one merge path (``peftlab merge``, compose's merged export, GGUF export). A module trained on a quantized base
+    is merged into that base dequantized (the weights it was trained against), in full precision: load the result
+    with ``--quantize`` to quantize it again."""
     method = get_method(read_info(folder).method)
     if not method.mergeable:
         raise NotImplementedError(f"{folder}: a {method.name} module cannot be folded into the base weights: "
                                   f"{method.not_mergeable_because}")
     loaded = load_for_inference(folder, base_model, dtype, device)
+    if quantization_of(loaded.model.causal_lm) is not None:  # dequantise, then merge: W_q + ΔW in full precision
+        base = dequantized(loaded.model.unload())
+        loaded = replace(loaded, model=load_module(read(folder), base, where=str(folder)))
     merged = loaded.model.merge_and_unload()
     for key, weight in merged.state_dict().items():  # W + ΔW in the model's own dtype (float16 overflows first)
         if weight.is_floating_point() and not bool(weight.isfinite().all()):

@@ -10,14 +10,22 @@ from peftlab.config import ConfigError
 from peftlab.models import DEFAULT_MODEL, DTYPES
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, flag: str = "--model", model_help: str | None = None) -> None:
-    """The base model (``flag``), the dtype it loads in and the device it runs on."""
+def add_model_arguments(parser: argparse.ArgumentParser, flag: str = "--model", model_help: str | None = None,
+                        quantize: bool = False) -> None:
+    """The base model (``flag``), the dtype it loads in and the device it runs on; with ``quantize``, also how its
+    linear layers are quantized (only where the command passes it on)."""
     parser.add_argument(flag, default=None, help=model_help or (
         f"base model: a Hugging Face id, a local folder or '{DEFAULT_MODEL}' (default: the module's base model, "
         f"else {DEFAULT_MODEL})"))
     parser.add_argument("--dtype", default="float32", choices=[*DTYPES, "auto"],
                         help="the dtype the base model loads in (default: float32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    if quantize:
+        from peftlab.quantize import QUANTIZATIONS
+
+        parser.add_argument("--quantize", default=None, choices=[*QUANTIZATIONS, "none"],
+                            help="the base's linear layers in 8 or 4 bits, through bitsandbytes (default: as the "
+                                 "module's base was in training; none: full precision)")
 
 
 def named_folders(items: str | list[str] | None, flag: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ from peftlab.models import DEFAULT_MODEL
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", metavar="DIR", help="a saved peftlab module (or peft adapter) folder")
-    add_model_arguments(p)
+    add_model_arguments(p, quantize=True)
     p.add_argument("--system", default=None, help="system prompt (default: the module's, else the template's)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="cap on generated tokens (default: 256)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -29,7 +29,8 @@ def _load_for_generation(args: argparse.Namespace):
     from peftlab.adapters import load_for_inference
 
     served = named_folders(getattr(args, "adapters", None), "--adapters") or None
-    loaded = load_for_inference(args.adapter, args.model, args.dtype, args.device, adapters=served)
+    loaded = load_for_inference(args.adapter, args.model, args.dtype, args.device, adapters=served,
+                                quantize=args.quantize)
     fmt = loaded.prompt_format if args.system is None else replace(loaded.prompt_format, system_prompt=args.system)
     return loaded.model, loaded.tokenizer, fmt
 
@@ -41,7 +42,7 @@ def _sampling(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from peftlab.training import TrainConfig, train
 
-    config = TrainConfig.from_yaml(args.config, args.set)
+    config = TrainConfig.from_yaml(args.config, [*args.set, *([f"quantize={args.quantize}"] if args.quantize else [])])
     if args.overwrite:
         config.overwrite = True
     result = train(config)
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, dotted for nested keys, e.g. --set training.learning_rate=1e-3 "
                         "--set method.r=16 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output module folder")
+    p.add_argument("--quantize", default=None, choices=["int8", "nf4", "fp4"],
+                   help="train on a base whose linear layers are in 8 or 4 bits (QLoRA-style, through "
+                        "bitsandbytes); the same as --set quantize=...")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="answer prompts with a base model or a trained module",
@@ -353,11 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     from peftlab.export.gguf import ExportError
     from peftlab.methods import AdapterMismatchError
     from peftlab.module import ModuleError
+    from peftlab.quantize import QuantizationError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, DataError, ModuleError, AdapterMismatchError, ComposeError, ExpressionError, ExportError,
+            QuantizationError,
             FileExistsError, NotImplementedError) as e:
         print(f"peftlab {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -110,22 +110,28 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def load_model(name_or_path: str | None = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32",
-               device: str | torch.device | None = None,
-               trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               device: str | torch.device | None = None, trust_remote_code: bool = False,
+               quantize: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (``None``: the default model); the model keeps ``name_or_path`` as its
-    portable name."""
+    portable name. ``quantize`` (``peftlab.quantize.QUANTIZATIONS``) loads its linear layers in 8 or 4 bits."""
     name_or_path = name_or_path or DEFAULT_MODEL
     path = resolve_model_path(name_or_path)
     local = Path(path).is_absolute() or path.startswith(".") or os.sep in path and Path(path).parent.is_dir()
     if local and not Path(path).is_dir():  # a local path, not a hub id: say so rather than ask the hub
         raise ConfigError(f"model {name_or_path!r}: no such model folder")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    quantized = {}
+    if quantize is not None:
+        from peftlab.quantize import quantization_config
+
+        compute = resolve_dtype(dtype) if dtype not in (None, "auto") else torch.float32
+        quantized = {"quantization_config": quantization_config(quantize, compute), "device_map": str(device or "cpu")}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype),
-                                                 trust_remote_code=trust_remote_code)
+                                                 trust_remote_code=trust_remote_code, **quantized)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.name_or_path = name_or_path
-    if device is not None:
+    if device is not None and not quantized:  # a quantized model is placed as it loads
         model.to(device)
     model.eval()
     return model, tokenizer

@@ -56,6 +56,7 @@ class Manifest:
     base_model: str | None = None
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
     peftlab_version: str | None = None
+    base_quantization: str | None = None  # how the base was quantized in training (peftlab.quantize), if it was
 
     @property
     def method(self) -> str:
@@ -66,7 +67,8 @@ class Manifest:
         return methods.pop()
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "base_model": self.base_model,
+        quantized = {"base_quantization": self.base_quantization} if self.base_quantization else {}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "base_model": self.base_model, **quantized,
                 "peftlab_version": peftlab.__version__, "prompt_format": asdict(self.prompt_format),
                 "adapters": {name: asdict(a) for name, a in self.adapters.items()}}
 
@@ -108,7 +110,7 @@ def _manifest_from_json(data: dict[str, Any], path: Path) -> Manifest:
     else:
         raise ModuleError(f"{path}: format_version {version} is newer than this peftlab reads ({FORMAT_VERSION}); "
                           f"upgrade peftlab")
-    return Manifest(adapters, data.get("base_model"), fmt, data.get("peftlab_version"))
+    return Manifest(adapters, data.get("base_model"), fmt, data.get("peftlab_version"), data.get("base_quantization"))
 
 
 def _manifest_from_peft(path: Path) -> Manifest:

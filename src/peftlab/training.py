@@ -63,6 +63,7 @@ class TrainConfig:
 
     model: str = DEFAULT_MODEL
     dtype: str = "float32"
+    quantize: str | None = None  # the base's linear layers in 8 or 4 bits: int8, nf4, fp4 (peftlab.quantize)
     method: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
     data: DataConfig = field(default_factory=DataConfig)
     training: dict[str, Any] = field(default_factory=dict)
@@ -258,7 +259,7 @@ def train(config: TrainConfig, model: PreTrainedModel | PeftlabModel | None = No
                               f"{sorted(model.adapters)[:5]}; the run names method {method.name!r}"
                               f"{f' and adapters {missing[:5]} it lacks' if missing else ''}")
     if model is None:
-        model, tokenizer = load_model(config.model, dtype=config.dtype)
+        model, tokenizer = load_model(config.model, dtype=config.dtype, quantize=config.quantize)
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
     fmt = config.data.prompt_format

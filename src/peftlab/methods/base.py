@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from peftlab.config import from_dict
 from peftlab.context import BASE_ADAPTER, CallContext, ExampleFields
+from peftlab.quantize import QuantizationError, quantization_of
 
 DEFAULT_ADAPTER = "default"
 
@@ -56,6 +57,8 @@ class Method(ABC):
     supports_packing: ClassVar[bool] = False  # examples may share one row (see data.Collator)
     routable: ClassVar[bool] = False  # one batch may use a different adapter per example
     lora_adapters: ClassVar[bool] = False  # its adapters are plain LoRAs: a server routes them in its shared lane
+    # the base quantizations (peftlab.quantize) it trains on; peft's LoHa and LoKr compute wrong shapes on 4-bit layers
+    quantized_bases: ClassVar[frozenset[str]] = frozenset({"int8", "nf4", "fp4"})
     each_adapter_as: ClassVar[str | None] = None  # routable: the single-adapter method each adapter is alone
     peft_type: ClassVar[str | None] = None  # the peft_type of a plain peft folder this method reads ("LORA")
 
@@ -77,6 +80,10 @@ class Method(ABC):
         if isinstance(model, PeftlabModel) and model.method is not self:
             raise ValueError(f"cannot attach {self.name!r} to a model that carries {model.method.name!r}; "
                              f"unload() it first")
+        quantized = quantization_of(model)
+        if quantized is not None and quantized not in self.quantized_bases:
+            raise QuantizationError(f"{self.name} does not train on a base quantized as {quantized}; it does on "
+                                    f"{', '.join(sorted(self.quantized_bases)) or 'none'} (or full precision)")
         wrapper = model if isinstance(model, PeftlabModel) else self.model_class(model, self)
         taken = sorted(set(configs) & (set(wrapper.adapters) | {BASE_ADAPTER}))
         if taken:
@@ -215,6 +222,12 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
         return base
 
     # --- training ----------------------------------------------------------------------------------------------
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """What transformers' Trainer asks a quantized model before it trains it: are trainable adapters attached
+        on top of the frozen (quantized) base? They are, once this wrapper holds an adapter."""
+        return bool(self.adapters)
+
     # True where ``clip_grad_norm_`` is not the global norm over every trainable parameter; training then calls it
     # instead of accelerate's clipping (which knows sharded gradients), once the fp16 loss scale is off the gradients
     clips_its_own_way: ClassVar[bool] = False

@@ -77,7 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--adapter-dir {args.adapter_dir!r}: no such folder")
     adapters = named_folders(args.adapter, "--adapter")
     base = args.base or DEFAULT_MODEL
-    model, tokenizer = load_model(base, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(base, dtype=args.dtype, device=args.device,
+                                  quantize=None if args.quantize in (None, "none") else args.quantize)
     engine = build_engine(model, tokenizer, args.served_name or base, adapters, args.max_batch, args.max_queue)
     app = create_app(engine, api_key=args.api_key, adapter_dir=args.adapter_dir,
                      limits=Limits(max_tokens=args.max_tokens, max_model_len=args.max_model_len))
@@ -94,7 +95,7 @@ def add_commands(sub) -> None:
                                    "A request's `model` names the base model or an adapter; requests for any mix "
                                    "of LoRA adapters share one batch, other methods batch per module.")
     add_model_arguments(p, flag="--base", model_help="base model: a Hugging Face id or folder (default: the embedded "
-                                                     "SmolLM2-135M-Instruct)")
+                                                     "SmolLM2-135M-Instruct)", quantize=True)
     p.add_argument("--served-name", default=None, help="the name the base model is served under (default: --base)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve the module in DIR as NAME (any method; repeatable)")

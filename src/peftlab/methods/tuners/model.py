@@ -25,6 +25,7 @@ class PeftTunerMethod(PeftAdapterMethod):
 
 class LoHaMethod(PeftTunerMethod):
     name = "loha"
+    quantized_bases = frozenset({"int8"})
     config_class = LoHaConfig
     peft_type = "LOHA"
     not_composable_because = ("a LoHa update is the Hadamard product (B₁A₁) ⊙ (B₂A₂) of its factors: adding or "
@@ -34,6 +35,7 @@ class LoHaMethod(PeftTunerMethod):
 
 class LoKrMethod(PeftTunerMethod):
     name = "lokr"
+    quantized_bases = frozenset({"int8"})
     config_class = LoKrConfig
     peft_type = "LOKR"
     not_composable_because = ("a LoKr update is the Kronecker product W₁ ⊗ (B₂A₂) of its factors: adding or scaling "
