@@ -33,15 +33,18 @@ LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
 
 
 def weight_bytes(model: torch.nn.Module, linear_only: bool = False) -> int:
-    """Bytes the model's tensors take as stored (a packed 4-bit tensor is uint8: two weights per byte)."""
-    total = 0
+    """Bytes the model's tensors take as stored (a packed 4-bit tensor is uint8: two weights per byte), each tensor
+    once (a tied head is the embedding)."""
+    total, seen = 0, set()
     for module in model.modules():
         if linear_only and "Linear" not in type(module).__name__:  # nn.Linear, Linear8bitLt, Linear4bit
             continue
         if linear_only and module is model.get_output_embeddings():
             continue
         for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            total += tensor.numel() * tensor.element_size()
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
         state = getattr(getattr(module, "weight", None), "quant_state", None)  # 4-bit: the per-block scales
         if state is not None and getattr(state, "absmax", None) is not None:
             total += state.absmax.numel() * state.absmax.element_size()

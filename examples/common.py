@@ -20,11 +20,14 @@ TRAINING = {"learning_rate": 2e-3, "lr_scheduler_type": "cosine", "warmup_steps"
 
 def train_once(folder: Path, method: dict, records: list[dict], steps: int, batch: int, seed: int,
                model: str, learning_rate: float = TRAINING["learning_rate"]) -> float:
-    """Train unless ``folder/module`` exists; the training's wall time (seconds), read back from its log."""
+    """Train unless ``folder/module`` exists; the training's wall time (seconds), read back from its log. A
+    ``quantize`` key in ``method`` is the base's quantization (TrainConfig.quantize), not a method setting."""
     from peftlab import DataConfig, TrainConfig, train
 
     if not (folder / "module").exists():
-        config = TrainConfig(model=model, method=method, data=DataConfig(template="chat", max_length=512),
+        method = dict(method)
+        config = TrainConfig(model=model, quantize=method.pop("quantize", None), method=method,
+                             data=DataConfig(template="chat", max_length=512),
                              training={**TRAINING, "output_dir": str(folder), "max_steps": steps,
                                        "per_device_train_batch_size": batch, "seed": seed,
                                        "learning_rate": learning_rate},

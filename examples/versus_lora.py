@@ -8,6 +8,8 @@ Two groups:
   model's 30, rank 4, f5+l5, untied.
 - ``tuners``: peft's LoHa, LoKr, VeRA and OFT at their configs' defaults, and AdaLoRA from rank 12 down to LoRA's
   8 on average: the table a user reads to choose a tuner.
+- ``quantize``: the same LoRA on an int8 and an nf4 base (bitsandbytes). ``--runs runs/tuners-vs-lora`` reuses the
+  full-precision LoRA runs of the tuners group.
 LoRA is r 8 on every linear layer (examples/common.py).
 
     python examples/versus_lora.py reft                          # the whole experiment (hours on 2 CPU cores)
@@ -44,6 +46,10 @@ GROUPS = {
                # AdaLoRA: from init_r 12 down to 8 on average (LoRA's r) between steps 6 and 48 of 60
                "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "tinit": 6, "tfinal": 12,
                             "total_step": 60}, [2e-3, 5e-3])},
+    # the same LoRA on a quantized base (QLoRA-style), at LoRA's rate
+    "quantize": {"lora": ({"name": "lora", **LORA}, LORA_RATES),
+                 "lora_int8": ({"name": "lora", **LORA, "quantize": "int8"}, [2e-3]),
+                 "lora_nf4": ({"name": "lora", **LORA, "quantize": "nf4"}, [2e-3])},
 }
 
 
