@@ -201,3 +201,32 @@ def test_bf16_on_cuda_is_close_to_float32(tmp_path):
         with torch.no_grad():
             out[dtype] = model(input_ids=ids, prompt_lengths=torch.tensor([4], device=DEVICE)).logits.float()
     assert_close(out[torch.bfloat16], out[torch.float32], "loreft bf16 vs float32 on CUDA", rel=BFLOAT16)
+
+
+@pytest.mark.parametrize("method", ["lora", "loreft", "bitune", "multilora"])
+def test_qlora_style_nf4_base_on_cuda(method, tiny_dir, tmp_path, pairs):
+    """QLoRA's setting: a bitsandbytes nf4 base on CUDA, bf16 compute; the method trains, saves, and the module
+    loads back onto an nf4 base (the manifest says so) with the trained logits."""
+    pytest.importorskip("bitsandbytes")
+    from peftlab import TrainConfig, train
+    from peftlab.adapters import load_for_inference
+    from peftlab.quantize import quantization_of
+
+    config = TrainConfig(model=str(tiny_dir), dtype="bfloat16", quantize="nf4",
+                         method={"name": method, **SETTINGS[method]},
+                         training={"output_dir": str(tmp_path / "run"), "max_steps": 3, "learning_rate": 2e-2,
+                                   "logging_steps": 1, "per_device_train_batch_size": 6, "bf16": True,
+                                   "use_cpu": DEVICE == "cpu"},
+                         output=str(tmp_path / "module"))
+    model, tokenizer = load_model(str(tiny_dir), dtype="bfloat16", device=DEVICE, quantize="nf4")
+    result = train(config, model, tokenizer, train_data=_records(method, pairs))
+    assert all(math.isfinite(h["loss"]) for h in result.log_history if "loss" in h)
+    loaded = load_for_inference(result.module_dir, dtype="bfloat16", device=DEVICE)
+    assert quantization_of(loaded.model.causal_lm) == "nf4"
+    ids = torch.tensor([[5, 17, 99, 3, 200, 42, 7]], device=DEVICE)
+    fields = {"adapter_names": ["default"], "adapter_index": torch.tensor([0], device=DEVICE)} \
+        if method == "multilora" else {"prompt_lengths": torch.tensor([4], device=DEVICE)} if method == "bitune" else {}
+    with torch.no_grad():
+        assert_close(loaded.model(input_ids=ids, **fields).logits.float(),
+                     result.model.eval()(input_ids=ids, **fields).logits.float(), f"{method}: nf4 reload",
+                     rel=BFLOAT16)
