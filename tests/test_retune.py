@@ -22,18 +22,18 @@ def test_golden_examples_of_the_paper_format():
                          "Carry 0, Output 94638")
     assert len(pairs) == 2 * 5 - 1 and output == "Carry 0, Output 94638"
     assert TASKS["addition"].scratchpad(("99", "01"))[1] == "Carry 1, Output 0\nCarry 1, Output 00"
-    assert TASKS["addition"].root(("9999", "1")).text == "9999 + 0001"  # the shorter operand is zero-padded
+    assert TASKS["addition"].root(("9999", "1")).text == "9999 + 1"  # a shorter operand is never zero-padded
     hints = TASKS["addition-steps-hints"]
     pairs = [(p, r) for p, r, _ in trace(hints.root(("731", "95")))[0]]
-    assert pairs[0] == ("c7b3a1 + c0b9a5\nSolution: ", "Call: b3a1 + b9a5\n")  # a digit keeps its place letter
-    assert pairs[-1] == ("c7b3a1 + c0b9a5\nSolution: Call: b3a1 + b9a5\nReturn: 3+9+0=12. Carry 1, Output b2a6\n"
-                         "Answer: ", "7+0+1=8. Carry 0, Output c8b2a6")
+    assert pairs[0] == ("c7b3a1 + b9a5\nSolution: ", "Call: b3a1 + b9a5\n")  # a digit keeps its place letter
+    assert pairs[-1] == ("c7b3a1 + b9a5\nSolution: Call: b3a1 + b9a5\nReturn: 3+9+0=12. Carry 1, Output b2a6\n"
+                         "Answer: ", "7+1=8. Carry 0, Output c8b2a6")  # the shorter operand ended: 7 + carry
     assert hints.baseline(("99", "1")) == ("b9a9 + a1\nAnswer: ", "c1b0a0")
     assert hints.scratchpad(("9", "1"))[1] == "9+1+0=10. Carry 1, Output a0"
     assert hints.correct("Carry 1, Output b2a6", ("73", "53"), "retune")
     assert not hints.correct("Carry 1, Output b2a5", ("73", "53"), "retune")
     shifted = TASKS["addition-steps-hints-shifted"]
-    assert shifted.root(("731", "95", 2)).text == "e7d3c1 + e0d9c5"  # the units digit tagged with letter 2, c
+    assert shifted.root(("731", "95", 2)).text == "e7d3c1 + d9c5"  # the units digit tagged with letter 2, c
     starts = {shifted.sample(6, random.Random(seed))[2] for seed in range(300)}
     assert starts == set(range(26 - 6))  # every letter trained on short problems; the carry digit still has one
     assert shifted.correct(shifted.baseline(("99", "1", 23))[1], ("99", "1", 23), "baseline")
@@ -152,6 +152,8 @@ def test_evaluation_finds_the_first_wrong_step_of_a_wrong_answer():
     result = evaluate_method(EvalConfig("addition", [2], n=30, seed=3), "retune", oracle)[2]
     broken = sum(a[1] == "1" and b[1] == "1" for a, b in problems)
     assert broken and result["accuracy"] == 1 - broken / 30
+    assert result["failures"] == {"wrong answer": broken}  # every problem's failure, counted by kind
+    assert [k is None for k in result["failure_per_problem"]] == [not (a[1] == b[1] == "1") for a, b in problems]
     assert result["wrong_step_sizes"] == {1: broken}
     step = result["call_trees"][0]["first_wrong_step"]
     assert step["prompt"] == "1 + 1\nSolution: " and step["got"] == "Carry 0, Output 1"
@@ -370,7 +372,7 @@ def test_operand_families_have_the_property_they_are_named_for():
         return [int(x) + int(y) for x, y in zip(a, b, strict=True)]
 
     for length in (1, 2, 6, 9):
-        for family in ADDITION_FAMILIES:
+        for family in (f for f in ADDITION_FAMILIES if f != "unequal"):  # unequal: its own test
             for a, b in problems_for("addition-steps", length, 20, seed=5, family=family):
                 assert len(a) == len(b) == length and (length == 1 or a[0] != "0" and b[0] != "0"), (a, b)
                 sums = pair_sums(a, b)
@@ -387,3 +389,50 @@ def test_operand_families_have_the_property_they_are_named_for():
     assert problems_for("addition", 4, 5, seed=5) == problems_for("addition", 4, 5, seed=5, family="uniform")
     with pytest.raises(ValueError, match="operand families are for addition"):
         problems_for("parity", 4, 5, seed=5, family="carry-chain")
+
+
+def test_the_unequal_family_has_one_shorter_operand_on_either_side():
+    sides = set()
+    for length in (2, 3, 6, 9):
+        for a, b in problems_for("addition-steps", length, 40, seed=5, family="unequal"):
+            assert max(len(a), len(b)) == length and 1 <= min(len(a), len(b)) < length, (a, b)
+            assert all(len(x) == 1 or x[0] != "0" for x in (a, b))
+            sides.add(len(a) > len(b))
+    assert sides == {True, False}
+    assert all(len(a) == len(b) == 1 for a, b in problems_for("addition", 1, 10, seed=5, family="unequal"))
+
+
+def test_a_shorter_operand_is_never_padded_and_its_end_is_a_step_of_its_own():
+    """613807 + 27 recurses on the longer operand alone until the lengths meet; each of those steps adds the
+    longer operand's digit to the returned carry. The engine then solves every unequal problem (gold answers)."""
+    task = TASKS["addition-steps"]
+    examples = task.examples(("613807", "27"), "retune")
+    prompts = [p.split("\n")[0] for p, _, _ in examples]
+    assert [p for p in prompts if not p.startswith(("Call:", "Return:"))][:1] == ["613807 + 27"]
+    calls = [line.removeprefix("Call: ") for p, r, _ in examples for line in r.splitlines() if line.startswith("Call:")]
+    assert calls == ["13807 + 27", "3807 + 27", "807 + 27", "07 + 27", "7 + 7"]
+    assert any(r.startswith("6+0=6. Carry 0, Output 613834") for _, r, _ in examples), [r for _, r, _ in examples]
+    swapped = [line for _, r, _ in task.examples(("27", "613807"), "retune") for line in r.splitlines()
+               if line.startswith("Call:")]
+    assert swapped[0] == "Call: 27 + 13807"  # the sides stay where the user put them
+    problems = [p for n in (2, 5, 12) for p in problems_for("addition-steps", n, 8, seed=3, family="unequal")]
+    table = [(p, r) for q in problems for p, r, _ in task.examples(q, "retune")]
+    results = Engine(Oracle(table), EngineConfig()).run([task.root(q).text for q in problems])
+    assert all(task.correct(r.output, q, "retune") for r, q in zip(results, problems, strict=True))
+
+
+def test_the_unequal_variant_trains_on_shorter_operands():
+    task = TASKS["addition-steps-unequal"]
+    rng = random.Random(0)
+    drawn = [task.sample_training(6, rng) for _ in range(400)]
+    share = sum(len(a) != len(b) for a, b in drawn) / len(drawn)
+    assert abs(share - 0.3) < 0.07  # train_unequal=0.3
+    assert all(len(a) == len(b) for a, b in (task.sample_training(1, rng) for _ in range(20)))
+
+
+def test_the_evaluation_counts_engine_failures_by_kind():
+    """A model that calls its own problem again: every problem fails as a cycle, and the report says so."""
+    result = evaluate_method(EvalConfig("addition", [3], n=5, seed=1), "retune",
+                             lambda prompts: ["Call: " + p.split("\n")[0] + "\n" for p in prompts])[3]
+    assert result["accuracy"] == 0 and result["failures"] == {"cycle": 5}
+    assert result["failure_per_problem"] == ["cycle"] * 5

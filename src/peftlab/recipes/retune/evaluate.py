@@ -108,7 +108,9 @@ def is_evaluated(config: EvalConfig, method: str, result: dict[str, Any] | None)
 
 def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine: EngineConfig | None = None,
                     keep_trees: int = 2, checkpoint: Path | None = None) -> dict[str, Any]:
-    """``{length: {accuracy, n, failures, calls_per_problem, seconds, examples}}`` for one method; Re-Tuning adds
+    """``{length: {accuracy, n, failures, failure_per_problem, calls_per_problem, seconds, examples}}`` for one
+    method (``failures`` counts each problem's failure by kind: an engine error such as a cycle or a budget, or a
+    wrong answer); Re-Tuning adds
     ``wrong_step_sizes`` (sub-problem size of each wrong answer's first wrong step) and the call trees and first
     wrong steps of ``keep_trees`` wrong answers (or right ones when none is wrong).
 
@@ -135,13 +137,17 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
             recorder = _Recorder(generate)
             results = Engine(recorder, engine).run([task.root(p).text for p in problems])
             outputs = [r.output or "" for r in results]
-            errors = Counter(r.kind for r in results if r.kind)
             calls = sum(r.calls for r in results) / len(results)
         else:
             outputs = generate([task.prompt(p, method) for p in problems])
-            errors, calls = Counter(), 1.0
+            calls = 1.0
         seconds = time.perf_counter() - start
         correct = [task.correct(o, p, method) for o, p in zip(outputs, problems, strict=True)]
+        # why each problem failed: the engine's kind (a cycle, a budget, a call it could not parse), else a wrong
+        # final answer; None where it was right
+        kinds = [None if c else (r.kind if method == "retune" and r.kind else "wrong answer")
+                 for c, r in zip(correct, results if method == "retune" else correct, strict=True)]
+        errors = Counter(k for k in kinds if k)
         if method == "retune":
             wrong = [i for i, c in enumerate(correct) if not c]
             steps = {i: first_wrong_step(task, problems[i], recorder.answers) for i in wrong}
@@ -153,6 +159,7 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
                 analysis["step_accuracy"] = step_accuracy(task, problems, generate, recorder.answers)
         per_length[length] = {
             "accuracy": sum(correct) / len(correct), "n": len(correct), "failures": dict(errors),
+            "failure_per_problem": kinds,
             "calls_per_problem": calls, "seconds": round(seconds, 2),
             "examples": [{"problem": str(p), "output": o, "correct": c}
                          for p, o, c in list(zip(problems, outputs, correct, strict=True))[:3]],

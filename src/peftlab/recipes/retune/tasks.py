@@ -134,7 +134,7 @@ def _digits(length: int, rng: random.Random, runs: float = 0.0) -> str:
     return "".join(digits)
 
 
-ADDITION_FAMILIES = ("uniform", "carry-chain", "equal-runs", "all-carry", "no-carry")
+ADDITION_FAMILIES = ("uniform", "carry-chain", "equal-runs", "all-carry", "no-carry", "unequal")
 HARD_FAMILIES = ("carry-chain", "equal-runs", "all-carry")  # what addition-steps-hard trains on besides uniform
 
 
@@ -145,10 +145,18 @@ def operands(length: int, rng: random.Random, family: str) -> tuple[str, str]:
     - ``carry-chain``: the units sum to 10 or more and every higher pair to 9, so one carry runs through every
       place (``667039 + 332969 = 1000008``: the output is a long run of zeros);
     - ``equal-runs``: each operand digit repeats the one before with probability 0.8 (``666`` copied as ``66``);
-    - ``all-carry``: every digit pair sums to 10 or more; ``no-carry``: every pair to 9 or less.
+    - ``all-carry``: every digit pair sums to 10 or more; ``no-carry``: every pair to 9 or less;
+    - ``unequal``: as people write sums, one operand of ``length`` digits and the other shorter (its length uniform
+      in 1 .. length - 1), on a random side (``613807 + 27``, ``451 + 73812570``). At length 1 there is no shorter
+      number: both have one digit.
     """
     if family == "uniform":
         return _digits(length, rng), _digits(length, rng)
+    if family == "unequal":
+        if length == 1:
+            return _digits(1, rng), _digits(1, rng)
+        pair = (_digits(length, rng), _digits(rng.randint(1, length - 1), rng))
+        return pair if rng.random() < 0.5 else pair[::-1]
     if family == "equal-runs":
         return _digits(length, rng, 0.8), _digits(length, rng, 0.8)
     if family not in ADDITION_FAMILIES:
@@ -209,9 +217,10 @@ class Addition(Task):
     repeat = {1: 4, 2: 2}  # the base case ~2.5% of 1-6-digit data (1.5% of 1-8: wider ranges want share={1: .025})
 
     def __init__(self, show_digit_sum: bool = False, index_hints: bool = False, shift_hints: bool = False,
-                 train_runs: float = 0.0, train_hard: float = 0.0, output_tags: int = 0) -> None:
+                 train_runs: float = 0.0, train_hard: float = 0.0, output_tags: int = 0,
+                 train_unequal: float = 0.0) -> None:
         self.show_digit_sum, self.shift_hints, self.train_runs = show_digit_sum, shift_hints, train_runs
-        self.train_hard, self.output_tags = train_hard, output_tags
+        self.train_hard, self.output_tags, self.train_unequal = train_hard, output_tags, train_unequal
         self.index_hints = index_hints or shift_hints
         if output_tags and self.index_hints:
             raise ValueError("output_tags tags the outputs only; index_hints already tags every number")
@@ -221,7 +230,8 @@ class Addition(Task):
             (shift_hints, "-shifted", " from a random letter"),
             (train_runs, "-runs", f", trained on operands that repeat a digit with probability {train_runs}"),
             (train_hard, "-hard", f", {train_hard:.0%} of training operands from the families hard to copy"),
-            (output_tags, f"-tags{output_tags}", f", output digits tagged with letters cycling every {output_tags}"))
+            (output_tags, f"-tags{output_tags}", f", output digits tagged with letters cycling every {output_tags}"),
+            (train_unequal, "-unequal", f", {train_unequal:.0%} of training problems with a shorter operand"))
             if on]
         if variants:
             self.name = "addition" + "".join(suffix for suffix, _ in variants)
@@ -242,10 +252,11 @@ class Addition(Task):
             return self._show(digits, start)
         return "".join(PLACES[(len(digits) - 1 - i) % self.output_tags] + d for i, d in enumerate(digits))
 
-    def _step(self, x: str, y: str, carry: int, output: str, start: int) -> tuple[int, str, str]:
-        """(carry out, the step's text, its output digits) of adding digits x and y in front of ``output``."""
-        total = int(x) + int(y) + carry
-        shown = f"{x}+{y}+{carry}={total}. " if self.show_digit_sum else ""
+    def _step(self, x: str, y: str | None, carry: int, output: str, start: int) -> tuple[int, str, str]:
+        """(carry out, the step's text, its output digits) of adding digits x and y in front of ``output``; y None:
+        the shorter operand has ended, so x meets only the carry (``6+1=7.``)."""
+        total = int(x) + int(y or 0) + carry
+        shown = (f"{x}+{carry}={total}. " if y is None else f"{x}+{y}+{carry}={total}. ") if self.show_digit_sum else ""
         digits = f"{total % 10}{output}"
         return total // 10, f"{shown}Carry {total // 10}, Output {self._show_output(digits, start)}", digits
 
@@ -256,27 +267,34 @@ class Addition(Task):
         return (a, b, rng.randint(0, len(PLACES) - length - 1)) if self.shift_hints else (a, b)
 
     def sample_training(self, length: int, rng: random.Random) -> tuple[Any, ...]:
+        if length > 1 and rng.random() < self.train_unequal:
+            return self.sample(length, rng, family="unequal")
         if length > 1 and rng.random() < self.train_hard:
             return self.sample(length, rng, family=rng.choice(HARD_FAMILIES))
         return self.sample(length, rng, self.train_runs)
 
     def length(self, problem: tuple[Any, ...]) -> int:
-        return len(problem[0])
+        return max(len(problem[0]), len(problem[1]))
 
     def _question(self, a: str, b: str, start: int) -> str:
         return f"{self._show(a, start)} + {self._show(b, start)}"
 
     def root(self, problem: tuple[Any, ...]) -> Procedure:
-        (a, b), start = _same_width(*problem[:2]), _hint_start(problem)
+        """Operands of one length drop their leading digits together. Where one is longer, only its leading digit
+        drops (``613807 + 27`` calls ``13807 + 27``), and the step adds that digit to the returned carry alone: the
+        shorter number is never padded with zeros, whose runs are what a model copies wrongly."""
+        a, b, start = *problem[:2], _hint_start(problem)
 
         def step(returns: list[str]) -> Call | Answer:
-            if len(a) == 1:
+            if len(a) == len(b) == 1:
                 return Answer(self._step(a, b, 0, "", start)[1])
+            sub = (a[1:], b[1:]) if len(a) == len(b) else (a[1:], b) if len(a) > len(b) else (a, b[1:])
             if not returns:
-                return Call(self.root((a[1:], b[1:], start)))
-            return Answer(self._step(a[0], b[0], *_parse_carry(returns[0]), start)[1])
+                return Call(self.root((*sub, start)))
+            x, y = (a[0], b[0]) if len(a) == len(b) else (max(a, b, key=len)[0], None)
+            return Answer(self._step(x, y, *_parse_carry(returns[0]), start)[1])
 
-        return Procedure(self._question(a, b, start), len(a), step)
+        return Procedure(self._question(a, b, start), max(len(a), len(b)), step)
 
     def baseline(self, problem: tuple[Any, ...]) -> tuple[str, str]:
         a, b, start = *problem[:2], _hint_start(problem)
@@ -520,6 +538,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Addition(), Addition(show_digit_sum=True), Addition(show_digit_sum=True, index_hints=True),
     Addition(show_digit_sum=True, shift_hints=True), Addition(show_digit_sum=True, train_runs=0.25),
     Addition(show_digit_sum=True, train_hard=0.3), Addition(show_digit_sum=True, output_tags=4),
+    Addition(show_digit_sum=True, train_unequal=0.3),
     Addition(show_digit_sum=True, output_tags=6), Addition(show_digit_sum=True, output_tags=7),
     Parity(), Parity(show_sum=True), MaxSumNonAdjacent(), MaxSumNonAdjacent(show_steps=True))}
 
