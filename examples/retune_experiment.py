@@ -40,7 +40,7 @@ from peftlab.report import portable_path
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "retune.yaml"
 LENGTHS = {"addition": (6, 12), "addition-steps": (6, 12), "addition-steps-hints": (6, 12),
-           "addition-steps-hints-shifted": (6, 12), "addition-steps-runs": (6, 12),
+           "addition-steps-hints-shifted": (6, 12), "addition-steps-runs": (6, 12), "addition-steps-unequal": (6, 12),
            "parity": (10, 20), "parity-steps": (10, 20), "dp": (5, 10), "dp-steps": (5, 10)}  # train max, eval max
 
 
@@ -63,7 +63,7 @@ def train_method(task: str, method: str, run: Path, args: argparse.Namespace) ->
         raise SystemExit(f"{run} was made from other data ({made}): pass --runs with a new folder")
     data = run / "train.jsonl"
     overrides = [f"training.output_dir={run}", f"training.max_steps={args.steps}", f"data.train={data}",
-                 f"training.seed={args.seed}"]
+                 f"training.seed={args.seed}", *([f"model={args.model}"] if getattr(args, "model", None) else [])]
     config = TrainConfig.from_yaml(args.config, overrides)
     if (run / "module").exists():
         steps = json.loads((run / "train_log.json").read_text())["log_history"][-1]["step"]
