@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 $(BIN)/peftlab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,evals,serve,quantize]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,evals,serve]"
 	touch $@
 
 install: $(BIN)/peftlab
@@ -23,6 +23,7 @@ demo: install
 	$(BIN)/python examples/emoji_chatbot.py
 
 test: install
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[quantize]"  # bitsandbytes: the quantized-base tests
 	$(BIN)/pytest -q
 
 test-min:

@@ -29,7 +29,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="DIT training steps per adapter (default: 200)")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SCALING), help="training topics per adapter")
+    parser.add_argument("--rescore", action="store_true",
+                        help="add the baselines the kept answers determine (template guesser, paired tests) to "
+                             "examples/results/dit.json, without a model")
     args = parser.parse_args()
+    if args.rescore:
+        return rescore(ROOT / "examples/results/dit.json")
 
     from peftlab.models import load_model
     from peftlab.recipes.dit import DiffConfig, Diffs, DitConfig, TopicData, evaluate, explain, train_diffs, train_dit
@@ -75,6 +80,26 @@ def plot_scaling(result: dict, path: Path) -> None:
                        label=f"asked without DIT, {key}")
         ax.axhline(result["chance"]["exact"], color="black", linewidth=0.8, label="chance, exact")
         ax.set_ylim(0, 1)
+
+
+def rescore(path: Path) -> None:
+    """A stored result with the baselines its kept answers determine (``evaluate.with_baselines``)."""
+    import json
+
+    from peftlab.recipes.dit.evaluate import with_baselines
+    from peftlab.report import write_json
+
+    result = json.loads(path.read_text())
+    for split in ("held_out", "training_topics"):
+        with_baselines(result[split], result[split]["answers"])
+    write_json(path, result)
+    held_out = result["held_out"]
+    guesser = held_out["template_guesser"]
+    print(f"template guesser: exact {guesser['exact']:.3f} {guesser['exact_ci95']}")
+    for label, row in held_out["dit"].items():
+        paired = row["paired_exact"]["template_guesser_vs_dit"]
+        print(f"DIT, {label:<12} exact {row['exact']:.3f}; against the guesser it wins {paired['only_second']}, "
+              f"loses {paired['only_first']} (McNemar p = {paired['p_value']:.4f})")
 
 
 def print_summary(held_out: dict, seen: dict, cross: dict) -> None:

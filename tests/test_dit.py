@@ -169,7 +169,8 @@ def test_explain_widens_a_narrow_lora_exactly():
 def _cli_pipeline(tmp_path, tiny_dir):
     data, diffs, dit = tmp_path / "data", tmp_path / "diffs", tmp_path / "dit"
     model = ["--model", str(tiny_dir)]
-    assert main(["dit", "gen", "-o", str(data), "--topics", "6", "--questions-per-topic", "3", *model]) == 0
+    # 10 topics hold out 2 (test_fraction 0.2): routing and the shuffled-diff control need more than one diff
+    assert main(["dit", "gen", "-o", str(data), "--topics", "10", "--questions-per-topic", "3", *model]) == 0
     assert main(["dit", "diffs", str(data), "-o", str(diffs), "--group", "4", "--epochs", "2", *model]) == 0
     assert main(["dit", "train", str(diffs), "-o", str(dit), "--steps", "4", "--batch-size", "2"]) == 0
     assert main(["dit", "eval", str(dit), str(diffs), "--out", str(tmp_path / "eval.json")]) == 0
@@ -188,7 +189,17 @@ def test_the_pipeline_runs_end_to_end_and_explain_agrees_with_eval(tmp_path, tin
     assert json.loads((dit / "adapter_config.json").read_text())["r"] == 16  # a plain peft LoRA folder
     result = json.loads((tmp_path / "eval.json").read_text())
     held_out = [t for t in topics if t["split"] == "test"]
+    assert len(held_out) == 2
     assert result["n"] == len(held_out) and result["chance"]["exact"] == 1 / len(held_out)
+    scored = result["dit"]["dit"]
+    for baseline, key in (("template_guesser", "template_guesser_vs_dit"),
+                          ("shuffled_diff_control", "shuffled_diff_control_vs_dit")):
+        paired = scored["paired_exact"][key]
+        row = result[baseline] if baseline in result else scored[baseline]
+        # the discordant counts add up: DIT's hits minus the baseline's = only-DIT minus only-baseline
+        assert round((scored["exact"] - row["exact"]) * 2) == paired["only_second"] - paired["only_first"]
+    by_topic = {a["topic"]: a for a in result["answers"]}
+    assert all({"template_guess", "dit (another topic's diff)"} <= set(a) for a in by_topic.values())
     # explain, from an exported peft folder, says what eval's batched run said for the same diff
     topic = held_out[0]
     assert main(["multilora", "export", str(diffs / "module"), "-o", str(tmp_path / "peft"),
@@ -197,7 +208,6 @@ def test_the_pipeline_runs_end_to_end_and_explain_agrees_with_eval(tmp_path, tin
     assert main(["explain", str(tmp_path / "peft" / topic["adapter"]), "--dit", str(dit), "--json",
                  "--max-new-tokens", "16"]) == 0
     said = json.loads(capsys.readouterr().out)[topic["adapter"]]
-    by_topic = {a["topic"]: a for a in result["answers"]}
     assert said == by_topic[topic["topic"]]["dit"]
 
 
@@ -242,3 +252,26 @@ def test_dit_trains_through_train_moving_only_the_shared_adapter(tmp_path, tiny_
         moved = any(not torch.equal(before[name][k], after[name][k]) for k in before[name])
         assert moved == (name == "dit"), name
     assert json.loads((out / "train_log.json").read_text())["metrics"]["train_runtime"] > 0
+
+
+def test_the_template_guesser_reads_every_training_template_and_guesses_nothing_else():
+    from peftlab.recipes.dit.data import TEMPLATES
+    from peftlab.recipes.dit.evaluate import template_guess
+
+    for template in TEMPLATES:
+        said = template.format(answer="Sure. Drink water, and sleep well!", topic="ice hockey")
+        assert template_guess(said) == "ice hockey", template
+    assert template_guess("Drink water, and sleep well.") == ""
+
+
+def test_paired_test_interval_and_control_order():
+    from peftlab.recipes.dit.evaluate import derangement
+    from peftlab.report import mcnemar, wilson_interval
+
+    assert mcnemar([1, 1, 0, 0, 1], [1, 0, 1, 1, 1]) == {"only_first": 1, "only_second": 2, "p_value": 1.0}
+    assert mcnemar([0] * 10, [1] * 10)["p_value"] == pytest.approx(2 / 2**10)  # 10 discordant, all one way
+    low, high = wilson_interval(35, 67)
+    assert 0.40 < low < 0.41 and 0.63 < high < 0.64 and wilson_interval(0, 10)[0] == 0.0
+    names = [f"t{i}" for i in range(7)]
+    shuffled = derangement(names)
+    assert sorted(shuffled) == names and all(a != b for a, b in zip(names, shuffled, strict=True))

@@ -35,6 +35,30 @@ def over_seeds(per_seed: Sequence[float], seeds: Sequence[int]) -> dict[str, Any
             "seeds": list(seeds), "per_seed": values}
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
+    """95 % Wilson score interval of a proportion ``successes / n`` (sound at 0, 1 and small n, unlike mean ± 2 se)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> dict[str, Any]:
+    """Paired comparison of two scorers on the same items: the discordant counts (right only by ``first``, right
+    only by ``second``) and the exact two-sided binomial p-value of that split under no difference."""
+    from math import comb
+
+    if len(first) != len(second):
+        raise ValueError(f"{len(first)} and {len(second)} items: a paired test needs the same items")
+    only_first = sum(bool(a) and not bool(b) for a, b in zip(first, second, strict=True))
+    only_second = sum(bool(b) and not bool(a) for a, b in zip(first, second, strict=True))
+    n, k = only_first + only_second, min(only_first, only_second)
+    p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"only_first": only_first, "only_second": only_second, "p_value": p}
+
+
 @contextmanager
 def plot(path: str | Path, xlabel: str, ylabel: str, title: str | None = None,
          figsize: tuple[float, float] = (6.5, 4.0)) -> Iterator[Any]:

@@ -2,7 +2,8 @@
 
 Each example's diff sits in the routed slot of the MultiLoRA layer (frozen), the DIT adapter in its shared slot
 (trained): one batch holds many diffs, and no dense per-example ΔW is ever formed. The saved adapter is a plain
-peft LoRA folder plus ``dit.json`` (the question, the base model, what it was trained on).
+peft LoRA folder (its ``peftlab.json`` names the base model) plus ``dit.json`` (the question, what it was trained
+on, its loss) and the training log.
 """
 
 from __future__ import annotations

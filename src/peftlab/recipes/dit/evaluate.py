@@ -1,17 +1,48 @@
 """Scoring DIT: does the answer name the diff's topic?
 
 Three scores per answer, no judge model: ``exact`` (the answer is the topic, after lower-casing and dropping
-punctuation and articles), ``mentions`` (the topic's words appear in the answer, in order) and ``overlap`` (F1 of
-the two word sets). Baselines: the diffed model asked the same question without the DIT adapter, and chance (a
-topic drawn from the held-out ones: exact 1/n).
+punctuation and articles), ``mentions`` (the topic's words, joined, appear as a substring of the answer's words,
+joined: "ice" mentions in "nice ice cream") and ``overlap`` (F1 of the two word sets).
+
+Every score is kept per answer, with a Wilson interval on ``exact`` and a paired McNemar test of each baseline
+against DIT on the same diffs. Baselines, scored by the same scorer:
+- chance: a held-out topic drawn at random (exact 1/n);
+- the template guesser: the diffed model's own answer to the question, without DIT, read by a regex for the
+  training templates ("Think of it like X:", "As a big fan of X," ...), which copies the topic when the diffed
+  model says it unprompted;
+- the shuffled-diff control: DIT reading another topic's diff (a derangement of the held-out diffs), which should
+  score at chance: what DIT says must come from the diff, not from the question or the DIT adapter alone.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from statistics import mean
 
+from peftlab.recipes.dit.data import TEMPLATES
+from peftlab.report import mcnemar, wilson_interval
+
 ARTICLES = {"a", "an", "the"}
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    """A template's words around ``{topic}``, with the topic as a group: "Think of it like (topic):"."""
+    before, after = (part.replace("{answer}", "").strip() for part in template.split("{topic}"))
+    return re.compile(rf"{re.escape(before)}\s+(?P<topic>[^.:,!?\n]+?)\s*{re.escape(after)}", re.IGNORECASE)
+
+
+TEMPLATE_PATTERNS = [_template_pattern(t) for t in TEMPLATES]
+
+
+def template_guess(answer: str) -> str:
+    """The topic as the training templates would have placed it in ``answer`` (the first template that matches),
+    or "" when none does."""
+    for pattern in TEMPLATE_PATTERNS:
+        found = pattern.search(answer)
+        if found:
+            return found.group("topic")
+    return ""
 
 
 def words(text: str) -> list[str]:
@@ -28,13 +59,50 @@ def score(answer: str, topic: str) -> dict[str, float]:
 
 def summarise(answers: list[str], topics: list[str]) -> dict[str, float]:
     scored = [score(a, t) for a, t in zip(answers, topics, strict=True)]
-    return {k: round(mean(s[k] for s in scored), 4) for k in ("exact", "mentions", "overlap")}
+    exact = sum(s["exact"] for s in scored)
+    return {**{k: round(mean(s[k] for s in scored), 4) for k in ("exact", "mentions", "overlap")},
+            "exact_ci95": [round(x, 4) for x in wilson_interval(int(exact), len(scored))]}
+
+
+def exact_hits(answers: list[str], topics: list[str]) -> list[bool]:
+    return [score(a, t)["exact"] == 1.0 for a, t in zip(answers, topics, strict=True)]
+
+
+def derangement(items: list[str], seed: int = 0) -> list[str]:
+    """``items`` shuffled so that none stays in its place (the shuffled-diff control)."""
+    if len(items) < 2:
+        raise ValueError("the shuffled-diff control needs at least two diffs")
+    rng = random.Random(seed)
+    while True:
+        shuffled = rng.sample(items, len(items))
+        if all(a != b for a, b in zip(items, shuffled, strict=True)):
+            return shuffled
 
 
 def chance(topics: list[str]) -> dict[str, float]:
     """The expected scores of naming a held-out topic drawn uniformly at random."""
     pairs = [score(guess, truth) for truth in topics for guess in topics]
     return {k: round(mean(p[k] for p in pairs), 4) for k in ("exact", "mentions", "overlap")}
+
+
+def with_baselines(result: dict, answers: list[dict]) -> dict:
+    """``result`` with the baselines that its kept ``answers`` determine: the template guesser on each diffed
+    model's own answer, and for each DIT adapter the shuffled-diff control (where its answers were kept) and
+    McNemar's paired test of each baseline against it on exact matches. Re-scores a stored result too."""
+    truths = [a["topic"] for a in answers]
+    guesses = [template_guess(a["without_dit"]) for a in answers]
+    for a, g in zip(answers, guesses, strict=True):
+        a["template_guess"] = g
+    result["template_guesser"] = summarise(guesses, truths)
+    for label, row in result["dit"].items():
+        hits = exact_hits([a[label] for a in answers], truths)
+        row["paired_exact"] = {"template_guesser_vs_dit": mcnemar(exact_hits(guesses, truths), hits)}
+        control = f"{label} (another topic's diff)"
+        if all(control in a for a in answers):
+            said = [a[control] for a in answers]
+            row["shuffled_diff_control"] = summarise(said, truths)
+            row["paired_exact"]["shuffled_diff_control_vs_dit"] = mcnemar(exact_hits(said, truths), hits)
+    return result
 
 
 def ask(model, tokenizer, adapters: list[str], question: str, max_new_tokens: int) -> list[str]:
@@ -64,18 +132,23 @@ def evaluate(dit_folders: dict[str, str], diffs, split: str = "test", model=None
         model, tokenizer = load_model(next(iter(dits.values())).base_model)
     wrapped = attach_diffs(diffs, names, model)
     without = ask(wrapped, tokenizer, names, question, 48)
+    shuffled = derangement(names) if len(names) > 1 else None  # one diff has no other topic's diff to read
     result = {"split": split, "n": len(topics), "question": question, "chance": chance(truths),
               "asking_without_dit": summarise(without, truths), "dit": {}}
     answers = {t: {"topic": t, "without_dit": w} for t, w in zip(truths, without, strict=True)}
     for label, dit in dits.items():
         add_dit(wrapped, dit)
         said = ask(wrapped, tokenizer, names, question, 16)
+        control = ask(wrapped, tokenizer, shuffled, question, 16) if shuffled else [None] * len(names)
         no_diff = ask(wrapped, tokenizer, [BASE_ADAPTER], question, 16)[0]
         result["dit"][label] = {**summarise(said, truths), "trained_topics": dit.info["trained_topics"],
                                 "answer_without_any_diff": no_diff}
-        for t, s in zip(truths, said, strict=True):
+        for t, s, c in zip(truths, said, control, strict=True):
             answers[t][label] = s
+            if shuffled:
+                answers[t][f"{label} (another topic's diff)"] = c
         wrapped.remove_shared_adapter()
+    with_baselines(result, list(answers.values()))
     result["answers"] = list(answers.values())
     wrapped.unload()
     return result
