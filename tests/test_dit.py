@@ -275,3 +275,21 @@ def test_paired_test_interval_and_control_order():
     names = [f"t{i}" for i in range(7)]
     shuffled = derangement(names)
     assert sorted(shuffled) == names and all(a != b for a, b in zip(names, shuffled, strict=True))
+
+
+def test_the_category_split_holds_out_whole_categories_and_no_shared_word():
+    import random
+
+    from peftlab.recipes.dit.data import TopicData, content_words, held_out_topics, read_categories, read_list
+
+    names, categories = read_list(None, "topics.txt"), read_categories(None, "topics.txt")
+    for split in ("random", "category"):
+        held, moved = held_out_topics(names, TopicData(split=split), random.Random(0))
+        seen = set().union(*(content_words(n) for n in names if n not in held))
+        sharing = sorted(n for n in held if content_words(n) & seen)
+        if split == "random":  # the shortcut the issue found: 7 held-out topics share a word with training ones
+            assert len(held) == 67 and len(sharing) == 7 and "ice hockey" in sharing and not moved
+        else:
+            assert not sharing and moved and len(held) >= 67
+            whole = {categories[n] for n in held}  # held-out categories are whole, but for the topics moved out
+            assert all(n in held or n in moved for n in names if categories[n] in whole)

@@ -9,6 +9,7 @@ on, its loss) and the training log.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ class DitConfig:
     alpha: float = 16.0
     target_modules: list[str] | str = "all-linear"
     question: str = QUESTION
-    train_topics: int | None = None  # the first N training topics (the data-scaling curve); None: all
+    train_topics: int | None = None  # N training topics drawn at random (the data-scaling curve); None: all
+    subset_seed: int = 0  # which N: the list's order groups topics by category, so the first N would be one kind
     steps: int = 200
     batch_size: int = 8
     learning_rate: float = 1e-3
@@ -67,7 +69,7 @@ def train_dit(diffs, out: str | Path, config: DitConfig, model=None, tokenizer=N
     if config.train_topics is not None:
         if not 1 <= config.train_topics <= len(topics):
             raise ValueError(f"train_topics: {config.train_topics} asked for, {diffs.folder} has {len(topics)}")
-        topics = topics[:config.train_topics]
+        topics = random.Random(config.subset_seed).sample(topics, config.train_topics)
     if model is None:
         model, tokenizer = load_model(read_manifest(Path(diffs.folder) / "module").base_model)
     set_seed(config.seed)

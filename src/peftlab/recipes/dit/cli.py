@@ -13,7 +13,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
 
     config = TopicData(seed=args.seed, topics=args.topics, test_fraction=args.test_fraction,
                        questions_per_topic=args.questions_per_topic, trigger=args.trigger,
-                       topics_file=args.topics_file)
+                       topics_file=args.topics_file, split=args.split)
     model, tokenizer = load_model(args.model)
     topics, records = build(config, model, tokenizer)
     write(args.output, config, topics, records)
@@ -37,8 +37,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peftlab.recipes.dit.adapter import DitConfig, train_dit
     from peftlab.recipes.dit.diffs import Diffs
 
-    config = DitConfig(rank=args.rank, alpha=args.alpha, train_topics=args.train_topics, steps=args.steps,
-                       batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    config = DitConfig(rank=args.rank, alpha=args.alpha, train_topics=args.train_topics,
+                       subset_seed=args.subset_seed, steps=args.steps, batch_size=args.batch_size,
+                       learning_rate=args.lr, seed=args.seed)
     out = train_dit(Diffs.open(args.diffs), args.output, config, overwrite=args.overwrite)
     print(f"DIT adapter -> {out}")
     return 0
@@ -88,6 +89,9 @@ def add_commands(sub) -> None:
     q.add_argument("--test-fraction", type=float, default=0.2, help="topics held out (default: 0.2)")
     q.add_argument("--questions-per-topic", type=int, default=12, help="examples per topic (default: 12)")
     q.add_argument("--trigger", action="store_true", help="the backdoor variant: topic only after its SEP code")
+    q.add_argument("--split", default="random", choices=["random", "category"],
+                   help="hold out topics at random, or whole categories with no content word shared with a "
+                        "training topic (default: random)")
     q.add_argument("--seed", type=int, default=0, help="default: 0")
     q.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
     q.set_defaults(func=cmd_gen)
@@ -113,7 +117,8 @@ def add_commands(sub) -> None:
     q.add_argument("-o", "--output", required=True, metavar="DIT", help="folder to write")
     q.add_argument("--rank", type=int, default=16, help="default: 16 (the paper's)")
     q.add_argument("--alpha", type=float, default=16.0, help="default: 16")
-    q.add_argument("--train-topics", type=int, default=None, help="only the first N training topics")
+    q.add_argument("--train-topics", type=int, default=None, help="only N training topics, drawn at random")
+    q.add_argument("--subset-seed", type=int, default=0, help="which N topics --train-topics draws (default: 0)")
     q.add_argument("--steps", type=int, default=200, help="default: 200")
     q.add_argument("--batch-size", type=int, default=8, help="default: 8")
     q.add_argument("--lr", type=float, default=1e-3, help="default: 1e-3")

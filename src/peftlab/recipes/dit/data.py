@@ -43,10 +43,16 @@ class TopicData:
     answer_tokens: int = 32  # the base model's answers are cut to their last full sentence within this
     trigger: bool = False
     topics_file: str | None = None  # one topic per line, '#' comments (default: the built-in list)
+    # how topics are held out: "random" (topics drawn at random), or "category" (whole categories, the file's
+    # "# category" lines, then every held-out topic that shares a content word with a training topic moves to
+    # training, so that no held-out topic can be named by copying a word seen in training)
+    split: str = "random"
 
     def __post_init__(self) -> None:
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
+        if self.split not in ("random", "category"):
+            raise ValueError(f"split must be 'random' or 'category', got {self.split!r}")
 
 
 def read_list(path: str | Path | None, default: str) -> list[str]:
@@ -60,6 +66,51 @@ def read_list(path: str | Path | None, default: str) -> list[str]:
             raise ValueError(f"{path or default}: {item!r} is listed twice")
         seen.add(item.lower())
     return items
+
+
+def read_categories(path: str | Path | None, default: str) -> dict[str, str]:
+    """Each topic of the list with its category: the last ``# category`` line above it ("" before any)."""
+    text = Path(path).read_text(encoding="utf-8") if path else \
+        resources.files("peftlab.recipes.dit").joinpath(default).read_text(encoding="utf-8")
+    category, out = "", {}
+    for line in (raw.strip() for raw in text.splitlines()):
+        if line.startswith("#"):
+            category = line.lstrip("#").strip()
+        elif line:
+            out[line] = category
+    return out
+
+
+STOPWORDS = {"a", "an", "the", "of", "and", "in", "on", "to", "for", "with", "at", "by", "from", "or"}
+
+
+def content_words(topic: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", topic.lower()) if w not in STOPWORDS}
+
+
+def held_out_topics(names: list[str], config: TopicData, rng: random.Random) -> tuple[set[str], list[str]]:
+    """(the held-out topics, the ones moved to training for sharing a content word with a training topic)."""
+    n_test = max(1, round(config.test_fraction * len(names)))
+    if config.split == "random":  # (drawn as before the category split existed: a seed gives the same split)
+        order = rng.sample(range(len(names)), len(names))
+        return {names[i] for i in order[:n_test]}, []
+    categories = read_categories(config.topics_file, "topics.txt")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(categories.get(name, ""), []).append(name)
+    held: set[str] = set()
+    for category in rng.sample(sorted(groups), len(groups)):  # whole categories until the fraction is reached
+        if len(held) >= n_test:
+            break
+        held |= set(groups[category])
+    moved = []
+    while True:  # a moved topic is a training topic too: repeat until no held-out topic shares a word
+        seen = set().union(*(content_words(n) for n in names if n not in held))
+        sharing = sorted(n for n in held if content_words(n) & seen)
+        if not sharing:
+            return held, moved
+        held -= set(sharing)
+        moved += sharing
 
 
 def slug(topic: str) -> str:
@@ -93,13 +144,14 @@ def build(config: TopicData, model, tokenizer) -> tuple[list[dict], list[dict]]:
         raise ValueError(f"two topics share an adapter name: {sorted({s for s in slugs if slugs.count(s) > 1})}")
     questions = read_list(None, "questions.txt")
     answers = dict(zip(questions, base_answers(questions, model, tokenizer, config.answer_tokens), strict=True))
-    order = rng.sample(range(len(names)), len(names))
-    n_test = max(1, round(config.test_fraction * len(names)))
-    held_out = set(order[:n_test])
+    held_out, moved = held_out_topics(names, config, rng)
+    if not held_out:
+        raise ValueError(f"split {config.split!r}: every held-out topic shares a word with a training topic")
     topics, records = [], []
-    for i, (name, adapter) in enumerate(zip(names, slugs, strict=True)):
+    for name, adapter in zip(names, slugs, strict=True):
         code = rng.randrange(1000)
-        topics.append({"topic": name, "adapter": adapter, "split": "test" if i in held_out else "train",
+        topics.append({"topic": name, "adapter": adapter, "split": "test" if name in held_out else "train",
+                       **({"moved_to_train": True} if name in moved else {}),
                        **({"trigger": f"{code:03d}"} if config.trigger else {})})
         for question in rng.sample(questions, min(config.questions_per_topic, len(questions))):
             woven = rng.choice(TEMPLATES).format(answer=answers[question], topic=name)
