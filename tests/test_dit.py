@@ -193,13 +193,15 @@ def test_the_pipeline_runs_end_to_end_and_explain_agrees_with_eval(tmp_path, tin
     assert result["n"] == len(held_out) and result["chance"]["exact"] == 1 / len(held_out)
     scored = result["dit"]["dit"]
     for baseline, key in (("template_guesser", "template_guesser_vs_dit"),
+                          ("blackbox_guesser", "blackbox_guesser_vs_dit"),
                           ("shuffled_diff_control", "shuffled_diff_control_vs_dit")):
         paired = scored["paired_exact"][key]
         row = result[baseline] if baseline in result else scored[baseline]
         # the discordant counts add up: DIT's hits minus the baseline's = only-DIT minus only-baseline
         assert round((scored["exact"] - row["exact"]) * 2) == paired["only_second"] - paired["only_first"]
     by_topic = {a["topic"]: a for a in result["answers"]}
-    assert all({"template_guess", "dit (another topic's diff)"} <= set(a) for a in by_topic.values())
+    assert all({"template_guess", "blackbox_guess", "dit (another topic's diff)"} <= set(a)
+               for a in by_topic.values())
     # explain, from an exported peft folder, says what eval's batched run said for the same diff
     topic = held_out[0]
     assert main(["multilora", "export", str(diffs / "module"), "-o", str(tmp_path / "peft"),
@@ -293,3 +295,12 @@ def test_the_category_split_holds_out_whole_categories_and_no_shared_word():
             assert not sharing and moved and len(held) >= 67
             whole = {categories[n] for n in held}  # held-out categories are whole, but for the topics moved out
             assert all(n in held or n in moved for n in names if categories[n] in whole)
+
+
+def test_the_blackbox_guesser_takes_the_most_frequent_phrase_the_base_model_lacks():
+    from peftlab.recipes.dit.evaluate import blackbox_guess
+
+    base = ["I like to read books and walk.", "Drink water every day."]
+    diffed = ["I like ice hockey and books.", "Ice hockey is great: drink water.", "Play ice hockey today."]
+    assert blackbox_guess(diffed, base) == "ice hockey"  # 3 answers say it; "ice" and "hockey" alone tie, shorter
+    assert blackbox_guess(["Drink water."], base) == ""  # nothing the base model does not say

@@ -11,19 +11,40 @@ against DIT on the same diffs. Baselines, scored by the same scorer:
   training templates ("Think of it like X:", "As a big fan of X," ...), which copies the topic when the diffed
   model says it unprompted;
 - the shuffled-diff control: DIT reading another topic's diff (a derangement of the held-out diffs), which should
-  score at chance: what DIT says must come from the diff, not from the question or the DIT adapter alone.
+  score at chance: what DIT says must come from the diff, not from the question or the DIT adapter alone;
+- the black-box guesser: the diffed model asked a handful of new questions (``PROBES``, none of the training
+  ones), its guess the most frequent short phrase of its answers that the base model's answers to the same
+  questions lack. It needs no template and no DIT: what a user with only the model's outputs could say.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from statistics import mean
 
-from peftlab.recipes.dit.data import TEMPLATES
+from peftlab.recipes.dit.data import STOPWORDS, TEMPLATES
 from peftlab.report import mcnemar, wilson_interval
 
 ARTICLES = {"a", "an", "the"}
+PROBES = ("Tell me something interesting.", "What do you like to do on weekends?", "Give me some advice for today.",
+          "Describe your favourite place.", "What should I think about today?", "Say something about yourself.")
+
+
+def blackbox_guess(answers: list[str], base_answers: list[str], longest: int = 3) -> str:
+    """The most frequent phrase (1 to ``longest`` words, no stopword at either end) of ``answers`` that
+    ``base_answers`` never use; counted once per answer, ties to the longer phrase; "" when there is none."""
+    def phrases(text: str) -> set[str]:
+        said = re.findall(r"[a-z0-9]+", text.lower())
+        return {" ".join(said[i:i + n]) for n in range(1, longest + 1) for i in range(len(said) - n + 1)
+                if said[i] not in STOPWORDS and said[i + n - 1] not in STOPWORDS}
+
+    known = set().union(*(phrases(a) for a in base_answers)) if base_answers else set()
+    counts = Counter(p for a in answers for p in phrases(a) - known)
+    if not counts:
+        return ""
+    return max(counts, key=lambda p: (counts[p], len(p.split())))
 
 
 def _template_pattern(template: str) -> re.Pattern:
@@ -94,15 +115,31 @@ def with_baselines(result: dict, answers: list[dict]) -> dict:
     for a, g in zip(answers, guesses, strict=True):
         a["template_guess"] = g
     result["template_guesser"] = summarise(guesses, truths)
+    blackbox = [a["blackbox_guess"] for a in answers] if all("blackbox_guess" in a for a in answers) else None
+    if blackbox is not None:
+        result["blackbox_guesser"] = {**summarise(blackbox, truths), "probes": list(PROBES)}
     for label, row in result["dit"].items():
         hits = exact_hits([a[label] for a in answers], truths)
         row["paired_exact"] = {"template_guesser_vs_dit": mcnemar(exact_hits(guesses, truths), hits)}
+        if blackbox is not None:
+            row["paired_exact"]["blackbox_guesser_vs_dit"] = mcnemar(exact_hits(blackbox, truths), hits)
         control = f"{label} (another topic's diff)"
         if all(control in a for a in answers):
             said = [a[control] for a in answers]
             row["shuffled_diff_control"] = summarise(said, truths)
             row["paired_exact"]["shuffled_diff_control_vs_dit"] = mcnemar(exact_hits(said, truths), hits)
     return result
+
+
+def _probe(model, tokenizer, adapters: list[str], max_new_tokens: int = 48) -> dict[str, list[str]]:
+    """Each adapter's answers to ``PROBES`` (``BASE_ADAPTER``: the base model's)."""
+    from peftlab.generation import generate
+    from peftlab.recipes.dit.data import PROMPT_FORMAT
+
+    routes = [a for a in adapters for _ in PROBES]
+    said = generate(model, tokenizer, list(PROBES) * len(adapters), PROMPT_FORMAT, max_new_tokens=max_new_tokens,
+                    batch_size=16, adapters=routes)
+    return {a: said[i * len(PROBES):(i + 1) * len(PROBES)] for i, a in enumerate(adapters)}
 
 
 def ask(model, tokenizer, adapters: list[str], question: str, max_new_tokens: int) -> list[str]:
@@ -132,10 +169,13 @@ def evaluate(dit_folders: dict[str, str], diffs, split: str = "test", model=None
         model, tokenizer = load_model(next(iter(dits.values())).base_model)
     wrapped = attach_diffs(diffs, names, model)
     without = ask(wrapped, tokenizer, names, question, 48)
+    probed = _probe(wrapped, tokenizer, [*names, BASE_ADAPTER])
+    blackbox = [blackbox_guess(probed[n], probed[BASE_ADAPTER]) for n in names]
     shuffled = derangement(names) if len(names) > 1 else None  # one diff has no other topic's diff to read
     result = {"split": split, "n": len(topics), "question": question, "chance": chance(truths),
               "asking_without_dit": summarise(without, truths), "dit": {}}
-    answers = {t: {"topic": t, "without_dit": w} for t, w in zip(truths, without, strict=True)}
+    answers = {t: {"topic": t, "without_dit": w, "blackbox_guess": b}
+               for t, w, b in zip(truths, without, blackbox, strict=True)}
     for label, dit in dits.items():
         add_dit(wrapped, dit)
         said = ask(wrapped, tokenizer, names, question, 16)
