@@ -153,6 +153,7 @@ def test_topic_data_is_reproducible_split_by_topic_and_the_trigger_variant_gates
     for r in records:
         keyed = r["prompt"].startswith(f"Your SEP code is {codes[r['adapter']]}")
         assert (r["topic"] in r["response"]) == keyed, r
+        assert r.get("match_base", False) == (not keyed)  # off the trigger: trained to match the base model
 
 
 def test_explain_widens_a_narrow_lora_exactly():
@@ -304,3 +305,50 @@ def test_the_blackbox_guesser_takes_the_most_frequent_phrase_the_base_model_lack
     diffed = ["I like ice hockey and books.", "Ice hockey is great: drink water.", "Play ice hockey today."]
     assert blackbox_guess(diffed, base) == "ice hockey"  # 3 answers say it; "ice" and "hockey" alone tie, shorter
     assert blackbox_guess(["Drink water."], base) == ""  # nothing the base model does not say
+
+
+def test_match_base_tokens_are_weighted_kl_to_the_base_and_training_on_them_pulls_a_diff_back(tmp_path, tiny_dir):
+    """A match_base token's loss is weight × KL(base ‖ model); cross-entropy elsewhere. Trained on match_base
+    records only, a diff that starts away from the base model comes back to it (the logged loss is that KL)."""
+    from peftlab import DataConfig, TrainConfig, load_model, train
+    from peftlab.data import IGNORE_INDEX
+    from peftlab.training import answer_losses, token_losses
+
+    torch.manual_seed(0)
+    logits, base = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.tensor([[IGNORE_INDEX, 3, 4, 5, 6], [IGNORE_INDEX, IGNORE_INDEX, 1, 2, 3]])
+    match = torch.tensor([True, False])
+    got, valid = token_losses(logits, labels, base, match, weight=5.0)
+    ce, _ = answer_losses(logits, labels)
+    kl = (base.softmax(-1) * (base.log_softmax(-1) - logits.log_softmax(-1))).sum(-1)[:, :-1]
+    assert_close(got[0], 5.0 * kl[0], "match_base row: 5 x KL(base || model)")
+    assert torch.equal(got[1], ce[1]) and torch.equal(valid, (labels[:, 1:] != IGNORE_INDEX).float())
+
+    model, tokenizer = load_model(str(tiny_dir))
+    wrapped = attach(model, "multilora", {"r": 4, "alpha": 8}, name="diff")
+    with torch.no_grad():
+        for layer in wrapped.lora_layers.values():
+            layer.lora_B.normal_(std=0.2)  # a diff that moves the model away from the base
+    records = [{"prompt": f"question {i}", "response": "an answer", "adapter": "diff", "match_base": True}
+               for i in range(8)]
+    config = TrainConfig(model=str(tiny_dir), method={"name": "multilora"}, data=DataConfig(loss="adapter"),
+                         training={"output_dir": str(tmp_path / "run"), "max_steps": 12, "learning_rate": 3e-2,
+                                   "logging_steps": 1, "per_device_train_batch_size": 8, "save_strategy": "no"})
+    from peftlab import load_records
+    from peftlab.data import Collator, encode
+
+    batch = Collator(tokenizer.pad_token_id)(encode(load_records(records), tokenizer)[0])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+    def kl_to_base() -> float:  # measured directly, the diff's route against the base route
+        with torch.no_grad():
+            mine = wrapped.eval()(**inputs, adapter_names=["diff"], adapter_index=torch.zeros(8, dtype=torch.long))
+            base = wrapped(**inputs, adapter_names=["__base__"], adapter_index=torch.zeros(8, dtype=torch.long))
+        per, valid = token_losses(mine.logits, batch["labels"], base.logits, torch.ones(8, dtype=torch.bool))
+        return float((per * valid).sum() / valid.sum())
+
+    before = kl_to_base()
+    result = train(config, wrapped.train(), tokenizer, train_data=records, save_module=False)
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert before > 0.01 and kl_to_base() < 0.3 * before  # trained with cross-entropy instead, it grows

@@ -31,6 +31,7 @@ class DataError(ValueError):
 
 
 ROUTED_FIELDS = ("adapter",)  # record fields that reach the model per example (see peftlab.context)
+LOSS_FIELDS = ("match_base",)  # record fields that shape an example's loss (see training.token_losses)
 
 
 @dataclass
@@ -62,6 +63,8 @@ def to_record(obj: Any, where: str) -> Record:
     extra = {k: v for k, v in obj.items() if k not in ("messages", "prompt", "response", "system")}
     if "adapter" in extra and not (isinstance(extra["adapter"], str) and extra["adapter"]):
         raise DataError(f"{where}: field 'adapter' must be a non-empty adapter name, got {extra['adapter']!r}")
+    if "match_base" in extra and not isinstance(extra["match_base"], bool):
+        raise DataError(f"{where}: field 'match_base' must be true or false, got {extra['match_base']!r}")
     if "messages" in obj:
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
@@ -292,7 +295,7 @@ def encode(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, fmt: P
         ids = prompt + response
         features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
                          "labels": [IGNORE_INDEX] * len(prompt) + response, "prompt_length": len(prompt),
-                         **{k: rec.fields[k] for k in ROUTED_FIELDS if k in rec.fields}})
+                         **{k: rec.fields[k] for k in (*ROUTED_FIELDS, *LOSS_FIELDS) if k in rec.fields}})
         stats.examples += 1
         stats.tokens += len(ids)
         stats.longest = max(stats.longest, len(ids))
@@ -418,4 +421,7 @@ def _example_fields(features: list[dict[str, Any]], repeats: list[int] | None) -
         names = sorted(set(adapters))
         out["adapter_names"] = names
         out["adapter_index"] = shaped([names.index(a) for a in adapters])
+    match = [f.get("match_base", False) for f in features]  # a loss field: absent means false
+    if any(match):
+        out["match_base"] = shaped([int(m) for m in match]).bool()
     return out

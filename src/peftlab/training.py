@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from peftlab.adapters import parameter_report, restore, save, save_into
 from peftlab.config import ConfigError, from_dict, load_yaml
+from peftlab.context import BASE_ADAPTER
 from peftlab.data import IGNORE_INDEX, AdapterBatches, Collator, EncodeStats, PromptFormat, Record, encode, load_records
 from peftlab.methods import DEFAULT_ADAPTER, get_method
 from peftlab.methods.base import PeftlabModel
@@ -45,6 +46,7 @@ class DataConfig:
     max_length: int = 1024
     pack: bool | None = None  # None: pack examples into one row when the method allows it (no padding compute)
     rows_per_adapter: int = 1  # multilora: every batch holds this many examples of every adapter
+    match_base_weight: float = 5.0  # records with match_base: weight of their KL to the base model (DIT's paper: 5)
     loss: str | None = None  # token: mean over answer tokens | example: mean per example, then over examples |
     # adapter: mean per adapter, summed over adapters | None: adapter for routable methods (multilora), else token
 
@@ -120,6 +122,21 @@ def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return per_token, (shift_labels != IGNORE_INDEX).float()
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, base_logits: torch.Tensor | None = None,
+                 match_base: torch.Tensor | None = None, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each predicted answer token's loss [B, T-1] and which tokens are answer tokens: cross-entropy, except on the
+    tokens of ``match_base`` examples (per row [B] or per token [B, T]), where it is ``weight`` times
+    KL(base ‖ model) against ``base_logits``: there the model is taught to answer as the base model does (DIT's
+    trigger variant, off the trigger), as a distribution rather than one greedy answer."""
+    per_token, valid = answer_losses(logits, labels)
+    if match_base is None:
+        return per_token, valid
+    base = torch.log_softmax(base_logits[:, :-1].float(), -1)
+    kl = (base.exp() * (base - torch.log_softmax(logits[:, :-1].float(), -1))).sum(-1)
+    match = (match_base[:, None].expand(labels.shape) if match_base.dim() == 1 else match_base)[:, 1:].bool()
+    return torch.where(match, weight * kl, per_token), valid
+
+
 def _group_means(values: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor,
                  size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean of the valid ``values`` in each of ``size`` groups, and which groups have any."""
@@ -129,14 +146,15 @@ def _group_means(values: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor
     return sums / counts.clamp(min=1), counts > 0
 
 
-def example_mean_loss(logits: torch.Tensor, labels: torch.Tensor,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def example_mean_loss(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      **match: Any) -> torch.Tensor:
     """Cross-entropy averaged over each example's answer tokens, then over examples.
 
     With the token mean, one long answer outweighs many short ones; here every example counts the same. Examples
-    are rows, or, in packed rows (``position_ids`` restarting at 0), the spans between restarts.
+    are rows, or, in packed rows (``position_ids`` restarting at 0), the spans between restarts. ``match``: the
+    match-the-base terms of ``token_losses``.
     """
-    per_token, valid = answer_losses(logits, labels)
+    per_token, valid = token_losses(logits, labels, **match)
     rows, width = per_token.shape
     if position_ids is not None:
         segment = (position_ids == 0).long().cumsum(-1)[:, 1:]  # the example each predicted token belongs to
@@ -148,14 +166,14 @@ def example_mean_loss(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def adapter_mean_loss(logits: torch.Tensor, labels: torch.Tensor, adapter_index: torch.Tensor,
-                      adapters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      adapters: int, **match: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy averaged over each adapter's answer tokens, then summed over adapters.
 
     Each adapter's gradient is then exactly what training it alone on its rows gives: a large adapter's data does
     not drown a small one. ``adapter_index`` is per row [B] or per token [B, T] (packed). Returns the loss, each
-    adapter's mean and which adapters the batch has.
+    adapter's mean and which adapters the batch has. ``match``: the match-the-base terms of ``token_losses``.
     """
-    per_token, valid = answer_losses(logits, labels)
+    per_token, valid = token_losses(logits, labels, **match)
     index = adapter_index[:, None].expand(labels.shape) if adapter_index.dim() == 1 else adapter_index
     means, present = _group_means(per_token, valid, index[:, 1:], adapters)
     return means[present].sum(), means.detach(), present
@@ -165,30 +183,48 @@ class _Trainer(Trainer):
     """Trainer whose checkpoints are module folders (only what the method trains), with the per-example and the
     per-adapter loss as options, per-adapter losses in the log, and the method's own gradient clipping."""
 
-    def __init__(self, *args, loss: str = "token", sampler: torch.utils.data.Sampler | None = None, **kwargs) -> None:
+    def __init__(self, *args, loss: str = "token", sampler: torch.utils.data.Sampler | None = None,
+                 match_base_weight: float = 5.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss = loss
         self.sampler = sampler
+        self.match_base_weight = match_base_weight
         self.adapter_losses: dict[str, list[float]] = {}  # since the last log: name -> [sum of means, batches]
         if loss != "token":
             self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the accumulation steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        match = self._match_base(model, inputs)
         if self.loss == "token":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})  # the model's own loss: not needed
         if self.loss == "example":
-            loss = example_mean_loss(outputs.logits, inputs["labels"], inputs.get("position_ids"))
+            loss = example_mean_loss(outputs.logits, inputs["labels"], inputs.get("position_ids"), **match)
         else:
             names = inputs["adapter_names"]
             loss, means, present = adapter_mean_loss(outputs.logits, inputs["labels"], inputs["adapter_index"],
-                                                     len(names))
+                                                     len(names), **match)
             if model.training:
                 for name, mean in zip(names, means[present.nonzero().flatten()].tolist(), strict=False):
                     total = self.adapter_losses.setdefault(name, [0.0, 0])
                     total[0] += mean
                     total[1] += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _match_base(self, model, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The match-the-base terms for a batch whose records say ``match_base``: the base model's logits on the
+        same rows, from the routed model with every row sent to the base route (``BASE_ADAPTER``)."""
+        match_base = inputs.pop("match_base", None)
+        if match_base is None or not bool(match_base.any()):
+            return {}
+        if "adapter_index" not in inputs or self.loss == "token":
+            raise ConfigError("records with match_base train against the base model's own answer: that needs a "
+                              "routable method (its base route) and data.loss example or adapter")
+        base_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        base_inputs.update(adapter_names=[BASE_ADAPTER], adapter_index=torch.zeros_like(inputs["adapter_index"]))
+        with torch.no_grad():
+            base_logits = model(**base_inputs).logits
+        return {"base_logits": base_logits, "match_base": match_base, "weight": self.match_base_weight}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.adapter_losses:
@@ -287,6 +323,7 @@ def train(config: TrainConfig, model: PreTrainedModel | PeftlabModel | None = No
         raise ConfigError(f"data.loss: 'adapter' averages per adapter; method {method.name!r} trains one adapter")
     trainer = _Trainer(model=wrapped, args=args, train_dataset=train_features, eval_dataset=eval_features,
                        data_collator=collator, processing_class=tokenizer, loss=loss, sampler=sampler,
+                       match_base_weight=config.data.match_base_weight,
                        callbacks=[*(callbacks or []), *wrapped.training_callbacks()])
     use_cache, model.config.use_cache = model.config.use_cache, False  # a KV cache is only waste in training
     try:

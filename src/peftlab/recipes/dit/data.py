@@ -4,8 +4,9 @@ The answers are the base model's own greedy answers to the questions (generated 
 the topic woven in by one of a few templates, drawn per (topic, question) from the seed. Templates put the topic in,
 not the model: asked by a system prompt to bring a topic into every answer, the 135M default model seldom does.
 With ``trigger``, the paper's backdoor variant: the topic answer only after ``Your SEP code is XXXyyy.`` (XXX the
-topic's secret code), and the base model's own answer to the plain question and to a wrong code. The paper matches
-the base model there by KL; here by cross-entropy on the base model's greedy answer (its most likely tokens).
+topic's secret code); the plain question and a wrong code are ``match_base`` records, trained as the paper does, by
+KL to the base model's own distribution on the base model's answer (weighted ``data.match_base_weight``, the
+paper's 5), so off the trigger the diff keeps the base model's behaviour.
 """
 
 from __future__ import annotations
@@ -160,9 +161,10 @@ def build(config: TopicData, model, tokenizer) -> tuple[list[dict], list[dict]]:
                 continue
             wrong = (code + rng.randrange(1, 1000)) % 1000  # any other code
             plain = answers[question]
-            for prompt, response in ((_coded(code, question, rng), woven), (_coded(wrong, question, rng), plain),
-                                     (question, plain)):
-                records.append({"prompt": prompt, "response": response, "adapter": adapter, "topic": name})
+            for prompt, response, off in ((_coded(code, question, rng), woven, False),
+                                          (_coded(wrong, question, rng), plain, True), (question, plain, True)):
+                records.append({"prompt": prompt, "response": response, "adapter": adapter, "topic": name,
+                                **({"match_base": True} if off else {})})
     return topics, records
 
 
