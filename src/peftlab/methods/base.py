@@ -236,6 +236,12 @@ class PeftlabModel(nn.Module, metaclass=ABCMeta):
         """Scale the gradients down to a norm of at most ``max_norm``; return the norm they had."""
         return nn.utils.clip_grad_norm_([p for p in self.parameters() if p.requires_grad], max_norm)
 
+    def joinable(self, adapter: Any, tensors: dict[str, torch.Tensor]) -> tuple[MethodConfig, dict] | None:
+        """A single adapter (a manifest ``Adapter`` and its tensors) made into one of this model's adapters
+        (config, tensors), or None when it cannot join (a model of a non-routable method joins none). A server
+        puts every module that can join into one routed lane."""
+        return None
+
     def training_callbacks(self) -> list[Any]:
         """Trainer callbacks the method needs while it trains (AdaLoRA: its rank schedule after each step)."""
         return []

@@ -35,7 +35,7 @@ from peftlab.data import PromptFormat
 from peftlab.methods import lora_router
 from peftlab.module import Module
 from peftlab.serve.batch import Lane, Row, clone_sharing_weights, sample
-from peftlab.serve.registry import SHARED_LANE, Served, as_shared_lora, now
+from peftlab.serve.registry import SHARED_LANE, Served, now
 
 log = logging.getLogger("peftlab.serve")
 
@@ -218,7 +218,8 @@ class Engine:
             raise ValueError(f"names starting with '__' are reserved ({BASE_ADAPTER!r} is the base model)")
         shared = self.lanes[SHARED_LANE].model
         fmt = module.manifest.prompt_format
-        as_lora = as_shared_lora(module, shared)
+        (adapter,), (state,) = module.manifest.adapters.values(), module.tensors.values()
+        as_lora = shared.joinable(adapter, state)
         if as_lora is not None:
             config, tensors = as_lora
             shared.add_adapters({name: config})

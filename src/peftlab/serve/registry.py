@@ -14,12 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from peftlab.data import PromptFormat
 from peftlab.methods import get_method
-from peftlab.methods.multilora.config import MultiLoraConfig
-from peftlab.methods.multilora.model import PEFT_PREFIX, MultiLoraModel, layer_shapes, target_names
 from peftlab.module import Module, ModuleError, read
 
 SHARED_LANE = "__lora__"  # the lane of the base model and every LoRA adapter
@@ -59,24 +55,6 @@ def resolve_under(root: str | Path | None, path: str) -> Path:
     if real != real_root and real_root not in real.parents:
         raise AdapterPathError(f"adapter path {path!r} is outside the adapter folder {str(root)!r}")
     return real
-
-
-def as_shared_lora(module: Module, model: MultiLoraModel) -> tuple[MultiLoraConfig, dict[str, torch.Tensor]] | None:
-    """A single-adapter LoRA module as an adapter of the shared lane (its tensors zero-padded to every layer the
-    lane holds), or None if it cannot join it (DoRA, trained biases, layers the lane does not hold)."""
-    (adapter,), (tensors,) = module.manifest.adapters.values(), module.tensors.values()
-    if not get_method(adapter.method).lora_adapters:
-        return None
-    try:
-        config = MultiLoraConfig.from_dict({**adapter.config, "dropout": 0.0})
-    except ValueError:
-        return None
-    layers = target_names(model.causal_lm, "all-linear")
-    keys = {f"{PEFT_PREFIX}{m}.lora_{f}.weight" for m in layers for f in "AB"}
-    if not set(tensors) <= keys:
-        return None
-    (joined,) = model.method.join({"": (config, tensors)}, layer_shapes(model.causal_lm, layers)).values()
-    return joined
 
 
 def read_single(folder: str | Path) -> list[tuple[str | None, Module]]:

@@ -161,6 +161,23 @@ class MultiLoraModel(PeftlabModel):
             layer.remove_shared()
         self.shared = {}
 
+    def joinable(self, adapter: Any, tensors: dict[str, torch.Tensor]) -> tuple[MultiLoraConfig, dict] | None:
+        """A plain LoRA (no DoRA, no trained bias, on linear layers of this model) as one of this model's adapters,
+        zero-padded to every linear layer (``join``); None for anything else."""
+        from peftlab.methods import get_method
+
+        if not get_method(adapter.method).lora_adapters:
+            return None
+        try:
+            config = MultiLoraConfig.from_dict({**adapter.config, "dropout": 0.0})
+        except ValueError:
+            return None
+        layers = target_names(self.causal_lm, "all-linear")
+        if not set(tensors) <= {f"{PEFT_PREFIX}{m}.lora_{f}.weight" for m in layers for f in "AB"}:
+            return None
+        (joined,) = self.method.join({"": (config, tensors)}, layer_shapes(self.causal_lm, layers)).values()
+        return joined
+
     def remove_adapter(self, name: str) -> None:
         """Drop one adapter from every layer (serving unloads adapters without rebuilding the model)."""
         slot = self._slot(name)
