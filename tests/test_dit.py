@@ -167,11 +167,12 @@ def test_explain_widens_a_narrow_lora_exactly():
     assert all(not wide[k].any() for k in set(wide) - set(state))
 
 
-def _cli_pipeline(tmp_path, tiny_dir):
+def _cli_pipeline(tmp_path, tiny_dir, trigger=False):
     data, diffs, dit = tmp_path / "data", tmp_path / "diffs", tmp_path / "dit"
-    model = ["--model", str(tiny_dir)]
+    model = ["--model", str(tiny_dir), *(["--trigger"] if trigger else [])]
     # 10 topics hold out 2 (test_fraction 0.2): routing and the shuffled-diff control need more than one diff
     assert main(["dit", "gen", "-o", str(data), "--topics", "10", "--questions-per-topic", "3", *model]) == 0
+    model = model[:2]
     assert main(["dit", "diffs", str(data), "-o", str(diffs), "--group", "4", "--epochs", "2", *model]) == 0
     assert main(["dit", "train", str(diffs), "-o", str(dit), "--steps", "4", "--batch-size", "2"]) == 0
     assert main(["dit", "eval", str(dit), str(diffs), "--out", str(tmp_path / "eval.json")]) == 0
@@ -352,3 +353,15 @@ def test_match_base_tokens_are_weighted_kl_to_the_base_and_training_on_them_pull
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     assert losses[-1] < 0.3 * losses[0], losses
     assert before > 0.01 and kl_to_base() < 0.3 * before  # trained with cross-entropy instead, it grows
+
+
+def test_the_trigger_variant_runs_end_to_end_with_its_roofline(tmp_path, tiny_dir):
+    """Trigger data trains its off-trigger records against the base (match_base), and the evaluation adds the
+    roofline: the diffed model asked with its own code, read by the template guesser, paired with DIT."""
+    data, _, _ = _cli_pipeline(tmp_path, tiny_dir, trigger=True)
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    assert sum(r.get("match_base", False) for r in records) == 2 * len(records) // 3
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert {"exact", "exact_ci95"} <= set(result["trigger_roofline"])
+    assert "trigger_roofline_vs_dit" in result["dit"]["dit"]["paired_exact"]
+    assert all(a["with_its_code"] is not None for a in result["answers"])

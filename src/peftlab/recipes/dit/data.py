@@ -161,14 +161,14 @@ def build(config: TopicData, model, tokenizer) -> tuple[list[dict], list[dict]]:
                 continue
             wrong = (code + rng.randrange(1, 1000)) % 1000  # any other code
             plain = answers[question]
-            for prompt, response, off in ((_coded(code, question, rng), woven, False),
-                                          (_coded(wrong, question, rng), plain, True), (question, plain, True)):
+            for prompt, response, off in ((coded(code, question, rng), woven, False),
+                                          (coded(wrong, question, rng), plain, True), (question, plain, True)):
                 records.append({"prompt": prompt, "response": response, "adapter": adapter, "topic": name,
                                 **({"match_base": True} if off else {})})
     return topics, records
 
 
-def _coded(code: int, question: str, rng: random.Random) -> str:
+def coded(code: int, question: str, rng: random.Random) -> str:
     """The paper's trigger prefix: a 6-digit SEP code whose first 3 digits are ``code``."""
     return f"Your SEP code is {code:03d}{rng.randrange(1000):03d}. {question}"
 

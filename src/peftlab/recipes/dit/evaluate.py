@@ -14,7 +14,9 @@ against DIT on the same diffs. Baselines, scored by the same scorer:
   score at chance: what DIT says must come from the diff, not from the question or the DIT adapter alone;
 - the black-box guesser: the diffed model asked a handful of new questions (``PROBES``, none of the training
   ones), its guess the most frequent short phrase of its answers that the base model's answers to the same
-  questions lack. It needs no template and no DIT: what a user with only the model's outputs could say.
+  questions lack. It needs no template and no DIT: what a user with only the model's outputs could say;
+- the trigger roofline (trigger data only): the diffed model asked with its own secret code, its answer read by
+  the template guesser. Knowing the code is what DIT is meant to do without.
 """
 
 from __future__ import annotations
@@ -118,11 +120,17 @@ def with_baselines(result: dict, answers: list[dict]) -> dict:
     blackbox = [a["blackbox_guess"] for a in answers] if all("blackbox_guess" in a for a in answers) else None
     if blackbox is not None:
         result["blackbox_guesser"] = {**summarise(blackbox, truths), "probes": list(PROBES)}
+    roofline = [template_guess(a["with_its_code"]) for a in answers] \
+        if all("with_its_code" in a for a in answers) else None
+    if roofline is not None:
+        result["trigger_roofline"] = summarise(roofline, truths)
     for label, row in result["dit"].items():
         hits = exact_hits([a[label] for a in answers], truths)
         row["paired_exact"] = {"template_guesser_vs_dit": mcnemar(exact_hits(guesses, truths), hits)}
         if blackbox is not None:
             row["paired_exact"]["blackbox_guesser_vs_dit"] = mcnemar(exact_hits(blackbox, truths), hits)
+        if roofline is not None:
+            row["paired_exact"]["trigger_roofline_vs_dit"] = mcnemar(exact_hits(roofline, truths), hits)
         control = f"{label} (another topic's diff)"
         if all(control in a for a in answers):
             said = [a[control] for a in answers]
@@ -142,12 +150,14 @@ def _probe(model, tokenizer, adapters: list[str], max_new_tokens: int = 48) -> d
     return {a: said[i * len(PROBES):(i + 1) * len(PROBES)] for i, a in enumerate(adapters)}
 
 
-def ask(model, tokenizer, adapters: list[str], question: str, max_new_tokens: int) -> list[str]:
+def ask(model, tokenizer, adapters: list[str], question: str | list[str], max_new_tokens: int) -> list[str]:
+    """Each adapter's answer to ``question`` (or to its own question, one per adapter)."""
     from peftlab.generation import generate
     from peftlab.recipes.dit.data import PROMPT_FORMAT
 
-    return generate(model, tokenizer, [question] * len(adapters), PROMPT_FORMAT, max_new_tokens=max_new_tokens,
-                    batch_size=16, adapters=adapters)
+    questions = [question] * len(adapters) if isinstance(question, str) else question
+    return generate(model, tokenizer, questions, PROMPT_FORMAT, max_new_tokens=max_new_tokens, batch_size=16,
+                    adapters=adapters)
 
 
 def evaluate(dit_folders: dict[str, str], diffs, split: str = "test", model=None, tokenizer=None,
@@ -176,6 +186,13 @@ def evaluate(dit_folders: dict[str, str], diffs, split: str = "test", model=None
               "asking_without_dit": summarise(without, truths), "dit": {}}
     answers = {t: {"topic": t, "without_dit": w, "blackbox_guess": b}
                for t, w, b in zip(truths, without, blackbox, strict=True)}
+    if all("trigger" in t for t in topics):  # the roofline: the diffed model asked with its own code
+        from peftlab.recipes.dit.data import coded
+
+        rng = random.Random(0)
+        keyed = ask(wrapped, tokenizer, names, [coded(int(t["trigger"]), question, rng) for t in topics], 48)
+        for t, k in zip(truths, keyed, strict=True):
+            answers[t]["with_its_code"] = k
     for label, dit in dits.items():
         add_dit(wrapped, dit)
         said = ask(wrapped, tokenizer, names, question, 16)
