@@ -79,6 +79,16 @@ def test_positions_parse_and_masks():
     assert every["all"][1].nonzero().flatten().tolist() == [7, 8, 9]
     no_labels = position_masks(*prompt_spans(mask, None, None, mask.shape), first=0, last=1, every_token=False)
     assert no_labels["all"].nonzero().tolist() == [[0, 7], [1, 9]]
+    # pyreft's dataset helpers: the last positions end one token early (last_position = n - 1), and its short-prompt
+    # rule counts that shorter prompt (row 1: n - 1 = 2, so first = last = min(2, 1) = 1)
+    early = position_masks(*prompt_spans(mask, None, prompts, mask.shape), first=2, last=2, every_token=False,
+                           short_prompts="pyreft", end_offset=1)
+    assert early["last"][0].nonzero().flatten().tolist() == [3, 4] and early["first"][0].sum() == 2
+    assert early["first"][1].nonzero().flatten().tolist() == [5]
+    assert early["last"][1].nonzero().flatten().tolist() == [6]
+    every_early = position_masks(*prompt_spans(mask, None, prompts, mask.shape), first=0, last=1, every_token=True,
+                                 end_offset=1)
+    assert every_early["last"][0].nonzero().flatten().tolist() == [4, 6, 7]  # generated tokens still join
 
 
 @pytest.mark.parametrize(("n", "positions", "paper", "pyreft"), [

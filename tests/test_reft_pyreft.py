@@ -123,6 +123,13 @@ def test_convert_command_both_ways(tmp_path, tiny_dir):
     assert back.reft_config == wrapped.reft_config
     with torch.no_grad():  # R re-orthonormalised on each load: ~1e-7 changes in R
         assert_close(back(input_ids=IDS).logits, wrapped(input_ids=IDS).logits, "converted both ways")
+    # a module trained with pyreft's dataset helpers (last_position = n - 1) imports with its positions one early
+    assert main(["convert", str(tmp_path / "pyreft"), "-o", str(tmp_path / "early"), "--model", str(tiny_dir),
+                 "--positions", "f1+l1", "--prompt-end-offset", "1"]) == 0
+    early = load(tmp_path / "early", load_model(str(tiny_dir))[0])
+    assert early.reft_config.prompt_end_offset == 1
+    with torch.no_grad():  # the last intervention moved off the final prompt token: the logits differ
+        assert (early(input_ids=IDS).logits - back(input_ids=IDS).logits).abs().max() > 1e-4
 
 
 def test_convert_of_a_module_that_is_not_reft_says_so(tmp_path, tiny_dir, capsys):

@@ -19,7 +19,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if is_pyreft_folder(args.source):
         model, _ = load_model(args.model or DEFAULT_MODEL, args.dtype, args.device)
         settings = {"act": args.act, "dropout": args.dropout, "dtype": args.intervention_dtype,
-                    "short_prompts": args.short_prompts}
+                    "short_prompts": args.short_prompts, "prompt_end_offset": args.prompt_end_offset}
         save(load_pyreft(args.source, model, positions=args.positions, **settings), args.output,
              overwrite=args.overwrite)
         print(f"pyreft interventions {args.source} -> peftlab module {args.output}")
@@ -61,5 +61,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--short-prompts", default="pyreft", choices=["pyreft", "paper"],
                    help="importing: how prompts shorter than the positions are cut (default: pyreft, as the "
                         "module was trained)")
+    p.add_argument("--prompt-end-offset", type=int, default=0,
+                   help="importing: 1 for modules trained with pyreft's dataset helpers, whose last positions end "
+                        "one token before the prompt's end (last_position = n - 1); default 0")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)

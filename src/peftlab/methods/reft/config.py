@@ -25,6 +25,9 @@ class ReftConfig(MethodConfig):
     short_prompts: how a prompt shorter than first + last positions is cut: "paper" (first <- min(p, n // 2),
         last <- min(s, ceil(n / 2)) when n < p + s) or "pyreft" (both <- min(., n // 2) on every prompt; set on
         import, so a module behaves as it did in pyreft).
+    prompt_end_offset: where the prompt ends for the positions, in tokens before its real end: 0 (the paper's and
+        peftlab's count, "l1" = the last prompt token), or 1 for modules trained with pyreft's dataset helpers,
+        which count the last positions from n - 1 (``last_position = n - 1``), leaving the final token out.
     lora: settings of a LoRA trained together with the interventions (peftlab's LoraConfig fields), or None.
     """
 
@@ -39,6 +42,7 @@ class ReftConfig(MethodConfig):
     add_bias: bool = False
     generation: str = "prompt"
     short_prompts: str = "paper"
+    prompt_end_offset: int = 0
     lora: dict[str, Any] | None = None
     seed: int | None = None
 
@@ -49,6 +53,8 @@ class ReftConfig(MethodConfig):
             raise ValueError(f"generation {self.generation!r} is not one of {GENERATION_MODES}")
         if self.short_prompts not in SHORT_PROMPT_RULES:
             raise ValueError(f"short_prompts {self.short_prompts!r} is not one of {SHORT_PROMPT_RULES}")
+        if not isinstance(self.prompt_end_offset, int) or self.prompt_end_offset < 0:
+            raise ValueError(f"prompt_end_offset must be a non-negative integer, got {self.prompt_end_offset!r}")
         self.first, self.last = parse_positions(self.positions)
 
     def layer_indices(self, num_layers: int) -> list[int]:

@@ -62,15 +62,17 @@ def prompt_spans(attention_mask: torch.Tensor | None, position_ids: torch.Tensor
 
 
 def position_masks(start: torch.Tensor, end: torch.Tensor, real: torch.Tensor, first: int, last: int,
-                   every_token: bool, short_prompts: str = "paper") -> dict[str, torch.Tensor]:
+                   every_token: bool, short_prompts: str = "paper", end_offset: int = 0) -> dict[str, torch.Tensor]:
     """Boolean masks [B, T] for the groups "first", "last" and "all" (= both) of the ReFT positions.
 
     ``start``/``end`` give each token's prompt span (see ``prompt_spans``). When a prompt of n tokens is shorter
     than first + last, the paper's rule applies: first <- min(first, n // 2) and last <- min(last, ceil(n / 2)),
     so the two never overlap. ``short_prompts="pyreft"`` is pyreft's rule instead: first <- min(first, n // 2) and
     last <- min(last, n // 2) on every prompt (a one-token prompt gets no intervention). With ``every_token`` the
-    tokens after the prompt join the "last" group.
+    tokens after the prompt join the "last" group. ``end_offset`` ends the positions' prompt that many tokens early
+    (pyreft's ``last_position = n - 1``: 1), the short-prompt rule counting the shortened prompt.
     """
+    prompt_end, end = end, torch.maximum(end - end_offset, start)
     n = end - start
     if short_prompts == "pyreft":
         p, s = (n // 2).clamp(max=first), (n // 2).clamp(max=last)
@@ -84,7 +86,7 @@ def position_masks(start: torch.Tensor, end: torch.Tensor, real: torch.Tensor, f
     first_mask = (idx >= start) & (idx < start + p)
     last_mask = (idx >= end - s) & (idx < end)
     if every_token:
-        last_mask = last_mask | (real & (idx >= end))
+        last_mask = last_mask | (real & (idx >= prompt_end))
     return {"first": first_mask, "last": last_mask, "all": first_mask | last_mask}
 
 
@@ -195,7 +197,7 @@ class ReftModel(PeftlabModel):
             mask = torch.ones(shape, dtype=torch.long, device=device)
         spans = prompt_spans(mask, kwargs.get("position_ids"), self.context.fields.prompt_lengths, shape)
         self._masks = position_masks(*spans, config.first, config.last, config.generation == "every_token",
-                                     config.short_prompts)
+                                     config.short_prompts, config.prompt_end_offset)
 
     def _intervene(self, keys: list[str], h: torch.Tensor) -> torch.Tensor:
         for key in keys:
