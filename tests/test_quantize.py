@@ -14,13 +14,10 @@ from floats import assert_close  # noqa: E402
 from peftlab import TrainConfig, generate, load_model, read, train  # noqa: E402
 from peftlab.adapters import load_for_inference, merged_model  # noqa: E402
 from peftlab.quantize import QuantizationError, quantization_of  # noqa: E402
+from test_precision import _records  # noqa: E402
 from test_protocol import SETTINGS  # noqa: E402
 
 IDS = torch.tensor([[5, 17, 99, 3, 200, 42, 7]])
-
-
-def _records(method: str, pairs: list[dict]) -> list[dict]:
-    return [{**p, "adapter": "default"} for p in pairs] if method == "multilora" else pairs
 
 
 def _fields(method: str) -> dict:

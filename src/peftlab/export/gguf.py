@@ -73,12 +73,20 @@ def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def rope_rows_in_llama_order(weight: torch.Tensor, layer: str, config: PretrainedConfig) -> torch.Tensor:
+    """``weight`` (a q/k projection's, or a LoRA B on one) with its rows as llama.cpp wants them for ``layer``;
+    any other layer's, or an architecture that rotates halves, unchanged."""
+    if not architecture(config).interleaved_rope or not layer.endswith(("q_proj", "k_proj")):
+        return weight
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return interleave_rope_rows(weight, config.num_attention_heads if layer.endswith("q_proj") else kv_heads)
+
+
 def gguf_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The model's weights under llama.cpp's names, q/k rows in llama.cpp's order (a tied head is left out: llama.cpp
     reads the embedding for it)."""
     config, spec = model.config, architecture(model.config)
     names = gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     out = {}
     for key, weight in model.state_dict().items():
         if key == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
@@ -86,10 +94,7 @@ def gguf_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ExportError(f"GGUF export: no llama.cpp name for tensor {key!r} of {config.model_type}")
-        weight = weight.detach().float().cpu()
-        if spec.interleaved_rope and key.endswith(("q_proj.weight", "k_proj.weight")):
-            weight = interleave_rope_rows(weight, config.num_attention_heads if "q_proj" in key else kv_heads)
-        out[name] = weight
+        out[name] = rope_rows_in_llama_order(weight.detach().float().cpu(), key.removesuffix(".weight"), config)
     return out
 
 
@@ -120,7 +125,6 @@ def write_lora(config: PretrainedConfig, lora: dict[str, torch.Tensor], alpha: f
     base model's, for its architecture and names."""
     spec = architecture(config)
     names = gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     with atomic_file(out, overwrite=overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[spec.arch])
         writer.add_type(gguf.GGUFType.ADAPTER)
@@ -131,12 +135,11 @@ def write_lora(config: PretrainedConfig, lora: dict[str, torch.Tensor], alpha: f
             if ".lora_A." not in key:
                 continue
             layer = key.split(".lora_A.")[0].removeprefix("base_model.model.")
-            b = lora[key.replace(".lora_A.", ".lora_B.")].detach().float().cpu()
+            b = rope_rows_in_llama_order(lora[key.replace(".lora_A.", ".lora_B.")].detach().float().cpu(), layer,
+                                         config)
             name = names.get_name(layer + ".weight", try_suffixes=(".weight",))
             if name is None:
                 raise ExportError(f"GGUF LoRA export: no llama.cpp name for layer {layer!r}")
-            if spec.interleaved_rope and layer.endswith(("q_proj", "k_proj")):
-                b = interleave_rope_rows(b, config.num_attention_heads if layer.endswith("q_proj") else kv_heads)
             writer.add_tensor(f"{name}.lora_a", a.detach().float().cpu().numpy())
             writer.add_tensor(f"{name}.lora_b", b.numpy())
         _finish(writer)

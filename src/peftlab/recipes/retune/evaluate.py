@@ -145,8 +145,8 @@ def evaluate_method(config: EvalConfig, method: str, generate: Generator, engine
         correct = [task.correct(o, p, method) for o, p in zip(outputs, problems, strict=True)]
         # why each problem failed: the engine's kind (a cycle, a budget, a call it could not parse), else a wrong
         # final answer; None where it was right
-        kinds = [None if c else (r.kind if method == "retune" and r.kind else "wrong answer")
-                 for c, r in zip(correct, results if method == "retune" else correct, strict=True)]
+        engine_kinds = [r.kind for r in results] if method == "retune" else [None] * len(correct)
+        kinds = [None if c else (k or "wrong answer") for c, k in zip(correct, engine_kinds, strict=True)]
         errors = Counter(k for k in kinds if k)
         if method == "retune":
             wrong = [i for i, c in enumerate(correct) if not c]
