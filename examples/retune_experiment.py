@@ -50,6 +50,7 @@ def read_back(value):
 
 
 def train_method(task: str, method: str, run: Path, args: argparse.Namespace) -> Path:
+    from peftlab.module import read_manifest
     from peftlab.recipes.retune.data import PROMPT_FORMAT, RetuneData, build
     from peftlab.training import TrainConfig, last_complete_checkpoint, train
 
@@ -67,8 +68,8 @@ def train_method(task: str, method: str, run: Path, args: argparse.Namespace) ->
     config = TrainConfig.from_yaml(args.config, overrides)
     if (run / "module").exists():
         steps = json.loads((run / "train_log.json").read_text())["log_history"][-1]["step"]
-        trained = json.loads((run / "module" / "peftlab.json").read_text())
-        adapter = {"name": trained["method"], **trained["config"]}
+        trained = next(iter(read_manifest(run / "module").adapters.values()))
+        adapter = {"name": trained.method, **trained.config}
         if steps != args.steps or any(adapter.get(k) != v for k, v in read_back(config.method).items()):
             raise SystemExit(f"{run} was trained for {steps} steps with {adapter}, not {args.steps} with "
                              f"{config.method}: pass --runs with a new folder")

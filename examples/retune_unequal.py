@@ -1,20 +1,23 @@
 """Re-Tuning on sums as people write them: operands of different lengths, the fix's cost on the other operand
 families, and the 2x-length goal (issue 34; docs/experiments/retune.md).
 
-    python examples/retune_unequal.py                                  # both recipes, seeds 0 1 2 (hours on a CPU)
-    python examples/retune_unequal.py --tasks addition-steps --seeds 0 # the README's recipe alone
+    python examples/retune_unequal.py                                  # every arm, seeds 0 1 2 (hours on a CPU)
+    python examples/retune_unequal.py --arms after --seeds 0           # the new recipe, one seed
     python examples/retune_unequal.py --steps 2 --n 4 --seeds 0 --model TINY_DIR --runs /tmp/r   # a smoke run
 
-For each task (default: ``addition-steps``, the README's recipe, and ``addition-steps-unequal``, the same with 30 %
-of training problems having a shorter operand) and training seed, a module is trained as examples/retune.yaml says
-(``retune_experiment.train_method``: kept in --runs, resumed). Each module is then evaluated through the engine,
-greedy:
+Arms (``ARMS``), each a trained task and the way its root is asked:
+- ``before``: the README's recipe as it was (``addition-steps``, whose training data are unchanged), its shorter
+  operand zero-filled at the root (``613807 + 000027``), exactly the text the code before the fix asked;
+- ``recursion``: the same module under the new recursion, where the longer operand alone drops its leading digit;
+- ``after``: the fix, ``addition-steps-unequal`` (30 % of training problems with a shorter operand), new recursion.
+Modules are trained as examples/retune.yaml says (``retune_experiment.train_method``: kept in --runs, resumed) and
+evaluated through the engine, greedy:
 - the cells of the issue's table: a longer operand of m digits and a shorter of k (its side random), against two
   m-digit operands;
-- every operand family (tasks.ADDITION_FAMILIES, ``unequal`` included) at each trained length and at twice the
-  longest.
-Every cell records its accuracy, n and failures by kind. Writes --result (JSON); a stopped run resumes from the
-per-module files in --runs.
+- every operand family (tasks.ADDITION_FAMILIES, ``unequal`` included) at each trained length, and the families of
+  the 2x goal (uniform, unequal) at twice the longest.
+Every cell records its accuracy, n and failures by kind. Seeds run one after another across the arms, and --result
+is rewritten after each module with the seeds finished so far; a stopped run resumes from the per-module files.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retune_experiment import CONFIG, ROOT, longest_target, train_method  # noqa: E402  (examples/)
 
 CELLS = [(4, 2), (6, 2), (6, 3), (6, 5), (8, 3)]  # (longer operand's digits, shorter's): the issue's table
+ARMS = {"before": ("addition-steps", True), "recursion": ("addition-steps", False),
+        "after": ("addition-steps-unequal", False)}  # arm -> (task trained, shorter operand zero-filled at the root)
+LONG_FAMILIES = ("uniform", "unequal")  # asked at twice the longest trained length too
 
 
 def cell_problems(longer: int, shorter: int, n: int, seed: int) -> list[tuple[str, str]]:
@@ -45,29 +51,32 @@ def cell_problems(longer: int, shorter: int, n: int, seed: int) -> list[tuple[st
     return out
 
 
-def solve(task, generator, problems) -> dict:
+def solve(task, generator, problems, zero_fill: bool) -> dict:
     """Accuracy, n and failures by kind of ``problems`` through the engine."""
     from peftlab.recipes.retune.engine import Engine
 
-    results = Engine(generator).run([task.root(p).text for p in problems])
+    asked = [(a.zfill(len(b)), b.zfill(len(a))) for a, b in problems] if zero_fill else problems
+    results = Engine(generator).run([task.root(p).text for p in asked])
     correct = [task.correct(r.output or "", p, "retune") for r, p in zip(results, problems, strict=True)]
     kinds = Counter(None if c else (r.kind or "wrong answer") for c, r in zip(correct, results, strict=True))
     kinds.pop(None, None)
     return {"accuracy": sum(correct) / len(correct), "n": len(correct), "failures": dict(kinds)}
 
 
-def evaluate_module(task_name: str, module: Path, args, out: Path) -> dict:
-    """The cells and the families of one module, cached in ``out`` cell by cell."""
+def evaluate_module(arm: str, module: Path, args, out: Path) -> dict:
+    """The cells and the families of one arm's module, cached in ``out`` cell by cell."""
     from peftlab.adapters import load_for_inference
     from peftlab.recipes.retune.engine import ModelGenerator
     from peftlab.recipes.retune.evaluate import problems_for
     from peftlab.recipes.retune.tasks import ADDITION_FAMILIES, get_task
     from peftlab.report import write_json
 
+    task_name, zero_fill = ARMS[arm]
     done = json.loads(out.read_text()) if out.exists() else {}
     task, generator = get_task(task_name), None
     todo = [("cells", f"{m}+{k}", kind) for m, k in CELLS for kind in ("different", "same")]
-    todo += [("families", family, str(length)) for family in ADDITION_FAMILIES for length in args.lengths]
+    todo += [("families", family, str(length)) for family in ADDITION_FAMILIES for length in args.lengths
+             if length <= args.train_max or family in LONG_FAMILIES]
     for part, key, sub in todo:
         if sub in done.get(part, {}).get(key, {}):
             continue
@@ -80,15 +89,31 @@ def evaluate_module(task_name: str, module: Path, args, out: Path) -> dict:
             problems = cell_problems(m, k if sub == "different" else m, args.n, args.eval_seed)
         else:
             problems = problems_for(task_name, int(sub), args.n, args.eval_seed, key)
-        done.setdefault(part, {}).setdefault(key, {})[sub] = solve(task, generator, problems)
+        done.setdefault(part, {}).setdefault(key, {})[sub] = solve(task, generator, problems, zero_fill)
         write_json(out, done)
-        print(f"{module}: {part} {key} {sub}: {done[part][key][sub]['accuracy']:.2f}", flush=True)
+        print(f"{arm} {module}: {part} {key} {sub}: {done[part][key][sub]['accuracy']:.2f}", flush=True)
     return done
+
+
+def summarise(per_module: dict, args) -> dict:
+    """Each arm's cells and families over the seeds it has finished."""
+    from peftlab.report import over_seeds
+
+    summary = {}
+    for arm in args.arms:
+        seeds = [s for s in args.seeds if (arm, s) in per_module]
+        if not seeds:
+            continue
+        first = per_module[arm, seeds[0]]
+        summary[arm] = {part: {key: {sub: over_seeds([per_module[arm, s][part][key][sub]["accuracy"]
+                                                      for s in seeds], seeds)
+                                     for sub in first[part][key]} for key in first[part]} for part in first}
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=["addition-steps", "addition-steps-unequal"])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300, the README's)")
     parser.add_argument("--per-length", type=int, default=400)
@@ -102,26 +127,22 @@ def main() -> None:
     args = parser.parse_args()
     args.lengths = [*range(1, args.train_max + 1), 2 * args.train_max]
     args.repeat, args.share = None, {}  # retune_experiment's data options, at their defaults
-    from peftlab.report import over_seeds, write_json
+    from peftlab.report import write_json
 
-    modules = {}
-    for task in args.tasks:
-        for seed in args.seeds:
-            args.seed = seed
-            run = Path(args.runs) / f"{task}-seed{seed}"
-            modules[task, seed] = (train_method(task, "retune", run, args), run / f"unequal-n{args.n}.json")
-    per_module = {key: evaluate_module(key[0], module, args, out) for key, (module, out) in modules.items()}
-    summary = {}
-    for task in args.tasks:
-        first = per_module[task, args.seeds[0]]
-        summary[task] = {part: {key: {sub: over_seeds([per_module[task, s][part][key][sub]["accuracy"]
-                                                       for s in args.seeds], args.seeds)
-                                      for sub in first[part][key]} for key in first[part]} for part in first}
-    write_json(args.result, {"command": " ".join(["python examples/retune_unequal.py", *sys.argv[1:]]),
-                             "tasks": args.tasks, "seeds": args.seeds, "steps": args.steps, "n": args.n,
-                             "train_lengths": f"1-{args.train_max}", "eval_lengths": args.lengths,
-                             "summary": summary,
-                             "per_seed": {f"{t} seed {s}": v for (t, s), v in per_module.items()}})
+    per_module = {}
+    for seed in args.seeds:  # every arm's seed 0 first: a stopped run has comparable arms
+        args.seed = seed
+        for arm in args.arms:
+            run = Path(args.runs) / f"{ARMS[arm][0]}-seed{seed}"
+            module = train_method(ARMS[arm][0], "retune", run, args)
+            per_module[arm, seed] = evaluate_module(arm, module, args, run / f"{arm}-n{args.n}.json")
+            write_json(args.result, {
+                "command": " ".join(["python examples/retune_unequal.py", *sys.argv[1:]]),
+                "arms": {a: {"task": ARMS[a][0], "zero_filled": ARMS[a][1]} for a in args.arms},
+                "seeds": args.seeds, "steps": args.steps, "n": args.n, "train_lengths": f"1-{args.train_max}",
+                "eval_lengths": args.lengths, "long_families": list(LONG_FAMILIES),
+                "summary": summarise(per_module, args),
+                "per_seed": {f"{a} seed {s}": v for (a, s), v in per_module.items()}})
     print(f"wrote {args.result}")
 
 

@@ -39,9 +39,9 @@ GROUPS = {
              "loreft": ({"name": "loreft", **REFT}, [2e-3, 5e-3, 1e-2]),
              "direft": ({"name": "direft", **REFT}, [2e-3, 5e-3, 1e-2])},
     "tuners": {"lora": ({"name": "lora", **LORA}, LORA_RATES),
-               # a third rate where the first two peaked at the upper edge of the grid (LoHa, LoKr, VeRA)
-               "loha": ({"name": "loha"}, [2e-3, 5e-3, 1e-2]),   # LyCORIS's usual LoRA-like range
-               "lokr": ({"name": "lokr"}, [2e-3, 5e-3, 1e-2]),
+               # more rates where the first ones peaked at the upper edge of the grid (LoHa, LoKr, VeRA)
+               "loha": ({"name": "loha"}, [2e-3, 5e-3, 1e-2, 2e-2]),   # LyCORIS's usual LoRA-like range
+               "lokr": ({"name": "lokr"}, [2e-3, 5e-3, 1e-2, 2e-2]),
                "vera": ({"name": "vera"}, [1e-2, 3e-2, 1e-1]),   # VeRA's paper: 10x LoRA's rate and more
                "oft": ({"name": "oft"}, [5e-4, 2e-3]),      # a rotation: peft's examples use LoRA's rate or less
                # AdaLoRA: from init_r 12 down to 8 on average (LoRA's r) between steps 6 and 48 of 60

@@ -430,6 +430,14 @@ def test_the_unequal_variant_trains_on_shorter_operands():
     assert all(len(a) == len(b) for a, b in (task.sample_training(1, rng) for _ in range(20)))
 
 
+def test_the_readme_recipe_draws_the_same_training_problems_as_before_unequal_training_existed():
+    """Pinned from the code before ``train_unequal`` (commit 9674932): a recipe that does not train on shorter
+    operands makes no extra random draw, so its data, and the standing results trained on them, are unchanged."""
+    rng = random.Random(5)
+    drawn = [TASKS["addition-steps"].sample_training(length, rng) for length in (1, 2, 3, 4)]
+    assert drawn == [("9", "4"), ("98", "93"), ("129", "960"), ("5080", "1849")]
+
+
 def test_the_evaluation_counts_engine_failures_by_kind():
     """A model that calls its own problem again: every problem fails as a cycle, and the report says so."""
     result = evaluate_method(EvalConfig("addition", [3], n=5, seed=1), "retune",

@@ -267,7 +267,8 @@ class Addition(Task):
         return (a, b, rng.randint(0, len(PLACES) - length - 1)) if self.shift_hints else (a, b)
 
     def sample_training(self, length: int, rng: random.Random) -> tuple[Any, ...]:
-        if length > 1 and rng.random() < self.train_unequal:
+        # no draw without unequal training: the README recipe's data stay what they were before this option
+        if self.train_unequal and length > 1 and rng.random() < self.train_unequal:
             return self.sample(length, rng, family="unequal")
         if length > 1 and rng.random() < self.train_hard:
             return self.sample(length, rng, family=rng.choice(HARD_FAMILIES))
