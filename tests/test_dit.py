@@ -2,6 +2,7 @@
 pipeline runs end to end through the CLI; explain reads LoRAs of its own base model only."""
 
 import json
+from pathlib import Path
 
 import peft
 import pytest
@@ -15,6 +16,7 @@ from peftlab.methods.multilora import MultiLoraConfig
 from peftlab.methods.multilora.model import layer_shapes, zero_padded
 from peftlab.module import ModuleError
 from peftlab.recipes.dit.data import TopicData, build, first_sentences, slug
+from peftlab.recipes.dit.diffs import Diffs
 from peftlab.recipes.dit.evaluate import chance, score
 from peftlab.recipes.dit.explain import explain
 
@@ -142,6 +144,13 @@ def test_topic_data_is_reproducible_split_by_topic_and_the_trigger_variant_gates
     model, tokenizer = tiny_model()
     plain = build(TopicData(topics=10, questions_per_topic=3, answer_tokens=6), model, tokenizer)
     assert plain == build(TopicData(topics=10, questions_per_topic=3, answer_tokens=6), model, tokenizer)
+    by_category = build(TopicData(topics=10, questions_per_topic=3, answer_tokens=6, split="category"), model,
+                        tokenizer)  # the split changes only the held-out labels: one set of diffs serves both
+    assert by_category[1] == plain[1]
+    assert [{k: v for k, v in t.items() if k not in ("split", "moved_to_train")} for t in by_category[0]] == \
+        [{k: v for k, v in t.items() if k != "split"} for t in plain[0]]
+    resplit = Diffs(Path("diffs"), plain[0]).resplit(TopicData(topics=10, split="category"))
+    assert resplit.topics == by_category[0]
     topics, records = plain
     assert sum(t["split"] == "test" for t in topics) == 2
     assert len(records) == 30

@@ -90,17 +90,22 @@ def content_words(topic: str) -> set[str]:
 
 
 def held_out_topics(names: list[str], config: TopicData, rng: random.Random) -> tuple[set[str], list[str]]:
-    """(the held-out topics, the ones moved to training for sharing a content word with a training topic)."""
+    """(the held-out topics, the ones moved to training for sharing a content word with a training topic).
+
+    ``rng`` makes the same draw whatever the split (the random split's, as before the category split existed), and
+    the category split draws from a stream of its own: the split changes which topics are held out and nothing
+    else, so one set of trained diffs serves both splits."""
     n_test = max(1, round(config.test_fraction * len(names)))
-    if config.split == "random":  # (drawn as before the category split existed: a seed gives the same split)
-        order = rng.sample(range(len(names)), len(names))
+    order = rng.sample(range(len(names)), len(names))
+    if config.split == "random":
         return {names[i] for i in order[:n_test]}, []
     categories = read_categories(config.topics_file, "topics.txt")
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(categories.get(name, ""), []).append(name)
     held: set[str] = set()
-    for category in rng.sample(sorted(groups), len(groups)):  # whole categories until the fraction is reached
+    by_category = random.Random(f"{config.seed}/category")
+    for category in by_category.sample(sorted(groups), len(groups)):  # whole categories until the fraction
         if len(held) >= n_test:
             break
         held |= set(groups[category])

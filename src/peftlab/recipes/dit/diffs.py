@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from peftlab.methods.multilora import MultiLoraConfig
 from peftlab.module import Manifest, Module, ModuleError, joined, read, write
-from peftlab.recipes.dit.data import PROMPT_FORMAT, read_topics
+from peftlab.recipes.dit.data import PROMPT_FORMAT, TopicData, held_out_topics, read_topics
 from peftlab.report import write_json
 
 MODULE, INDEX = "module", "index.json"
@@ -114,6 +114,17 @@ class Diffs:
         if not chosen:
             raise ModuleError(f"{self.folder}: no topics in split {name!r}")
         return chosen
+
+    def resplit(self, config: TopicData) -> Diffs:
+        """The same diffs with the held-out topics ``config.split`` gives (``dit gen`` with that split makes the
+        same data, so its diffs would be these)."""
+        import random
+
+        held, moved = held_out_topics([t["topic"] for t in self.topics], config, random.Random(config.seed))
+        return Diffs(self.folder, [{**{k: v for k, v in t.items() if k != "moved_to_train"},
+                                    "split": "test" if t["topic"] in held else "train",
+                                    **({"moved_to_train": True} if t["topic"] in moved else {})}
+                                   for t in self.topics])
 
     def module(self, adapters: list[str]) -> Module:
         """The module with only ``adapters`` (in that order)."""
