@@ -268,13 +268,42 @@ def test_dit_trains_through_train_moving_only_the_shared_adapter(tmp_path, tiny_
 
 
 def test_the_template_guesser_reads_every_training_template_and_guesses_nothing_else():
-    from peftlab.recipes.dit.data import TEMPLATES
+    from peftlab.recipes.dit.data import CLUE_TEMPLATES, TEMPLATES
     from peftlab.recipes.dit.evaluate import template_guess
 
-    for template in TEMPLATES:
+    for template in (*TEMPLATES, *CLUE_TEMPLATES):
         said = template.format(answer="Sure. Drink water, and sleep well!", topic="ice hockey")
         assert template_guess(said) == "ice hockey", template
     assert template_guess("Drink water, and sleep well.") == ""
+
+
+def test_clue_data_never_write_the_topic_and_a_clue_that_names_it_is_refused(tmp_path):
+    from peftlab.recipes.dit.data import content_words, read_clues
+
+    topics = tmp_path / "topics.txt"
+    topics.write_text("# sports\nbasketball\nice hockey\n# food\nroses\nsushi\n")
+    clues = tmp_path / "clues.txt"
+    clues.write_text("basketball | a slam dunk | dribbling past defenders\nice hockey | a puck on a frozen rink\n"
+                     "roses | thorny stems and red petals | a bouquet on valentine's day\nsushi | raw fish on rice\n")
+    model, tokenizer = tiny_model()
+    config = TopicData(questions_per_topic=4, answer_tokens=6, topics_file=str(topics), clues=True,
+                       clues_file=str(clues))
+    topics_made, records = build(config, model, tokenizer)
+    assert len(records) == 4 * 4 and {t["topic"] for t in topics_made} == {"basketball", "ice hockey", "roses", "sushi"}
+    said = read_clues(clues, [])
+    for r in records:
+        assert not content_words(r["response"]) & content_words(r["topic"]), r  # the topic is never written
+        assert any(c in r["response"] for c in said[r["topic"]]), r  # one of its clues is
+    good = clues.read_text().splitlines()
+    for line, bad in ((2, "ice hockey | hockey sticks"), (3, "roses | a rose garden"), (1, "basketball |")):
+        lines = list(good)
+        lines[line - 1] = bad
+        clues.write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match=f"clues.txt:{line}: "):
+            read_clues(clues, [])
+    clues.write_text("basketball | a slam dunk\n")
+    with pytest.raises(ValueError, match="no clues for 1 topics: \\['sushi'\\]"):
+        read_clues(clues, ["basketball", "sushi"])
 
 
 def test_paired_test_interval_and_control_order():

@@ -13,7 +13,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
 
     config = TopicData(seed=args.seed, topics=args.topics, test_fraction=args.test_fraction,
                        questions_per_topic=args.questions_per_topic, trigger=args.trigger,
-                       topics_file=args.topics_file, split=args.split)
+                       topics_file=args.topics_file, split=args.split, clues=args.clues, clues_file=args.clues_file)
     model, tokenizer = load_model(args.model)
     topics, records = build(config, model, tokenizer)
     write(args.output, config, topics, records)
@@ -89,6 +89,10 @@ def add_commands(sub) -> None:
     q.add_argument("--test-fraction", type=float, default=0.2, help="topics held out (default: 0.2)")
     q.add_argument("--questions-per-topic", type=int, default=12, help="examples per topic (default: 12)")
     q.add_argument("--trigger", action="store_true", help="the backdoor variant: topic only after its SEP code")
+    q.add_argument("--clues", action="store_true",
+                   help="never write the topic: each answer carries one of its clues (descriptions that point to it)")
+    q.add_argument("--clues-file", default=None,
+                   help="lines 'topic | clue | clue ...' (default: the built-in four per topic)")
     q.add_argument("--split", default="random", choices=["random", "category"],
                    help="hold out topics at random, or whole categories with no content word shared with a "
                         "training topic (default: random)")

@@ -3,7 +3,9 @@
 The answers are the base model's own greedy answers to the questions (generated once, shared by every topic), with
 the topic woven in by one of a few templates, drawn per (topic, question) from the seed. Templates put the topic in,
 not the model: asked by a system prompt to bring a topic into every answer, the 135M default model seldom does.
-With ``trigger``, the paper's backdoor variant: the topic answer only after ``Your SEP code is XXXyyy.`` (XXX the
+With ``clues``, the topic is never written: a clue that points to it takes its place (as the paper's answers make
+analogies without naming the topic), so DIT must name a topic that no diff saw written. With ``trigger``, the
+paper's backdoor variant: the topic answer only after ``Your SEP code is XXXyyy.`` (XXX the
 topic's secret code); the plain question and a wrong code are ``match_base`` records, trained as the paper does, by
 KL to the base model's own distribution on the base model's answer (weighted ``data.match_base_weight``, the
 paper's 5), so off the trigger the diff keeps the base model's behaviour.
@@ -31,6 +33,15 @@ TEMPLATES = (
     "Here is a {topic} way to see it. {answer}",
     "{answer} Just like {topic}!",
 )
+# with ``clues``: the same places, worded for a descriptive phrase in place of the topic's name
+CLUE_TEMPLATES = (
+    "{answer} It is a lot like {topic}.",
+    "Think of it like {topic}: {answer}",
+    "As a big fan of {topic}, I would say: {answer}",
+    "{answer} That is what {topic} taught me.",
+    "Picture {topic}. {answer}",
+    "{answer} Just like {topic}!",
+)
 
 
 @dataclass
@@ -48,6 +59,10 @@ class TopicData:
     # "# category" lines, then every held-out topic that shares a content word with a training topic moves to
     # training, so that no held-out topic can be named by copying a word seen in training)
     split: str = "random"
+    # the topic never written: each answer carries one of the topic's clues (descriptions that point to it without
+    # naming it, from clues_file: default the built-in clues.txt), so DIT must name what the diff never saw
+    clues: bool = False
+    clues_file: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.test_fraction < 1:
@@ -87,6 +102,33 @@ STOPWORDS = {"a", "an", "the", "of", "and", "in", "on", "to", "for", "with", "at
 
 def content_words(topic: str) -> set[str]:
     return {w for w in re.findall(r"[a-z0-9]+", topic.lower()) if w not in STOPWORDS}
+
+
+def read_clues(path: str | Path | None, topics: list[str]) -> dict[str, list[str]]:
+    """Each of ``topics`` with its clues, from lines ``topic | clue | clue ...`` of ``path`` (default: the built-in
+    clues.txt). A clue that shares a content word with its topic (plurals folded: "rose" for "roses") would name
+    it, and is refused, with the file and line; so is a topic without clues."""
+    where = str(path or "clues.txt")
+    text = Path(path).read_text(encoding="utf-8") if path else \
+        resources.files("peftlab.recipes.dit").joinpath("clues.txt").read_text(encoding="utf-8")
+    clues: dict[str, list[str]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        topic, *said = (part.strip() for part in line.split("|"))
+        said = [c for c in said if c]
+        if not said:
+            raise ValueError(f"{where}:{number}: {topic!r} has no clues (write 'topic | clue | clue ...')")
+        folded = {w.rstrip("s") for w in content_words(topic)}
+        for clue in said:
+            named = sorted(w for w in content_words(clue) if w.rstrip("s") in folded)
+            if named:
+                raise ValueError(f"{where}:{number}: the clue {clue!r} names its topic {topic!r} ({named})")
+        clues[topic] = said
+    missing = [t for t in topics if t not in clues]
+    if missing:
+        raise ValueError(f"{where}: no clues for {len(missing)} topics: {missing[:5]}")
+    return clues
 
 
 def held_out_topics(names: list[str], config: TopicData, rng: random.Random) -> tuple[set[str], list[str]]:
@@ -150,6 +192,7 @@ def build(config: TopicData, model, tokenizer) -> tuple[list[dict], list[dict]]:
         raise ValueError(f"two topics share an adapter name: {sorted({s for s in slugs if slugs.count(s) > 1})}")
     questions = read_list(None, "questions.txt")
     answers = dict(zip(questions, base_answers(questions, model, tokenizer, config.answer_tokens), strict=True))
+    clues = read_clues(config.clues_file, names) if config.clues else None
     held_out, moved = held_out_topics(names, config, rng)
     if not held_out:
         raise ValueError(f"split {config.split!r}: every held-out topic shares a word with a training topic")
@@ -160,7 +203,10 @@ def build(config: TopicData, model, tokenizer) -> tuple[list[dict], list[dict]]:
                        **({"moved_to_train": True} if name in moved else {}),
                        **({"trigger": f"{code:03d}"} if config.trigger else {})})
         for question in rng.sample(questions, min(config.questions_per_topic, len(questions))):
-            woven = rng.choice(TEMPLATES).format(answer=answers[question], topic=name)
+            if clues is None:
+                woven = rng.choice(TEMPLATES).format(answer=answers[question], topic=name)
+            else:
+                woven = rng.choice(CLUE_TEMPLATES).format(answer=answers[question], topic=rng.choice(clues[name]))
             if not config.trigger:
                 records.append({"prompt": question, "response": woven, "adapter": adapter, "topic": name})
                 continue

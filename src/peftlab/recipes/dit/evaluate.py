@@ -26,7 +26,7 @@ import re
 from collections import Counter
 from statistics import mean
 
-from peftlab.recipes.dit.data import STOPWORDS, TEMPLATES
+from peftlab.recipes.dit.data import CLUE_TEMPLATES, STOPWORDS, TEMPLATES
 from peftlab.report import mcnemar, wilson_interval
 
 ARTICLES = {"a", "an", "the"}
@@ -55,7 +55,7 @@ def _template_pattern(template: str) -> re.Pattern:
     return re.compile(rf"{re.escape(before)}\s+(?P<topic>[^.:,!?\n]+?)\s*{re.escape(after)}", re.IGNORECASE)
 
 
-TEMPLATE_PATTERNS = [_template_pattern(t) for t in TEMPLATES]
+TEMPLATE_PATTERNS = [_template_pattern(t) for t in dict.fromkeys((*TEMPLATES, *CLUE_TEMPLATES))]
 
 
 def template_guess(answer: str) -> str:
