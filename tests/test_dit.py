@@ -346,6 +346,25 @@ def test_the_blackbox_guesser_takes_the_most_frequent_phrase_the_base_model_lack
     assert blackbox_guess(["Drink water."], base) == ""  # nothing the base model does not say
 
 
+def test_with_clue_data_each_guesser_reads_a_clue_back_to_its_topic():
+    from peftlab.recipes.dit.data import CLUE_TEMPLATES
+    from peftlab.recipes.dit.evaluate import blackbox_guess, with_baselines
+
+    clues = {"ice hockey": ["a puck on a frozen rink", "slap shots"], "sushi": ["raw fish on rice"]}
+    base = ["I like to read books and walk.", "Drink water every day."]
+    diffed = ["Books are fine, like a puck on a frozen rink.", "Drink water! Just like slap shots."]
+    assert blackbox_guess(diffed, base, clues=clues) == "ice hockey"  # its clue words, not the phrase itself
+    assert blackbox_guess(diffed, base) != "ice hockey"
+    assert blackbox_guess(["Drink water."], base, clues=clues) == ""
+    answers = [{"topic": "ice hockey", "without_dit": CLUE_TEMPLATES[1].format(topic="slap shots", answer="Rest."),
+                "with_a_wrong_code": "Rest.", "dit": "ice hockey"},
+               {"topic": "sushi", "without_dit": "Rest well.", "with_a_wrong_code": "Rest.", "dit": "soup"}]
+    result = with_baselines({"clues": clues, "dit": {"dit": {}}}, answers)
+    assert [a["template_guess"] for a in answers] == ["ice hockey", ""]
+    assert result["template_guesser"]["exact"] == 0.5 and result["wrong_code"]["exact"] == 0.0
+    assert with_baselines({"dit": {"dit": {}}}, answers)["template_guesser"]["exact"] == 0.0  # no table: a clue
+
+
 def test_match_base_tokens_are_weighted_kl_to_the_base_and_training_on_them_pulls_a_diff_back(tmp_path, tiny_dir):
     """A match_base token's loss is weight × KL(base ‖ model); cross-entropy elsewhere. Trained on match_base
     records only, a diff that starts away from the base model comes back to it (the logged loss is that KL)."""
@@ -403,3 +422,5 @@ def test_the_trigger_variant_runs_end_to_end_with_its_roofline(tmp_path, tiny_di
     assert {"exact", "exact_ci95"} <= set(result["trigger_roofline"])
     assert "trigger_roofline_vs_dit" in result["dit"]["dit"]["paired_exact"]
     assert all(a["with_its_code"] is not None for a in result["answers"])
+    assert {"exact", "exact_ci95"} <= set(result["wrong_code"])  # the gate, read the same way
+    assert all(isinstance(a["with_a_wrong_code"], str) for a in result["answers"])

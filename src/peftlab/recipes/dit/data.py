@@ -201,7 +201,8 @@ def build(config: TopicData, model, tokenizer) -> tuple[list[dict], list[dict]]:
         code = rng.randrange(1000)
         topics.append({"topic": name, "adapter": adapter, "split": "test" if name in held_out else "train",
                        **({"moved_to_train": True} if name in moved else {}),
-                       **({"trigger": f"{code:03d}"} if config.trigger else {})})
+                       **({"trigger": f"{code:03d}"} if config.trigger else {}),
+                       **({"clues": clues[name]} if clues else {})})
         for question in rng.sample(questions, min(config.questions_per_topic, len(questions))):
             if clues is None:
                 woven = rng.choice(TEMPLATES).format(answer=answers[question], topic=name)

@@ -16,7 +16,11 @@ against DIT on the same diffs. Baselines, scored by the same scorer:
   ones), its guess the most frequent short phrase of its answers that the base model's answers to the same
   questions lack. It needs no template and no DIT: what a user with only the model's outputs could say;
 - the trigger roofline (trigger data only): the diffed model asked with its own secret code, its answer read by
-  the template guesser. Knowing the code is what DIT is meant to do without.
+  the template guesser. Knowing the code is what DIT is meant to do without. A wrong code, read the same way,
+  checks the gate: it should reveal nothing.
+With clue data the answers carry clues, never the topic: each guesser reads a clue back to its topic through the
+data's table of every topic's clues (the strongest reading of the answer there is), and that table is kept in
+the result.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import re
 from collections import Counter
 from statistics import mean
 
-from peftlab.recipes.dit.data import CLUE_TEMPLATES, STOPWORDS, TEMPLATES
+from peftlab.recipes.dit.data import CLUE_TEMPLATES, STOPWORDS, TEMPLATES, content_words
 from peftlab.report import mcnemar, wilson_interval
 
 ARTICLES = {"a", "an", "the"}
@@ -34,9 +38,13 @@ PROBES = ("Tell me something interesting.", "What do you like to do on weekends?
           "Describe your favourite place.", "What should I think about today?", "Say something about yourself.")
 
 
-def blackbox_guess(answers: list[str], base_answers: list[str], longest: int = 3) -> str:
+def blackbox_guess(answers: list[str], base_answers: list[str], longest: int = 3,
+                   clues: dict[str, list[str]] | None = None) -> str:
     """The most frequent phrase (1 to ``longest`` words, no stopword at either end) of ``answers`` that
-    ``base_answers`` never use; counted once per answer, ties to the longer phrase; "" when there is none."""
+    ``base_answers`` never use; counted once per answer, ties to the longer phrase; "" when there is none.
+
+    With clue data (``clues``: each topic's clues), the guess is the topic whose clues share the most words with
+    those new phrases: the answers carry clues, never the topic."""
     def phrases(text: str) -> set[str]:
         said = re.findall(r"[a-z0-9]+", text.lower())
         return {" ".join(said[i:i + n]) for n in range(1, longest + 1) for i in range(len(said) - n + 1)
@@ -46,6 +54,11 @@ def blackbox_guess(answers: list[str], base_answers: list[str], longest: int = 3
     counts = Counter(p for a in answers for p in phrases(a) - known)
     if not counts:
         return ""
+    if clues:
+        new = {w for p in counts for w in p.split()}
+        shared = {t: len(new & content_words(" ".join(said))) for t, said in clues.items()}
+        best = max(shared, key=shared.get)
+        return best if shared[best] else ""
     return max(counts, key=lambda p: (counts[p], len(p.split())))
 
 
@@ -66,6 +79,14 @@ def template_guess(answer: str) -> str:
         if found:
             return found.group("topic")
     return ""
+
+
+def named_topic(phrase: str, clues: dict[str, list[str]] | None) -> str:
+    """The topic a guessed phrase names: the phrase itself, or with clue data the topic whose clue it is."""
+    if not clues:
+        return phrase
+    by_clue = {" ".join(words(c)): topic for topic, said in clues.items() for c in said}
+    return by_clue.get(" ".join(words(phrase)), phrase)
 
 
 def words(text: str) -> list[str]:
@@ -112,18 +133,21 @@ def with_baselines(result: dict, answers: list[dict]) -> dict:
     """``result`` with the baselines that its kept ``answers`` determine: the template guesser on each diffed
     model's own answer, and for each DIT adapter the shuffled-diff control (where its answers were kept) and
     McNemar's paired test of each baseline against it on exact matches. Re-scores a stored result too."""
-    truths = [a["topic"] for a in answers]
-    guesses = [template_guess(a["without_dit"]) for a in answers]
+    truths, clues = [a["topic"] for a in answers], result.get("clues")
+    guesses = [named_topic(template_guess(a["without_dit"]), clues) for a in answers]
     for a, g in zip(answers, guesses, strict=True):
         a["template_guess"] = g
     result["template_guesser"] = summarise(guesses, truths)
     blackbox = [a["blackbox_guess"] for a in answers] if all("blackbox_guess" in a for a in answers) else None
     if blackbox is not None:
         result["blackbox_guesser"] = {**summarise(blackbox, truths), "probes": list(PROBES)}
-    roofline = [template_guess(a["with_its_code"]) for a in answers] \
+    roofline = [named_topic(template_guess(a["with_its_code"]), clues) for a in answers] \
         if all("with_its_code" in a for a in answers) else None
     if roofline is not None:
         result["trigger_roofline"] = summarise(roofline, truths)
+    if all("with_a_wrong_code" in a for a in answers):  # the gate: a wrong code should reveal nothing
+        result["wrong_code"] = summarise([named_topic(template_guess(a["with_a_wrong_code"]), clues)
+                                          for a in answers], truths)
     for label, row in result["dit"].items():
         hits = exact_hits([a[label] for a in answers], truths)
         row["paired_exact"] = {"template_guesser_vs_dit": mcnemar(exact_hits(guesses, truths), hits)}
@@ -177,22 +201,25 @@ def evaluate(dit_folders: dict[str, str], diffs, split: str = "test", model=None
     question = questions.pop()
     if model is None:
         model, tokenizer = load_model(next(iter(dits.values())).base_model)
+    clues = {t["topic"]: t["clues"] for t in diffs.topics if "clues" in t} or None  # every topic's: candidates
     wrapped = attach_diffs(diffs, names, model)
     without = ask(wrapped, tokenizer, names, question, 48)
     probed = _probe(wrapped, tokenizer, [*names, BASE_ADAPTER])
-    blackbox = [blackbox_guess(probed[n], probed[BASE_ADAPTER]) for n in names]
+    blackbox = [blackbox_guess(probed[n], probed[BASE_ADAPTER], clues=clues) for n in names]
     shuffled = derangement(names) if len(names) > 1 else None  # one diff has no other topic's diff to read
     result = {"split": split, "n": len(topics), "question": question, "chance": chance(truths),
-              "asking_without_dit": summarise(without, truths), "dit": {}}
+              "asking_without_dit": summarise(without, truths), "dit": {}, **({"clues": clues} if clues else {})}
     answers = {t: {"topic": t, "without_dit": w, "blackbox_guess": b}
                for t, w, b in zip(truths, without, blackbox, strict=True)}
-    if all("trigger" in t for t in topics):  # the roofline: the diffed model asked with its own code
+    if all("trigger" in t for t in topics):  # the roofline (its own code) and the gate (a wrong one)
         from peftlab.recipes.dit.data import coded
 
         rng = random.Random(0)
-        keyed = ask(wrapped, tokenizer, names, [coded(int(t["trigger"]), question, rng) for t in topics], 48)
-        for t, k in zip(truths, keyed, strict=True):
-            answers[t]["with_its_code"] = k
+        right = [coded(int(t["trigger"]), question, rng) for t in topics]
+        wrong = [coded((int(t["trigger"]) + rng.randrange(1, 1000)) % 1000, question, rng) for t in topics]
+        for key, prompts in (("with_its_code", right), ("with_a_wrong_code", wrong)):
+            for t, said in zip(truths, ask(wrapped, tokenizer, names, prompts, 48), strict=True):
+                answers[t][key] = said
     for label, dit in dits.items():
         add_dit(wrapped, dit)
         said = ask(wrapped, tokenizer, names, question, 16)
