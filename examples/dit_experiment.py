@@ -1,21 +1,23 @@
 """DIT on the default model, measured as the paper means it: held-out diffs on two splits, a scaling curve over
-random topic subsets and seeds, real baselines, the trigger variant, and a cross-check on other LoRAs.
+random topic subsets and seeds, real baselines, the hard setting (clues, trigger, held-out categories), and a
+cross-check on other LoRAs.
 
-    python examples/dit_experiment.py              # every step resumes: finished parts in runs/dit/ are kept
-    python examples/dit_experiment.py --no-trigger # without the trigger variant (its diffs train 3x longer)
-    python examples/dit_experiment.py --rescore    # the baselines the kept answers determine, without a model
+    python examples/dit_experiment.py                    # every part; each step resumes from runs/dit/
+    python examples/dit_experiment.py --parts verbatim   # one part
+    python examples/dit_experiment.py --rescore          # the baselines the kept answers determine, no model
 
-1. `peftlab dit gen`: 335 topics, 12 questions each; `peftlab dit diffs`: one rank-1 LoRA per topic on every
-   projection, 32 topics per MultiLoRA run. One set of diffs serves both splits (the split changes only labels).
-2. Random split (67 held out): the rank-16 DIT adapter on N random training topics, N from 8 to 268, the subset and
-   the training seed drawn per seed (0, 1, 2), the same steps; scored on the held-out diffs with every baseline of
-   `recipes/dit/evaluate.py` (template guesser, black-box guesser, shuffled-diff control, chance).
-3. Category split (whole categories held out, no held-out topic sharing a word with a training one): DIT on all
-   its training topics, each seed.
-4. Trigger variant (the paper's main setting): data whose topic shows only after the topic's SEP code, off-trigger
-   answers trained toward the base model's (KL, x5); DIT on all training topics, each seed, with the roofline (the
-   diffed model asked with its own code).
-5. Cross-check (the paper's failure mode): the largest DIT adapter on LoRAs of another kind, where they exist.
+Parts (``--parts``), each scored with every baseline of `recipes/dit/evaluate.py` (template guesser, black-box
+guesser, shuffled-diff control, chance; with trigger data the roofline and the wrong-code gate), Wilson intervals
+and paired tests:
+- ``verbatim``: the data as first built (the topic written in every answer), 335 topics, one rank-1 LoRA each.
+  On the random split (67 held out), the rank-16 DIT adapter on N random training topics, N from 8 to 268, the
+  subset and the training seed drawn per seed; on the category split (whole categories held out, no held-out topic
+  sharing a word with a training one), DIT on all its training topics, each seed. One set of diffs serves both.
+- ``hard``: the headline setting. The topic never written (each answer carries one of its clues), the paper's
+  trigger (the topic's behaviour only after its SEP code; off-trigger answers trained toward the base model by KL,
+  x5), on --hard-topics topics (trigger diffs train on 3x the records), held out by category and, beside it, at
+  random. DIT on all training topics, each seed.
+- ``cross``: the largest verbatim DIT adapter on LoRAs of another kind, where they exist (the paper's failure mode).
 
 Writes examples/results/dit.json (scores, intervals, paired tests and every answer) and dit.png (the curve); the
 result is rewritten after each part.
@@ -38,14 +40,15 @@ OTHER_KINDS = {"eval-suite families (rank 8)": ROOT / "runs/multilora-families/s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     parser.add_argument("--steps", type=int, default=200, help="DIT training steps per adapter (default: 200)")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SCALING), help="training topics per adapter")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="subset and training seeds")
-    parser.add_argument("--no-trigger", action="store_true", help="skip the trigger variant")
+    parser.add_argument("--topics", type=int, default=None, help="verbatim topics drawn from the list (default: all)")
+    parser.add_argument("--hard-topics", type=int, default=160, help="topics of the hard setting (default: 160)")
     parser.add_argument("--runs", type=Path, default=RUNS)
     parser.add_argument("--result", type=Path, default=RESULT)
     parser.add_argument("--model", default=None, help="base model (default: the embedded one)")
-    parser.add_argument("--topics", type=int, default=None, help="topics drawn from the list (default: all 335)")
     parser.add_argument("--rescore", action="store_true",
                         help="add the baselines the kept answers determine (template guesser, paired tests) to "
                              "--result, without a model")
@@ -54,56 +57,84 @@ def main() -> None:
         return rescore(args.result)
 
     from peftlab.models import DEFAULT_MODEL, load_model
-    from peftlab.recipes.dit import DitConfig, TopicData, evaluate, explain, train_dit
-    from peftlab.report import over_seeds, write_json
+    from peftlab.report import write_json
 
     model, tokenizer = load_model(args.model or DEFAULT_MODEL)
-    result = {"command": " ".join(["python examples/dit_experiment.py", *sys.argv[1:]]),
-              "steps": args.steps, "seeds": args.seeds}
-
-    def dit(diffs, folder: Path, seed: int, topics: int | None = None) -> str:
-        if not folder.exists():
-            train_dit(diffs, folder, DitConfig(train_topics=topics, subset_seed=seed, seed=seed, steps=args.steps),
-                      model, tokenizer)
-        return str(folder)
-
-    def save() -> None:
+    earlier = json.loads(args.result.read_text()) if args.result.exists() else {}
+    result = {part: earlier[part] for part in PARTS if part in earlier}  # parts this run does not redo are kept
+    result.update({"command": " ".join(["python examples/dit_experiment.py", *sys.argv[1:]]), "steps": args.steps,
+                   "seeds": args.seeds})
+    for part in args.parts:
+        result[part] = PARTS[part](args, model, tokenizer)
         write_json(args.result, result)
+    if "verbatim" in result:
+        plot_scaling(result["verbatim"]["random_split"], args.seeds, args.result.with_suffix(".png"))
+    print_summary(result)
 
-    diffs = prepared(args.runs / "random", TopicData(topics=args.topics), model, tokenizer)
-    largest = max(args.sizes)
-    adapters = {f"{n} topics, seed {s}": dit(diffs, args.runs / "random" / f"dit-{n}-s{s}", s,
-                                             None if n == len(diffs.split("train")) else n)
-                for n in args.sizes for s in args.seeds}
-    held_out = evaluate(adapters, diffs, "test", model, tokenizer)
-    held_out["scaling"] = {str(n): over_seeds([held_out["dit"][f"{n} topics, seed {s}"]["exact"]
-                                               for s in args.seeds], args.seeds) for n in args.sizes}
-    first = {f"{largest} topics, seed {args.seeds[0]}": adapters[f"{largest} topics, seed {args.seeds[0]}"]}
-    result["random_split"] = {"held_out": held_out,
-                              "training_topics": evaluate(first, diffs, "train", model, tokenizer, limit=67)}
-    save()
-    plot_scaling(held_out, args.sizes, args.seeds, args.result.with_suffix(".png"))
 
-    category = diffs.resplit(TopicData(topics=args.topics, split="category"))
-    adapters = {f"all training topics, seed {s}": dit(category, args.runs / "category" / f"dit-s{s}", s)
-                for s in args.seeds}
-    result["category_split"] = {"held_out": evaluate(adapters, category, "test", model, tokenizer),
-                                "moved_to_train": [t["topic"] for t in category.topics if t.get("moved_to_train")],
-                                "training_topics": len(category.split("train"))}
-    save()
+def dit_adapters(diffs, folder: Path, args, model, tokenizer, sizes: list[int | None]) -> dict[str, str]:
+    """DIT adapters on ``diffs``' training topics, one per size (None: all of them) and seed, trained where
+    missing."""
+    from peftlab.recipes.dit import DitConfig, train_dit
 
-    if not args.no_trigger:
-        keyed = prepared(args.runs / "trigger", TopicData(topics=args.topics, trigger=True), model, tokenizer)
-        adapters = {f"all training topics, seed {s}": dit(keyed, args.runs / "trigger" / f"dit-s{s}", s)
-                    for s in args.seeds}
-        result["trigger"] = {"held_out": evaluate(adapters, keyed, "test", model, tokenizer)}
-        save()
+    adapters = {}
+    for n in sizes:
+        for seed in args.seeds:
+            label = f"{n if n is not None else 'all'} training topics, seed {seed}"
+            out = folder / f"dit-{n if n is not None else 'all'}-s{seed}"
+            if not out.exists():
+                train_dit(diffs, out, DitConfig(train_topics=n, subset_seed=seed, seed=seed, steps=args.steps),
+                          model, tokenizer)
+            adapters[label] = str(out)
+    return adapters
 
-    reader = args.runs / "random" / f"dit-{largest}-s{args.seeds[0]}"
-    result["other_kinds"] = {kind: explain([folder], reader, model, tokenizer)
-                             for kind, folder in OTHER_KINDS.items() if folder.exists() and args.model is None}
-    save()
-    print_summary(result, reader)
+
+def on_both_splits(diffs, folder: Path, args, model, tokenizer, sizes: list[int | None]) -> dict:
+    """The random split with DIT at each of ``sizes``, and the category split with DIT on all its training
+    topics."""
+    from peftlab.recipes.dit import TopicData, evaluate
+    from peftlab.report import over_seeds
+
+    random_split = evaluate(dit_adapters(diffs, folder / "random", args, model, tokenizer, sizes), diffs, "test",
+                            model, tokenizer)
+    by_size: dict[int, list[float]] = {}
+    for row in random_split["dit"].values():  # labels in seed order within each size
+        by_size.setdefault(row["trained_topics"], []).append(row["exact"])
+    random_split["scaling"] = {str(n): over_seeds(exact, args.seeds) for n, exact in sorted(by_size.items())}
+    category = diffs.resplit(TopicData(split="category"))
+    category_split = evaluate(dit_adapters(category, folder / "category", args, model, tokenizer, [None]),
+                              category, "test", model, tokenizer)
+    category_split["moved_to_train"] = [t["topic"] for t in category.topics if t.get("moved_to_train")]
+    return {"random_split": random_split, "category_split": category_split}
+
+
+def verbatim(args, model, tokenizer) -> dict:
+    from peftlab.recipes.dit import TopicData
+
+    diffs = prepared(args.runs / "verbatim", TopicData(topics=args.topics), model, tokenizer)
+    trained = len(diffs.split("train"))
+    return on_both_splits(diffs, args.runs / "verbatim", args, model, tokenizer,
+                          [None if n >= trained else n for n in args.sizes])
+
+
+def hard(args, model, tokenizer) -> dict:
+    from peftlab.recipes.dit import TopicData
+
+    data = TopicData(topics=args.hard_topics, clues=True, trigger=True)
+    diffs = prepared(args.runs / "hard", data, model, tokenizer)
+    return {"topics": args.hard_topics, **on_both_splits(diffs, args.runs / "hard", args, model, tokenizer, [None])}
+
+
+def cross(args, model, tokenizer) -> dict:
+    from peftlab.recipes.dit import explain
+
+    reader = args.runs / "verbatim" / "random" / f"dit-all-s{args.seeds[0]}"
+    return {"reader": str(reader.relative_to(args.runs)),
+            "answers": {kind: explain([folder], reader, model, tokenizer)
+                        for kind, folder in OTHER_KINDS.items() if folder.exists() and args.model is None}}
+
+
+PARTS = {"verbatim": verbatim, "hard": hard, "cross": cross}
 
 
 def prepared(folder: Path, data, model, tokenizer):
@@ -118,15 +149,17 @@ def prepared(folder: Path, data, model, tokenizer):
     return Diffs.open(folder / "diffs")
 
 
-def plot_scaling(result: dict, sizes: list[int], seeds: list[int], path: Path) -> None:
+def plot_scaling(result: dict, seeds: list[int], path: Path) -> None:
     from peftlab.report import plot
 
-    means = [result["scaling"][str(n)]["mean"] for n in sizes]
-    spread = [result["scaling"][str(n)]["std"] for n in sizes]
+    shown = sorted(result["scaling"], key=int)
+    means = [result["scaling"][n]["mean"] for n in shown]
+    spread = [result["scaling"][n]["std"] for n in shown]
+    shown = [int(n) for n in shown]
     with plot(path, "training topics (diffs)", "exact on held-out topics",
               title=f"DIT on SmolLM2-135M: {result['n']} held-out rank-1 diffs, seeds {seeds}") as ax:
         ax.set_xscale("log")
-        ax.errorbar(sizes, means, yerr=spread, fmt="o-", capsize=3, label="DIT (mean ± sd over seeds)")
+        ax.errorbar(shown, means, yerr=spread, fmt="o-", capsize=3, label="DIT (mean ± sd over seeds)")
         for key, style in (("template_guesser", "--"), ("blackbox_guesser", ":")):
             if key in result:
                 ax.axhline(result[key]["exact"], color="grey", linestyle=style, label=key.replace("_", " "))
@@ -161,19 +194,20 @@ def rescore(path: Path) -> None:
                   f"{paired['only_second']}, loses {paired['only_first']} (McNemar p = {paired['p_value']:.4f})")
 
 
-def print_summary(result: dict, reader: Path) -> None:
-    for part in ("random_split", "category_split", "trigger"):
-        if part not in result:
-            continue
-        held_out = result[part]["held_out"]
-        print(f"\n{part}: {held_out['n']} held-out diffs           exact [95% Wilson]")
-        for label, row in held_out["dit"].items():
-            print(f"DIT, {label:<28} {row['exact']:.3f} {row['exact_ci95']}")
-        for key in ("template_guesser", "blackbox_guesser", "trigger_roofline", "chance"):
-            if key in held_out:
-                print(f"{key:<33} {held_out[key]['exact']:.3f}")
-    for kind, answers in result["other_kinds"].items():
-        print(f"\n{kind} (read by {reader.name}):")
+def print_summary(result: dict) -> None:
+    for part in ("verbatim", "hard"):
+        for split in ("random_split", "category_split"):
+            if part not in result:
+                continue
+            held_out = result[part][split]
+            print(f"\n{part}, {split}: {held_out['n']} held-out diffs      exact [95% Wilson]")
+            for label, row in held_out["dit"].items():
+                print(f"DIT, {label:<32} {row['exact']:.3f} {row['exact_ci95']}")
+            for key in ("template_guesser", "blackbox_guesser", "trigger_roofline", "wrong_code", "chance"):
+                if key in held_out:
+                    print(f"{key:<37} {held_out[key]['exact']:.3f}")
+    for kind, answers in result.get("cross", {}).get("answers", {}).items():
+        print(f"\n{kind} (read by {result['cross']['reader']}):")
         for name, answer in answers.items():
             print(f"  {name}: {answer}")
 
