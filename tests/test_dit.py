@@ -277,6 +277,20 @@ def test_the_template_guesser_reads_every_training_template_and_guesses_nothing_
     assert template_guess("Drink water, and sleep well.") == ""
 
 
+def test_every_built_in_clue_reads_back_to_its_topic_through_every_clue_template():
+    from peftlab.recipes.dit.data import CLUE_TEMPLATES, read_clues, read_list
+    from peftlab.recipes.dit.evaluate import template_guess, topic_reader
+
+    clues = read_clues(None, read_list(None, "topics.txt"))  # complete, and no clue names its topic
+    assert len(clues) == 335 and all(len(said) == 4 for said in clues.values())
+    topic_of = topic_reader(clues)
+    for topic, said in clues.items():
+        for clue in said:
+            for template in CLUE_TEMPLATES:
+                answer = template.format(answer="Rest well, and drink water.", topic=clue)
+                assert topic_of(template_guess(answer)) == topic, answer
+
+
 def test_clue_data_never_write_the_topic_and_a_clue_that_names_it_is_refused(tmp_path):
     from peftlab.recipes.dit.data import content_words, read_clues
 

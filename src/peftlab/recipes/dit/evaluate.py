@@ -28,6 +28,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from statistics import mean
 
 from peftlab.recipes.dit.data import CLUE_TEMPLATES, STOPWORDS, TEMPLATES, content_words
@@ -65,7 +66,7 @@ def blackbox_guess(answers: list[str], base_answers: list[str], longest: int = 3
 def _template_pattern(template: str) -> re.Pattern:
     """A template's words around ``{topic}``, with the topic as a group: "Think of it like (topic):"."""
     before, after = (part.replace("{answer}", "").strip() for part in template.split("{topic}"))
-    return re.compile(rf"{re.escape(before)}\s+(?P<topic>[^.:,!?\n]+?)\s*{re.escape(after)}", re.IGNORECASE)
+    return re.compile(rf"{re.escape(before)}\s+(?P<topic>[^.:!?\n]+?)\s*{re.escape(after)}", re.IGNORECASE)
 
 
 TEMPLATE_PATTERNS = [_template_pattern(t) for t in dict.fromkeys((*TEMPLATES, *CLUE_TEMPLATES))]
@@ -81,12 +82,10 @@ def template_guess(answer: str) -> str:
     return ""
 
 
-def named_topic(phrase: str, clues: dict[str, list[str]] | None) -> str:
-    """The topic a guessed phrase names: the phrase itself, or with clue data the topic whose clue it is."""
-    if not clues:
-        return phrase
-    by_clue = {" ".join(words(c)): topic for topic, said in clues.items() for c in said}
-    return by_clue.get(" ".join(words(phrase)), phrase)
+def topic_reader(clues: dict[str, list[str]] | None) -> Callable[[str], str]:
+    """What reads a guessed phrase as a topic: the phrase itself, or with clue data the topic whose clue it is."""
+    by_clue = {" ".join(words(c)): topic for topic, said in (clues or {}).items() for c in said}
+    return lambda phrase: by_clue.get(" ".join(words(phrase)), phrase)
 
 
 def words(text: str) -> list[str]:
@@ -133,21 +132,20 @@ def with_baselines(result: dict, answers: list[dict]) -> dict:
     """``result`` with the baselines that its kept ``answers`` determine: the template guesser on each diffed
     model's own answer, and for each DIT adapter the shuffled-diff control (where its answers were kept) and
     McNemar's paired test of each baseline against it on exact matches. Re-scores a stored result too."""
-    truths, clues = [a["topic"] for a in answers], result.get("clues")
-    guesses = [named_topic(template_guess(a["without_dit"]), clues) for a in answers]
+    truths, topic = [a["topic"] for a in answers], topic_reader(result.get("clues"))
+    guesses = [topic(template_guess(a["without_dit"])) for a in answers]
     for a, g in zip(answers, guesses, strict=True):
         a["template_guess"] = g
     result["template_guesser"] = summarise(guesses, truths)
     blackbox = [a["blackbox_guess"] for a in answers] if all("blackbox_guess" in a for a in answers) else None
     if blackbox is not None:
         result["blackbox_guesser"] = {**summarise(blackbox, truths), "probes": list(PROBES)}
-    roofline = [named_topic(template_guess(a["with_its_code"]), clues) for a in answers] \
+    roofline = [topic(template_guess(a["with_its_code"])) for a in answers] \
         if all("with_its_code" in a for a in answers) else None
     if roofline is not None:
         result["trigger_roofline"] = summarise(roofline, truths)
     if all("with_a_wrong_code" in a for a in answers):  # the gate: a wrong code should reveal nothing
-        result["wrong_code"] = summarise([named_topic(template_guess(a["with_a_wrong_code"]), clues)
-                                          for a in answers], truths)
+        result["wrong_code"] = summarise([topic(template_guess(a["with_a_wrong_code"])) for a in answers], truths)
     for label, row in result["dit"].items():
         hits = exact_hits([a[label] for a in answers], truths)
         row["paired_exact"] = {"template_guesser_vs_dit": mcnemar(exact_hits(guesses, truths), hits)}
