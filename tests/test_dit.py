@@ -76,12 +76,20 @@ def test_per_example_diffs_plus_the_shared_adapter_equal_peft_running_both_per_e
             assert (alone - diff_only).abs().max() > 1e-2  # the adapters really act
 
 
-def test_training_moves_only_the_shared_adapter_with_each_example_s_own_gradient():
-    wrapped, tokenizer = _diffs_and_shared()
-    wrapped.requires_grad_(False)
-    for layer in wrapped.lora_layers.values():
-        layer.shared_A.requires_grad_(True)
-        layer.shared_B.requires_grad_(True)
+def test_training_moves_only_the_shared_adapter_with_each_example_s_own_gradient(tmp_path):
+    """The model prepared as train_dit prepares it (the diffs attached from their folder, the shared adapter
+    added): a gradient reaches the shared adapter, the batched one equal to the sum of per-example ones, and none
+    reaches a diff."""
+    from peftlab.recipes.dit.adapter import attach_diffs
+
+    diffs, tokenizer = _diffs_and_shared()
+    diffs.remove_shared_adapter()
+    save(diffs, tmp_path / "module")
+    wrapped = attach_diffs(Diffs(tmp_path, []), list(DIFFS), tiny_model()[0])
+    wrapped.add_shared_adapter("dit", SHARED)
+    with torch.no_grad():
+        for layer in wrapped.lora_layers.values():
+            layer.shared_B.normal_(std=0.05)  # B starts at zero, and so would A's gradient
     rows, batch = _batch(tokenizer)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 
@@ -101,8 +109,27 @@ def test_training_moves_only_the_shared_adapter_with_each_example_s_own_gradient
         one_by_one = grads if one_by_one is None else [a + b for a, b in zip(one_by_one, grads, strict=True)]
     for got, want in zip(batched, one_by_one, strict=True):
         assert_close(got, want, "batched gradient vs the sum of per-example ones")
-    assert max(g.abs().max().item() for g in batched) > 0
-    assert all(not layer.lora_A.requires_grad for layer in wrapped.lora_layers.values())
+    assert all(g.abs().max().item() > 0 for g in batched)
+    wrapped(**inputs).logits.square().mean().backward()
+    routed = [p for layer in wrapped.lora_layers.values() for p in (layer.lora_A, layer.lora_B)]
+    assert all(p.grad is None for p in routed)  # the diffs stay frozen
+    assert all(layer.shared_A.grad.abs().max() > 0 for layer in wrapped.lora_layers.values())
+
+
+def test_a_batch_of_held_out_diffs_routes_each_diff():
+    """DIT asks every held-out diff in one batch: each answer is the one that diff gives asked alone, and the
+    diffs' answers differ, so a route that went to the wrong diff would show."""
+    from peftlab.recipes.dit.evaluate import ask
+
+    wrapped, tokenizer = _diffs_and_shared()
+    with torch.no_grad():
+        for layer in wrapped.lora_layers.values():
+            layer.lora_B.normal_(std=0.5)  # diffs strong enough to change a random model's greedy answer
+    names = list(DIFFS)
+    batched = ask(wrapped, tokenizer, names, "What topic have you been trained on?", 6)
+    alone = [ask(wrapped, tokenizer, [name], "What topic have you been trained on?", 6)[0] for name in names]
+    assert batched == alone
+    assert len(set(alone)) == len(names)
 
 
 def test_each_adapter_is_clipped_on_its_own_the_shared_one_too():
