@@ -1,14 +1,15 @@
 """Re-Tuning on sums as people write them: operands of different lengths, the fix's cost on the other operand
 families, and the 2x-length goal (issue 34; docs/experiments/retune.md).
 
-    python examples/retune_unequal.py                                  # every arm, seeds 0 1 2 (hours on a CPU)
+    python examples/retune_unequal.py                                  # every arm (hours on a CPU)
     python examples/retune_unequal.py --arms after --seeds 0           # the new recipe, one seed
-    python examples/retune_unequal.py --steps 2 --n 4 --seeds 0 --model TINY_DIR --runs /tmp/r   # a smoke run
+    python examples/retune_unequal.py --steps 2 --n 4 --seeds 0 --seeds-before 0 --model TINY_DIR --runs /tmp/r
 
 Arms (``ARMS``), each a trained task and the way its root is asked:
 - ``before``: the README's recipe as it was (``addition-steps``, whose training data are unchanged), its shorter
   operand zero-filled at the root (``613807 + 000027``), exactly the text the code before the fix asked;
-- ``recursion``: the same module under the new recursion, where the longer operand alone drops its leading digit;
+- ``recursion``: the same module under the new recursion, where the longer operand alone drops its leading digit
+  (the cells only: a diagnostic of the recursion without the data);
 - ``after``: the fix, ``addition-steps-unequal`` (30 % of training problems with a shorter operand), new recursion.
 Modules are trained as examples/retune.yaml says (``retune_experiment.train_method``: kept in --runs, resumed) and
 evaluated through the engine, greedy:
@@ -16,8 +17,9 @@ evaluated through the engine, greedy:
   m-digit operands;
 - every operand family (tasks.ADDITION_FAMILIES, ``unequal`` included) at each trained length, and the families of
   the 2x goal (uniform, unequal) at twice the longest.
-Every cell records its accuracy, n and failures by kind. Seeds run one after another across the arms, and --result
-is rewritten after each module with the seeds finished so far; a stopped run resumes from the per-module files.
+Every cell records its accuracy, n and failures by kind. ``after`` runs seeds 0-2, the others 0-1 (the fix's cost
+needs two). Seeds run one after another across the arms, and --result is rewritten after each module with the
+seeds finished so far; a stopped run resumes from the per-module files.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retune_experiment import CONFIG, ROOT, longest_target, train_method  # noqa: E402  (examples/)
 
 CELLS = [(4, 2), (6, 2), (6, 3), (6, 5), (8, 3)]  # (longer operand's digits, shorter's): the issue's table
-ARMS = {"before": ("addition-steps", True), "recursion": ("addition-steps", False),
-        "after": ("addition-steps-unequal", False)}  # arm -> (task trained, shorter operand zero-filled at the root)
+# arm -> (task trained, shorter operand zero-filled at the root, what is asked); the recursion alone is a diagnostic
+ARMS = {"before": ("addition-steps", True, ("cells", "families")), "recursion": ("addition-steps", False, ("cells",)),
+        "after": ("addition-steps-unequal", False, ("cells", "families"))}
 LONG_FAMILIES = ("uniform", "unequal")  # asked at twice the longest trained length too
 
 
@@ -63,36 +66,41 @@ def solve(task, generator, problems, zero_fill: bool) -> dict:
     return {"accuracy": sum(correct) / len(correct), "n": len(correct), "failures": dict(kinds)}
 
 
-def evaluate_module(arm: str, module: Path, args, out: Path) -> dict:
-    """The cells and the families of one arm's module, cached in ``out`` cell by cell."""
+def evaluate_module(arm: str, module: Path, args, cache: Path) -> dict:
+    """The cells and the families of one arm's module. Results are cached in ``cache`` (one file per module) by
+    what was asked: a set of equal-length problems is asked the same way by every root, so the arms that share a
+    module share those results."""
     from peftlab.adapters import load_for_inference
     from peftlab.recipes.retune.engine import ModelGenerator
     from peftlab.recipes.retune.evaluate import problems_for
     from peftlab.recipes.retune.tasks import ADDITION_FAMILIES, get_task
     from peftlab.report import write_json
 
-    task_name, zero_fill = ARMS[arm]
-    done = json.loads(out.read_text()) if out.exists() else {}
-    task, generator = get_task(task_name), None
+    task_name, zero_fill, parts = ARMS[arm]
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    task, generator, out = get_task(task_name), None, {}
     todo = [("cells", f"{m}+{k}", kind) for m, k in CELLS for kind in ("different", "same")]
     todo += [("families", family, str(length)) for family in ADDITION_FAMILIES for length in args.lengths
              if length <= args.train_max or family in LONG_FAMILIES]
-    for part, key, sub in todo:
-        if sub in done.get(part, {}).get(key, {}):
-            continue
-        if generator is None:
-            loaded = load_for_inference(module, args.model)
-            generator = ModelGenerator(loaded.model, loaded.tokenizer, max_new_tokens=longest_target(
-                loaded.tokenizer, task_name, "retune", max(args.lengths + [m for m, _ in CELLS])) + 16)
+    for part, key, sub in (item for item in todo if item[0] in parts):
         if part == "cells":
             m, k = map(int, key.split("+"))
             problems = cell_problems(m, k if sub == "different" else m, args.n, args.eval_seed)
         else:
             problems = problems_for(task_name, int(sub), args.n, args.eval_seed, key)
-        done.setdefault(part, {}).setdefault(key, {})[sub] = solve(task, generator, problems, zero_fill)
-        write_json(out, done)
-        print(f"{arm} {module}: {part} {key} {sub}: {done[part][key][sub]['accuracy']:.2f}", flush=True)
-    return done
+        asked = "equal lengths" if all(len(a) == len(b) for a, b in problems) else \
+            "zero-filled" if zero_fill else "as written"
+        entry = f"{part}/{key}/{sub}/{asked}"
+        if entry not in done:
+            if generator is None:
+                loaded = load_for_inference(module, args.model)
+                generator = ModelGenerator(loaded.model, loaded.tokenizer, max_new_tokens=longest_target(
+                    loaded.tokenizer, task_name, "retune", max(args.lengths + [m for m, _ in CELLS])) + 16)
+            done[entry] = solve(task, generator, problems, zero_fill)
+            write_json(cache, done)
+            print(f"{arm} {module}: {entry}: {done[entry]['accuracy']:.2f}", flush=True)
+        out.setdefault(part, {}).setdefault(key, {})[sub] = done[entry]
+    return out
 
 
 def summarise(per_module: dict, args) -> dict:
@@ -101,7 +109,7 @@ def summarise(per_module: dict, args) -> dict:
 
     summary = {}
     for arm in args.arms:
-        seeds = [s for s in args.seeds if (arm, s) in per_module]
+        seeds = [s for s in sorted({s for _, s in per_module}) if (arm, s) in per_module]
         if not seeds:
             continue
         first = per_module[arm, seeds[0]]
@@ -114,7 +122,9 @@ def summarise(per_module: dict, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of 'after'")
+    parser.add_argument("--seeds-before", type=int, nargs="+", default=[0, 1],
+                        help="training seeds of 'before' and 'recursion' (default: 0 1)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300, the README's)")
     parser.add_argument("--per-length", type=int, default=400)
     parser.add_argument("--train-max", type=int, default=6)
@@ -130,16 +140,19 @@ def main() -> None:
     from peftlab.report import write_json
 
     per_module = {}
-    for seed in args.seeds:  # every arm's seed 0 first: a stopped run has comparable arms
+    for seed in sorted(set(args.seeds) | set(args.seeds_before)):  # every arm's seed 0 first: comparable arms
         args.seed = seed
         for arm in args.arms:
+            if seed not in (args.seeds if arm == "after" else args.seeds_before):
+                continue
             run = Path(args.runs) / f"{ARMS[arm][0]}-seed{seed}"
             module = train_method(ARMS[arm][0], "retune", run, args)
-            per_module[arm, seed] = evaluate_module(arm, module, args, run / f"{arm}-n{args.n}.json")
+            per_module[arm, seed] = evaluate_module(arm, module, args, run / f"eval-n{args.n}.json")
             write_json(args.result, {
                 "command": " ".join(["python examples/retune_unequal.py", *sys.argv[1:]]),
-                "arms": {a: {"task": ARMS[a][0], "zero_filled": ARMS[a][1]} for a in args.arms},
-                "seeds": args.seeds, "steps": args.steps, "n": args.n, "train_lengths": f"1-{args.train_max}",
+                "arms": {a: {"task": ARMS[a][0], "zero_filled": ARMS[a][1], "asked": ARMS[a][2]} for a in args.arms},
+                "seeds": {a: args.seeds if a == "after" else args.seeds_before for a in args.arms},
+                "steps": args.steps, "n": args.n, "train_lengths": f"1-{args.train_max}",
                 "eval_lengths": args.lengths, "long_families": list(LONG_FAMILIES),
                 "summary": summarise(per_module, args),
                 "per_seed": {f"{a} seed {s}": v for (a, s), v in per_module.items()}})
