@@ -77,7 +77,12 @@ def main() -> None:
                         "(default: the whole group)")
     parser.add_argument("--rates", nargs="+", default=[], metavar="METHOD=LR",
                         help="fix a method's learning rate instead of sweeping it, e.g. lora=2e-3")
+    parser.add_argument("--tables", action="store_true",
+                        help="print the sweep and test tables of --result as markdown (docs/experiments/), no runs")
     args = parser.parse_args()
+    if args.tables:
+        return print_tables(json.loads(Path(args.result or ROOT / "examples" / "results" /
+                                            f"{args.group}-vs-lora.json").read_text()))
     methods = {name: settings for name, (settings, _) in GROUPS[args.group].items()}
     for settings in methods.values():  # a setting that names the run's length (AdaLoRA's schedule) follows it
         if "total_step" in settings:
@@ -155,6 +160,40 @@ def main() -> None:
     write_json(args.result, report)
     _plot(report, Path(args.result).with_suffix(".png"))
     print(f"wrote {args.result}")
+
+
+def print_tables(report: dict) -> None:
+    """The sweep (validation), the per-family test table and the summary with paired differences, as markdown."""
+    sweep, results = report["sweep_validation_accuracy"], report["results"]
+    rates = sorted({float(lr) for grid in sweep.values() for lr in grid})
+    print("| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen |")
+    print("| --- |" + " ---: |" * (len(rates) + 1))
+    for method, grid in sweep.items():
+        best = max(grid.values())
+        cells = [("" if f"{lr:g}" not in grid else f"**{grid[f'{lr:g}']:.3f}**" if grid[f"{lr:g}"] == best
+                  else f"{grid[f'{lr:g}']:.3f}") for lr in rates]
+        print(f"| {method} | " + " | ".join(cells) + f" | {results[method]['learning_rate']:g} |")
+    methods = [m for m in results if m != "untuned"]
+
+    def cell(value: dict) -> str:
+        return f"{value['mean']:.2f} ± {value['std']:.2f}"
+
+    print("\n| family | untuned | " + " | ".join(f"{m} ({results[m]['learning_rate']:g})" for m in methods) + " |")
+    print("| --- |" + " ---: |" * (len(methods) + 1))
+    for family, untuned in results["untuned"]["families"].items():
+        held = " (held out)" if family in report["held_out_families"] else ""
+        print(f"| {family}{held} | {untuned:.2f} | " + " | ".join(cell(results[m]["families"][family])
+                                                             for m in methods) + " |")
+    print("\n| | parameters | trained families | held-out families | all | minus LoRA, all (95 % over questions) |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for m in methods:
+        row, summary = results[m], results[m]["summary"]
+        versus = row.get("minus_lora", {}).get("all")
+        paired = "" if versus is None else \
+            f"{versus['difference']:+.3f} [{versus['ci95_questions'][0]:+.3f}, {versus['ci95_questions'][1]:+.3f}]"
+        print(f"| {m} | {row['trainable_parameters']:,} | " + " | ".join(
+            f"{summary[g]['mean']:.3f} ± {summary[g]['std']:.3f}" for g in ("trained", "held_out", "all"))
+            + f" | {paired} |")
 
 
 def _plot(report: dict, path: Path) -> None:
