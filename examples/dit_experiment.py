@@ -72,39 +72,39 @@ def main() -> None:
     print_summary(result)
 
 
-def dit_adapters(diffs, folder: Path, args, model, tokenizer, sizes: list[int | None]) -> dict[str, str]:
-    """DIT adapters on ``diffs``' training topics, one per size (None: all of them) and seed, trained where
-    missing."""
+def dit_adapters(diffs, folder: Path, args, model, tokenizer, settings: dict[str, dict]) -> dict[str, str]:
+    """One DIT adapter per setting (a name and the ``DitConfig`` fields it changes) and seed, on ``diffs``'
+    training topics (the subset and the training seed drawn per seed), trained where missing."""
     from peftlab.recipes.dit import DitConfig, train_dit
 
     adapters = {}
-    for n in sizes:
+    for name, fields in settings.items():
         for seed in args.seeds:
-            label = f"{n if n is not None else 'all'} training topics, seed {seed}"
-            out = folder / f"dit-{n if n is not None else 'all'}-s{seed}"
+            out = folder / f"dit-{name.replace(' ', '-')}-s{seed}"
             if not out.exists():
-                train_dit(diffs, out, DitConfig(train_topics=n, subset_seed=seed, seed=seed, steps=args.steps),
-                          model, tokenizer)
-            adapters[label] = str(out)
+                config = DitConfig(**{"steps": args.steps, "subset_seed": seed, "seed": seed, **fields})
+                train_dit(diffs, out, config, model, tokenizer)
+            adapters[f"{name}, seed {seed}"] = str(out)
     return adapters
 
 
-def on_both_splits(diffs, folder: Path, args, model, tokenizer, sizes: list[int | None]) -> dict:
-    """The random split with DIT at each of ``sizes``, and the category split with DIT on all its training
-    topics."""
+def on_both_splits(diffs, folder: Path, args, model, tokenizer, on_random: dict, on_category: dict) -> dict:
+    """The random split with a DIT adapter per ``on_random`` setting, and the category split with one per
+    ``on_category`` setting, each at every seed."""
     from peftlab.recipes.dit import TopicData, evaluate
     from peftlab.report import over_seeds
 
-    random_split = evaluate(dit_adapters(diffs, folder / "random", args, model, tokenizer, sizes), diffs, "test",
-                            model, tokenizer)
+    random_split = evaluate(dit_adapters(diffs, folder / "random", args, model, tokenizer, on_random), diffs,
+                            "test", model, tokenizer)
     by_size: dict[int, list[float]] = {}
     for row in random_split["dit"].values():  # labels in seed order within each size
         by_size.setdefault(row["trained_topics"], []).append(row["exact"])
     random_split["scaling"] = {str(n): over_seeds(exact, args.seeds) for n, exact in sorted(by_size.items())}
     category = diffs.resplit(TopicData(split="category"))
-    category_split = evaluate(dit_adapters(category, folder / "category", args, model, tokenizer, [None]),
+    category_split = evaluate(dit_adapters(category, folder / "category", args, model, tokenizer, on_category),
                               category, "test", model, tokenizer)
     category_split["moved_to_train"] = [t["topic"] for t in category.topics if t.get("moved_to_train")]
+    category_split["settings"] = on_category
     return {"random_split": random_split, "category_split": category_split}
 
 
@@ -113,8 +113,14 @@ def verbatim(args, model, tokenizer) -> dict:
 
     diffs = prepared(args.runs / "verbatim", TopicData(topics=args.topics), model, tokenizer)
     trained = len(diffs.split("train"))
-    return on_both_splits(diffs, args.runs / "verbatim", args, model, tokenizer,
-                          [None if n >= trained else n for n in args.sizes])
+    sizes = {f"{n} topics" if n < trained else "all topics": {"train_topics": n if n < trained else None}
+             for n in args.sizes}
+    return on_both_splits(diffs, args.runs / "verbatim", args, model, tokenizer, sizes, {"all topics": {}})
+
+
+# what the hard setting's category split tries beside peftlab's DIT defaults (the issue's list)
+HARD_VARIANTS = {"paper scale and decay": {"alpha": 1.0, "weight_decay": 0.01},  # scale 1/16, decay 0.01
+                 "600 steps": {"steps": 600}, "rank 64": {"rank": 64, "alpha": 64.0}}
 
 
 def hard(args, model, tokenizer) -> dict:
@@ -122,13 +128,14 @@ def hard(args, model, tokenizer) -> dict:
 
     data = TopicData(topics=args.hard_topics, clues=True, trigger=True)
     diffs = prepared(args.runs / "hard", data, model, tokenizer)
-    return {"topics": args.hard_topics, **on_both_splits(diffs, args.runs / "hard", args, model, tokenizer, [None])}
+    return {"topics": args.hard_topics, **on_both_splits(diffs, args.runs / "hard", args, model, tokenizer,
+                                                         {"all topics": {}}, {"all topics": {}, **HARD_VARIANTS})}
 
 
 def cross(args, model, tokenizer) -> dict:
     from peftlab.recipes.dit import explain
 
-    reader = args.runs / "verbatim" / "random" / f"dit-all-s{args.seeds[0]}"
+    reader = args.runs / "verbatim" / "random" / f"dit-all-topics-s{args.seeds[0]}"
     return {"reader": str(reader.relative_to(args.runs)),
             "answers": {kind: explain([folder], reader, model, tokenizer)
                         for kind, folder in OTHER_KINDS.items() if folder.exists() and args.model is None}}

@@ -37,6 +37,7 @@ class DitConfig:
     steps: int = 200
     batch_size: int = 8
     learning_rate: float = 1e-3
+    weight_decay: float = 0.0  # the paper: 0.01
     seed: int = 0
 
 
@@ -82,7 +83,8 @@ def train_dit(diffs, out: str | Path, config: DitConfig, model=None, tokenizer=N
                                       pack=False),
                       training={"output_dir": str(scratch), "max_steps": config.steps,
                                 "per_device_train_batch_size": config.batch_size,
-                                "learning_rate": config.learning_rate, "lr_scheduler_type": "constant",
+                                "learning_rate": config.learning_rate, "weight_decay": config.weight_decay,
+                                "lr_scheduler_type": "constant",
                                 "seed": config.seed, "logging_steps": 10, "save_strategy": "no"})
     result = train(run, model=wrapped.train(), tokenizer=tokenizer,
                    train_data=_records(topics, config.question), save_module=False)
