@@ -39,14 +39,14 @@ GROUPS = {
              "loreft": ({"name": "loreft", **REFT}, [2e-3, 5e-3, 1e-2]),
              "direft": ({"name": "direft", **REFT}, [2e-3, 5e-3, 1e-2])},
     "tuners": {"lora": ({"name": "lora", **LORA}, LORA_RATES),
-               # more rates where the first ones peaked at the upper edge of the grid (LoHa, LoKr, VeRA)
+               # more rates where the first ones peaked at the upper edge of the grid (LoHa, LoKr, VeRA, AdaLoRA)
                "loha": ({"name": "loha"}, [2e-3, 5e-3, 1e-2, 2e-2]),   # LyCORIS's usual LoRA-like range
                "lokr": ({"name": "lokr"}, [2e-3, 5e-3, 1e-2, 2e-2]),
                "vera": ({"name": "vera"}, [1e-2, 3e-2, 1e-1]),   # VeRA's paper: 10x LoRA's rate and more
                "oft": ({"name": "oft"}, [5e-4, 2e-3]),      # a rotation: peft's examples use LoRA's rate or less
                # AdaLoRA: from init_r 12 down to 8 on average (LoRA's r) between steps 6 and 48 of 60
                "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "tinit": 6, "tfinal": 12,
-                            "total_step": 60}, [2e-3, 5e-3])},
+                            "total_step": 60}, [2e-3, 5e-3, 1e-2])},
     # the same LoRA on a quantized base (QLoRA-style), at LoRA's rate
     "quantize": {"lora": ({"name": "lora", **LORA}, LORA_RATES),
                  "lora_int8": ({"name": "lora", **LORA, "quantize": "int8"}, [2e-3]),
