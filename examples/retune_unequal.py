@@ -10,16 +10,19 @@ Arms (``ARMS``), each a trained task and the way its root is asked:
   operand zero-filled at the root (``613807 + 000027``), exactly the text the code before the fix asked;
 - ``recursion``: the same module under the new recursion, where the longer operand alone drops its leading digit
   (the cells only: a diagnostic of the recursion without the data);
-- ``after``: the fix, ``addition-steps-unequal`` (30 % of training problems with a shorter operand), new recursion.
+- ``after``: the fix, ``addition-steps-unequal`` (30 % of training problems with a shorter operand), new recursion;
+- ``tags``: the fix with output digits tagged by place letters cycling every 4 (``addition-steps-tags4-unequal``),
+  the step format that carried the copy of runs past the trained lengths (docs/experiments/retune.md), for the 2x
+  goal.
 Modules are trained as examples/retune.yaml says (``retune_experiment.train_method``: kept in --runs, resumed) and
 evaluated through the engine, greedy:
 - the cells of the issue's table: a longer operand of m digits and a shorter of k (its side random), against two
   m-digit operands;
 - every operand family (tasks.ADDITION_FAMILIES, ``unequal`` included) at each trained length, and the families of
   the 2x goal (uniform, unequal) at twice the longest.
-Every cell records its accuracy, n and failures by kind. ``after`` runs seeds 0-2, the others 0-1 (the fix's cost
-needs two). Seeds run one after another across the arms, and --result is rewritten after each module with the
-seeds finished so far; a stopped run resumes from the per-module files.
+Every cell records its accuracy, n and failures by kind. ``after`` and ``tags`` run seeds 0-2, the others 0-1
+(the fix's cost needs two). Seeds run one after another across the arms, and --result is rewritten after each
+module with the seeds finished so far; a stopped run resumes from the per-module files.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from retune_experiment import CONFIG, ROOT, longest_target, train_method  # noqa
 CELLS = [(4, 2), (6, 2), (6, 3), (6, 5), (8, 3)]  # (longer operand's digits, shorter's): the issue's table
 # arm -> (task trained, shorter operand zero-filled at the root, what is asked); the recursion alone is a diagnostic
 ARMS = {"before": ("addition-steps", True, ("cells", "families")), "recursion": ("addition-steps", False, ("cells",)),
-        "after": ("addition-steps-unequal", False, ("cells", "families"))}
+        "after": ("addition-steps-unequal", False, ("cells", "families")),
+        "tags": ("addition-steps-tags4-unequal", False, ("cells", "families"))}
+NEW_RECIPES = ("after", "tags")  # trained at --seeds; the others at --seeds-before
 LONG_FAMILIES = ("uniform", "unequal")  # asked at twice the longest trained length too
 
 
@@ -122,7 +127,8 @@ def summarise(per_module: dict, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of 'after'")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="training seeds of 'after' and 'tags' (default: 0 1 2)")
     parser.add_argument("--seeds-before", type=int, nargs="+", default=[0, 1],
                         help="training seeds of 'before' and 'recursion' (default: 0 1)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300, the README's)")
@@ -143,7 +149,7 @@ def main() -> None:
     for seed in sorted(set(args.seeds) | set(args.seeds_before)):  # every arm's seed 0 first: comparable arms
         args.seed = seed
         for arm in args.arms:
-            if seed not in (args.seeds if arm == "after" else args.seeds_before):
+            if seed not in (args.seeds if arm in NEW_RECIPES else args.seeds_before):
                 continue
             run = Path(args.runs) / f"{ARMS[arm][0]}-seed{seed}"
             module = train_method(ARMS[arm][0], "retune", run, args)
@@ -151,7 +157,7 @@ def main() -> None:
             write_json(args.result, {
                 "command": " ".join(["python examples/retune_unequal.py", *sys.argv[1:]]),
                 "arms": {a: {"task": ARMS[a][0], "zero_filled": ARMS[a][1], "asked": ARMS[a][2]} for a in args.arms},
-                "seeds": {a: args.seeds if a == "after" else args.seeds_before for a in args.arms},
+                "seeds": {a: args.seeds if a in NEW_RECIPES else args.seeds_before for a in args.arms},
                 "steps": args.steps, "n": args.n, "train_lengths": f"1-{args.train_max}",
                 "eval_lengths": args.lengths, "long_families": list(LONG_FAMILIES),
                 "summary": summarise(per_module, args),

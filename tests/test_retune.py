@@ -415,10 +415,11 @@ def test_a_shorter_operand_is_never_padded_and_its_end_is_a_step_of_its_own():
     swapped = [line for _, r, _ in task.examples(("27", "613807"), "retune") for line in r.splitlines()
                if line.startswith("Call:")]
     assert swapped[0] == "Call: 27 + 13807"  # the sides stay where the user put them
-    problems = [p for n in (2, 5, 12) for p in problems_for("addition-steps", n, 8, seed=3, family="unequal")]
-    table = [(p, r) for q in problems for p, r, _ in task.examples(q, "retune")]
-    results = Engine(Oracle(table), EngineConfig()).run([task.root(q).text for q in problems])
-    assert all(task.correct(r.output, q, "retune") for r, q in zip(results, problems, strict=True))
+    for solved in (task, TASKS["addition-steps-tags4-unequal"]):  # the end step with tagged output digits too
+        problems = [p for n in (2, 5, 12) for p in problems_for(solved.name, n, 8, seed=3, family="unequal")]
+        table = [(p, r) for q in problems for p, r, _ in solved.examples(q, "retune")]
+        results = Engine(Oracle(table), EngineConfig()).run([solved.root(q).text for q in problems])
+        assert all(solved.correct(r.output, q, "retune") for r, q in zip(results, problems, strict=True))
 
 
 def test_the_unequal_variant_trains_on_shorter_operands():
