@@ -46,7 +46,7 @@ GROUPS = {
                "oft": ({"name": "oft"}, [5e-4, 2e-3]),      # a rotation: peft's examples use LoRA's rate or less
                # AdaLoRA: from init_r 12 down to 8 on average (LoRA's r) between steps 6 and 48 of 60
                "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "tinit": 6, "tfinal": 12,
-                            "total_step": 60}, [2e-3, 5e-3, 1e-2, 2e-2])},
+                            "total_step": 60}, [2e-3, 5e-3, 1e-2, 2e-2, 5e-2])},
     # the same LoRA on a quantized base (QLoRA-style), at LoRA's rate
     "quantize": {"lora": ({"name": "lora", **LORA}, LORA_RATES),
                  "lora_int8": ({"name": "lora", **LORA, "quantize": "int8"}, [2e-3]),
