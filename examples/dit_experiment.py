@@ -60,12 +60,14 @@ def main() -> None:
     from peftlab.report import write_json
 
     model, tokenizer = load_model(args.model or DEFAULT_MODEL)
-    earlier = json.loads(args.result.read_text()) if args.result.exists() else {}
-    result = {part: earlier[part] for part in PARTS if part in earlier}  # parts this run does not redo are kept
-    result.update({"command": " ".join(["python examples/dit_experiment.py", *sys.argv[1:]]), "steps": args.steps,
-                   "seeds": args.seeds})
+    result: dict = {}
     for part in args.parts:
-        result[part] = PARTS[part](args, model, tokenizer)
+        measured = {"command": " ".join(["python examples/dit_experiment.py", *sys.argv[1:]]),
+                    **PARTS[part](args, model, tokenizer)}
+        # the parts in the file when this one ends are kept: another process may be running another part
+        earlier = json.loads(args.result.read_text()) if args.result.exists() else {}
+        result = {name: earlier[name] for name in PARTS if name in earlier}
+        result.update({"steps": args.steps, "seeds": args.seeds, part: measured})
         write_json(args.result, result)
     if "verbatim" in result:
         plot_scaling(result["verbatim"]["random_split"], args.seeds, args.result.with_suffix(".png"))
