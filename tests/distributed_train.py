@@ -1,6 +1,8 @@
-"""Train one method on the tiny model: run by tests/test_distributed.py alone and under ``torchrun`` (CPU: gloo).
+"""Train methods one after another on the tiny model, each into ``OUT/METHOD``: run by tests/test_distributed.py
+alone and under ``torchrun`` (CPU: gloo). One launch trains them all, since starting the processes is most of the
+cost.
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed_train.py METHOD MODEL_DIR OUT PER_DEVICE_BATCH
+    torchrun --standalone --nproc_per_node 2 tests/distributed_train.py METHOD,METHOD MODEL_DIR OUT PER_DEVICE_BATCH
 
 Four examples of equal length, one global batch per step: every step sees all four in either setting, so two
 processes with batch 2 must train what one process with batch 4 trains. MultiLoRA trains two adapters on two
@@ -18,7 +20,12 @@ METHODS = {"lora": {"name": "lora", "r": 4}, "ia3": {"name": "ia3"},
 RECORDS = [{"prompt": f"say {w}", "response": f"{w} {w} {w}"} for w in ("abcd", "efgh", "ijkl", "mnop")]
 
 
-def main(method: str, model: str, out: str, batch: int) -> None:
+def main(methods: list[str], model: str, out: str, batch: int) -> None:
+    for method in methods:
+        train_one(method, model, f"{out}/{method}", batch)
+
+
+def train_one(method: str, model: str, out: str, batch: int) -> None:
     training = {"output_dir": out, "max_steps": 3, "learning_rate": 0.05, "per_device_train_batch_size": batch,
                 "seed": 0, "logging_steps": 1, "save_strategy": "no", "use_cpu": True}
     records, data = RECORDS, DataConfig(pack=False)
@@ -30,4 +37,4 @@ def main(method: str, model: str, out: str, batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    main(sys.argv[1].split(","), sys.argv[2], sys.argv[3], int(sys.argv[4]))

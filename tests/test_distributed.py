@@ -24,11 +24,22 @@ def _run(args, nproc):
     return done
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "loreft", "bitune", "multilora"])
-def test_two_processes_train_what_one_process_trains(method, tiny_dir, tmp_path):
-    _run([method, tiny_dir, tmp_path / "one", 4], nproc=1)
-    _run([method, tiny_dir, tmp_path / "two", 2], nproc=2)
-    one, two = read(tmp_path / "one" / "module"), read(tmp_path / "two" / "module")
+METHODS = ["lora", "ia3", "loreft", "bitune", "multilora"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    """Every method trained by one process with batch 4 (``one/METHOD``) and by two with batch 2 (``two/METHOD``),
+    in one launch each."""
+    root = tmp_path_factory.mktemp("distributed")
+    _run([",".join(METHODS), tiny_dir, root / "one", 4], nproc=1)
+    _run([",".join(METHODS), tiny_dir, root / "two", 2], nproc=2)
+    return root
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_train_what_one_process_trains(method, trained):
+    one, two = read(trained / "one" / method / "module"), read(trained / "two" / method / "module")
     assert one.manifest == two.manifest
     assert one.tensors.keys() == two.tensors.keys()
     for name in one.tensors:  # every adapter (two for multilora)
@@ -36,6 +47,6 @@ def test_two_processes_train_what_one_process_trains(method, tiny_dir, tmp_path)
         assert a.keys() == b.keys()
         for key in a:
             assert_close(b[key], a[key], f"{name}: {key}, two processes vs one")
-    losses = [h["loss"] for h in json.loads((tmp_path / "one" / "train_log.json").read_text())["log_history"]
+    losses = [h["loss"] for h in json.loads((trained / "one" / method / "train_log.json").read_text())["log_history"]
               if "loss" in h]
     assert losses[-1] < losses[0]  # it trained, so equal modules are not two untouched ones
