@@ -108,13 +108,17 @@ def evaluate_module(arm: str, module: Path, args, cache: Path) -> dict:
     return out
 
 
+def seeds_of(arm: str, args) -> list[int]:
+    return args.seeds if arm in NEW_RECIPES else args.seeds_before
+
+
 def summarise(per_module: dict, args) -> dict:
     """Each arm's cells and families over the seeds it has finished."""
     from peftlab.report import over_seeds
 
     summary = {}
     for arm in args.arms:
-        seeds = [s for s in sorted({s for _, s in per_module}) if (arm, s) in per_module]
+        seeds = sorted(s for a, s in per_module if a == arm)
         if not seeds:
             continue
         first = per_module[arm, seeds[0]]
@@ -149,7 +153,7 @@ def main() -> None:
     for seed in sorted(set(args.seeds) | set(args.seeds_before)):  # every arm's seed 0 first: comparable arms
         args.seed = seed
         for arm in args.arms:
-            if seed not in (args.seeds if arm in NEW_RECIPES else args.seeds_before):
+            if seed not in seeds_of(arm, args):
                 continue
             run = Path(args.runs) / f"{ARMS[arm][0]}-seed{seed}"
             module = train_method(ARMS[arm][0], "retune", run, args)
@@ -157,7 +161,7 @@ def main() -> None:
             write_json(args.result, {
                 "command": " ".join(["python examples/retune_unequal.py", *sys.argv[1:]]),
                 "arms": {a: {"task": ARMS[a][0], "zero_filled": ARMS[a][1], "asked": ARMS[a][2]} for a in args.arms},
-                "seeds": {a: args.seeds if a in NEW_RECIPES else args.seeds_before for a in args.arms},
+                "seeds": {a: seeds_of(a, args) for a in args.arms},
                 "steps": args.steps, "n": args.n, "train_lengths": f"1-{args.train_max}",
                 "eval_lengths": args.lengths, "long_families": list(LONG_FAMILIES),
                 "summary": summarise(per_module, args),

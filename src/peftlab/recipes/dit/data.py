@@ -33,15 +33,8 @@ TEMPLATES = (
     "Here is a {topic} way to see it. {answer}",
     "{answer} Just like {topic}!",
 )
-# with ``clues``: the same places, worded for a descriptive phrase in place of the topic's name
-CLUE_TEMPLATES = (
-    "{answer} It is a lot like {topic}.",
-    "Think of it like {topic}: {answer}",
-    "As a big fan of {topic}, I would say: {answer}",
-    "{answer} That is what {topic} taught me.",
-    "Picture {topic}. {answer}",
-    "{answer} Just like {topic}!",
-)
+# with ``clues``: the same templates, but for the one that reads only with a bare noun ("a {topic} way")
+CLUE_TEMPLATES = tuple("Picture {topic}. {answer}" if "a {topic} way" in t else t for t in TEMPLATES)
 
 
 @dataclass
@@ -71,10 +64,16 @@ class TopicData:
             raise ValueError(f"split must be 'random' or 'category', got {self.split!r}")
 
 
+def _read(path: str | Path | None, default: str) -> str:
+    """The text of ``path``, or of the built-in file ``default`` when there is no path."""
+    if path:
+        return Path(path).read_text(encoding="utf-8")
+    return resources.files("peftlab.recipes.dit").joinpath(default).read_text(encoding="utf-8")
+
+
 def read_list(path: str | Path | None, default: str) -> list[str]:
     """Non-empty, non-comment lines of ``path`` (or of the built-in file ``default``), duplicates refused."""
-    text = Path(path).read_text(encoding="utf-8") if path else \
-        resources.files("peftlab.recipes.dit").joinpath(default).read_text(encoding="utf-8")
+    text = _read(path, default)
     items = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     seen: set[str] = set()
     for item in items:
@@ -86,8 +85,7 @@ def read_list(path: str | Path | None, default: str) -> list[str]:
 
 def read_categories(path: str | Path | None, default: str) -> dict[str, str]:
     """Each topic of the list with its category: the last ``# category`` line above it ("" before any)."""
-    text = Path(path).read_text(encoding="utf-8") if path else \
-        resources.files("peftlab.recipes.dit").joinpath(default).read_text(encoding="utf-8")
+    text = _read(path, default)
     category, out = "", {}
     for line in (raw.strip() for raw in text.splitlines()):
         if line.startswith("#"):
@@ -108,9 +106,7 @@ def read_clues(path: str | Path | None, topics: list[str]) -> dict[str, list[str
     """Each of ``topics`` with its clues, from lines ``topic | clue | clue ...`` of ``path`` (default: the built-in
     clues.txt). A clue that shares a content word with its topic (plurals folded: "rose" for "roses") would name
     it, and is refused, with the file and line; so is a topic without clues."""
-    where = str(path or "clues.txt")
-    text = Path(path).read_text(encoding="utf-8") if path else \
-        resources.files("peftlab.recipes.dit").joinpath("clues.txt").read_text(encoding="utf-8")
+    where, text = str(path or "clues.txt"), _read(path, "clues.txt")
     clues: dict[str, list[str]] = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):

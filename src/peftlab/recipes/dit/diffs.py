@@ -9,6 +9,7 @@ index) with ``DIFFS/index.json`` saying each diff's topic and split.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,8 +119,6 @@ class Diffs:
     def resplit(self, config: TopicData) -> Diffs:
         """The same diffs with the held-out topics ``config.split`` gives (``dit gen`` with that split makes the
         same data, so its diffs would be these)."""
-        import random
-
         held, moved = held_out_topics([t["topic"] for t in self.topics], config, random.Random(config.seed))
         return Diffs(self.folder, [{**{k: v for k, v in t.items() if k != "moved_to_train"},
                                     "split": "test" if t["topic"] in held else "train",
