@@ -5,12 +5,15 @@ families, and the 2x-length goal (issue 34; docs/experiments/retune.md).
     python examples/retune_unequal.py --arms after --seeds 0           # the new recipe, one seed
     python examples/retune_unequal.py --steps 2 --n 4 --seeds 0 --seeds-before 0 --model TINY_DIR --runs /tmp/r
 
-Arms (``ARMS``), each a trained task and the way its root is asked:
-- ``before``: the README's recipe as it was (``addition-steps``, whose training data are unchanged), its shorter
-  operand zero-filled at the root (``613807 + 000027``), exactly the text the code before the fix asked;
-- ``recursion``: the same module under the new recursion, where the longer operand alone drops its leading digit
-  (the cells only: a diagnostic of the recursion without the data);
-- ``after``: the fix, ``addition-steps-unequal`` (30 % of training problems with a shorter operand), new recursion;
+Arms (``ARMS``), each a trained task and the task whose root asks it:
+- ``before``: the README's recipe (``addition-steps``, trained on equal lengths only), its shorter operand
+  zero-filled at the root (``613807 + 000027``);
+- ``recursion``: the same module asked without zero filling, where the longer operand alone drops its leading
+  digit (``addition-steps-unpadded``; the cells only: a diagnostic of that recursion without its data);
+- ``unpadded``: that recursion trained (``addition-steps-unequal-unpadded``, 30 % of training problems with a
+  shorter operand): measured to fail, seed 0 only;
+- ``after``: the fix, ``addition-steps-unequal``: 30 % of training problems with a shorter operand, zero-filled
+  as the root asks them, so the runs of leading zeros in their sub-problems are trained;
 - ``tags``: the fix with output digits tagged by place letters cycling every 4 (``addition-steps-tags4-unequal``),
   the step format that carried the copy of runs past the trained lengths (docs/experiments/retune.md), for the 2x
   goal.
@@ -20,9 +23,10 @@ evaluated through the engine, greedy:
   m-digit operands;
 - every operand family (tasks.ADDITION_FAMILIES, ``unequal`` included) at each trained length, and the families of
   the 2x goal (uniform, unequal) at twice the longest.
-Every cell records its accuracy, n and failures by kind. ``after`` and ``tags`` run seeds 0-2, the others 0-1
-(the fix's cost needs two). Seeds run one after another across the arms, and --result is rewritten after each
-module with the seeds finished so far; a stopped run resumes from the per-module files.
+Every cell records its accuracy, n and failures by kind. ``after`` and ``tags`` run seeds 0-2, ``before`` 0-1
+(the fix's cost needs two), the diagnostics the first of those. Seeds run one after another across the arms, and
+--result is rewritten after each module with the seeds finished so far; a stopped run resumes from the per-module
+files.
 """
 
 from __future__ import annotations
@@ -38,11 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retune_experiment import CONFIG, ROOT, longest_target, train_method  # noqa: E402  (examples/)
 
 CELLS = [(4, 2), (6, 2), (6, 3), (6, 5), (8, 3)]  # (longer operand's digits, shorter's): the issue's table
-# arm -> (task trained, shorter operand zero-filled at the root, what is asked); the recursion alone is a diagnostic
-ARMS = {"before": ("addition-steps", True, ("cells", "families")), "recursion": ("addition-steps", False, ("cells",)),
-        "after": ("addition-steps-unequal", False, ("cells", "families")),
-        "tags": ("addition-steps-tags4-unequal", False, ("cells", "families"))}
-NEW_RECIPES = ("after", "tags")  # trained at --seeds; the others at --seeds-before
+# arm -> (task trained, task whose root asks, what is asked)
+ARMS = {"before": ("addition-steps", "addition-steps", ("cells", "families")),
+        "recursion": ("addition-steps", "addition-steps-unpadded", ("cells",)),
+        "unpadded": ("addition-steps-unequal-unpadded", "addition-steps-unequal-unpadded", ("cells", "families")),
+        "after": ("addition-steps-unequal", "addition-steps-unequal", ("cells", "families")),
+        "tags": ("addition-steps-tags4-unequal", "addition-steps-tags4-unequal", ("cells", "families"))}
+NEW_RECIPES = ("after", "tags")  # trained at --seeds; before at --seeds-before
+DIAGNOSTICS = ("recursion", "unpadded")  # the first of --seeds-before only
 LONG_FAMILIES = ("uniform", "unequal")  # asked at twice the longest trained length too
 
 
@@ -59,12 +66,11 @@ def cell_problems(longer: int, shorter: int, n: int, seed: int) -> list[tuple[st
     return out
 
 
-def solve(task, generator, problems, zero_fill: bool) -> dict:
-    """Accuracy, n and failures by kind of ``problems`` through the engine."""
+def solve(task, generator, problems) -> dict:
+    """Accuracy, n and failures by kind of ``problems`` through the engine, each asked as ``task``'s root asks."""
     from peftlab.recipes.retune.engine import Engine
 
-    asked = [(a.zfill(len(b)), b.zfill(len(a))) for a, b in problems] if zero_fill else problems
-    results = Engine(generator).run([task.root(p).text for p in asked])
+    results = Engine(generator).run([task.root(p).text for p in problems])
     correct = [task.correct(r.output or "", p, "retune") for r, p in zip(results, problems, strict=True)]
     kinds = Counter(None if c else (r.kind or "wrong answer") for c, r in zip(correct, results, strict=True))
     kinds.pop(None, None)
@@ -81,9 +87,9 @@ def evaluate_module(arm: str, module: Path, args, cache: Path) -> dict:
     from peftlab.recipes.retune.tasks import ADDITION_FAMILIES, get_task
     from peftlab.report import write_json
 
-    task_name, zero_fill, parts = ARMS[arm]
+    task_name, asked_by, parts = ARMS[arm]
     done = json.loads(cache.read_text()) if cache.exists() else {}
-    task, generator, out = get_task(task_name), None, {}
+    task, generator, out = get_task(asked_by), None, {}
     todo = [("cells", f"{m}+{k}", kind) for m, k in CELLS for kind in ("different", "same")]
     todo += [("families", family, str(length)) for family in ADDITION_FAMILIES for length in args.lengths
              if length <= args.train_max or family in LONG_FAMILIES]
@@ -94,14 +100,14 @@ def evaluate_module(arm: str, module: Path, args, cache: Path) -> dict:
         else:
             problems = problems_for(task_name, int(sub), args.n, args.eval_seed, key)
         asked = "equal lengths" if all(len(a) == len(b) for a, b in problems) else \
-            "zero-filled" if zero_fill else "as written"
+            "zero-filled" if task.zero_fill else "as written"
         entry = f"{part}/{key}/{sub}/{asked}"
         if entry not in done:
             if generator is None:
                 loaded = load_for_inference(module, args.model)
                 generator = ModelGenerator(loaded.model, loaded.tokenizer, max_new_tokens=longest_target(
                     loaded.tokenizer, task_name, "retune", max(args.lengths + [m for m, _ in CELLS])) + 16)
-            done[entry] = solve(task, generator, problems, zero_fill)
+            done[entry] = solve(task, generator, problems)
             write_json(cache, done)
             print(f"{arm} {module}: {entry}: {done[entry]['accuracy']:.2f}", flush=True)
         out.setdefault(part, {}).setdefault(key, {})[sub] = done[entry]
@@ -109,7 +115,7 @@ def evaluate_module(arm: str, module: Path, args, cache: Path) -> dict:
 
 
 def seeds_of(arm: str, args) -> list[int]:
-    return args.seeds if arm in NEW_RECIPES else args.seeds_before
+    return args.seeds if arm in NEW_RECIPES else args.seeds_before[:1] if arm in DIAGNOSTICS else args.seeds_before
 
 
 def summarise(per_module: dict, args) -> dict:
@@ -134,7 +140,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="training seeds of 'after' and 'tags' (default: 0 1 2)")
     parser.add_argument("--seeds-before", type=int, nargs="+", default=[0, 1],
-                        help="training seeds of 'before' and 'recursion' (default: 0 1)")
+                        help="training seeds of 'before'; the diagnostics run the first (default: 0 1)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300, the README's)")
     parser.add_argument("--per-length", type=int, default=400)
     parser.add_argument("--train-max", type=int, default=6)
@@ -160,7 +166,7 @@ def main() -> None:
             per_module[arm, seed] = evaluate_module(arm, module, args, run / f"eval-n{args.n}.json")
             write_json(args.result, {
                 "command": " ".join(["python examples/retune_unequal.py", *sys.argv[1:]]),
-                "arms": {a: {"task": ARMS[a][0], "zero_filled": ARMS[a][1], "asked": ARMS[a][2]} for a in args.arms},
+                "arms": {a: {"task": ARMS[a][0], "asked_by": ARMS[a][1], "asked": ARMS[a][2]} for a in args.arms},
                 "seeds": {a: seeds_of(a, args) for a in args.arms},
                 "steps": args.steps, "n": args.n, "train_lengths": f"1-{args.train_max}",
                 "eval_lengths": args.lengths, "long_families": list(LONG_FAMILIES),

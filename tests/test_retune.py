@@ -22,18 +22,18 @@ def test_golden_examples_of_the_paper_format():
                          "Carry 0, Output 94638")
     assert len(pairs) == 2 * 5 - 1 and output == "Carry 0, Output 94638"
     assert TASKS["addition"].scratchpad(("99", "01"))[1] == "Carry 1, Output 0\nCarry 1, Output 00"
-    assert TASKS["addition"].root(("9999", "1")).text == "9999 + 1"  # a shorter operand is never zero-padded
+    assert TASKS["addition"].root(("9999", "1")).text == "9999 + 0001"  # a shorter operand is zero-filled
     hints = TASKS["addition-steps-hints"]
     pairs = [(p, r) for p, r, _ in trace(hints.root(("731", "95")))[0]]
-    assert pairs[0] == ("c7b3a1 + b9a5\nSolution: ", "Call: b3a1 + b9a5\n")  # a digit keeps its place letter
-    assert pairs[-1] == ("c7b3a1 + b9a5\nSolution: Call: b3a1 + b9a5\nReturn: 3+9+0=12. Carry 1, Output b2a6\n"
-                         "Answer: ", "7+1=8. Carry 0, Output c8b2a6")  # the shorter operand ended: 7 + carry
+    assert pairs[0] == ("c7b3a1 + c0b9a5\nSolution: ", "Call: b3a1 + b9a5\n")  # a digit keeps its place letter
+    assert pairs[-1] == ("c7b3a1 + c0b9a5\nSolution: Call: b3a1 + b9a5\nReturn: 3+9+0=12. Carry 1, Output b2a6\n"
+                         "Answer: ", "7+0+1=8. Carry 0, Output c8b2a6")
     assert hints.baseline(("99", "1")) == ("b9a9 + a1\nAnswer: ", "c1b0a0")
     assert hints.scratchpad(("9", "1"))[1] == "9+1+0=10. Carry 1, Output a0"
     assert hints.correct("Carry 1, Output b2a6", ("73", "53"), "retune")
     assert not hints.correct("Carry 1, Output b2a5", ("73", "53"), "retune")
     shifted = TASKS["addition-steps-hints-shifted"]
-    assert shifted.root(("731", "95", 2)).text == "e7d3c1 + d9c5"  # the units digit tagged with letter 2, c
+    assert shifted.root(("731", "95", 2)).text == "e7d3c1 + e0d9c5"  # the units digit tagged with letter 2, c
     starts = {shifted.sample(6, random.Random(seed))[2] for seed in range(300)}
     assert starts == set(range(26 - 6))  # every letter trained on short problems; the carry digit still has one
     assert shifted.correct(shifted.baseline(("99", "1", 23))[1], ("99", "1", 23), "baseline")
@@ -402,10 +402,25 @@ def test_the_unequal_family_has_one_shorter_operand_on_either_side():
     assert all(len(a) == len(b) == 1 for a, b in problems_for("addition", 1, 10, seed=5, family="unequal"))
 
 
-def test_a_shorter_operand_is_never_padded_and_its_end_is_a_step_of_its_own():
-    """613807 + 27 recurses on the longer operand alone until the lengths meet; each of those steps adds the
-    longer operand's digit to the returned carry. The engine then solves every unequal problem (gold answers)."""
-    task = TASKS["addition-steps"]
+def test_zero_filled_sums_recurse_on_both_operands_and_the_engine_solves_every_unequal_problem():
+    """613807 + 27 is asked as 613807 + 000027, whose sub-problems carry the shorter operand's leading zeros (the
+    runs that addition-steps-unequal trains). Every variant, padded or not, solves unequal problems with gold
+    answers."""
+    task = TASKS["addition-steps-unequal"]
+    examples = task.examples(("27", "613807"), "retune")
+    assert examples[0][:2] == ("000027 + 613807\nSolution: ", "Call: 00027 + 13807\n")  # sides kept
+    assert examples[-1][1] == "0+6+0=6. Carry 0, Output 613834"
+    for solved in (task, TASKS["addition-steps-tags4-unequal"], TASKS["addition-steps-unequal-unpadded"]):
+        problems = [p for n in (2, 5, 12) for p in problems_for(solved.name, n, 8, seed=3, family="unequal")]
+        table = [(p, r) for q in problems for p, r, _ in solved.examples(q, "retune")]
+        results = Engine(Oracle(table), EngineConfig()).run([solved.root(q).text for q in problems])
+        assert all(solved.correct(r.output, q, "retune") for r, q in zip(results, problems, strict=True))
+
+
+def test_unpadded_a_shorter_operand_is_not_filled_and_its_end_is_a_step_of_its_own():
+    """Unpadded, 613807 + 27 recurses on the longer operand alone until the lengths meet; each of those steps adds
+    the longer operand's digit to the returned carry."""
+    task = TASKS["addition-steps-unpadded"]
     examples = task.examples(("613807", "27"), "retune")
     prompts = [p.split("\n")[0] for p, _, _ in examples]
     assert [p for p in prompts if not p.startswith(("Call:", "Return:"))][:1] == ["613807 + 27"]
@@ -415,11 +430,6 @@ def test_a_shorter_operand_is_never_padded_and_its_end_is_a_step_of_its_own():
     swapped = [line for _, r, _ in task.examples(("27", "613807"), "retune") for line in r.splitlines()
                if line.startswith("Call:")]
     assert swapped[0] == "Call: 27 + 13807"  # the sides stay where the user put them
-    for solved in (task, TASKS["addition-steps-tags4-unequal"]):  # the end step with tagged output digits too
-        problems = [p for n in (2, 5, 12) for p in problems_for(solved.name, n, 8, seed=3, family="unequal")]
-        table = [(p, r) for q in problems for p, r, _ in solved.examples(q, "retune")]
-        results = Engine(Oracle(table), EngineConfig()).run([solved.root(q).text for q in problems])
-        assert all(solved.correct(r.output, q, "retune") for r, q in zip(results, problems, strict=True))
 
 
 def test_the_unequal_variant_trains_on_shorter_operands():

@@ -201,6 +201,13 @@ class Addition(Task):
     - ``train_hard`` (task ``addition-steps-hard``, with ``show_digit_sum``) draws that share of the training
       problems from the families that are hard to copy (carry-chain, equal-runs, all-carry, in turn), the rest
       uniform: the outputs hold the long runs that uniform data lacks, as in the evaluation families.
+    - ``train_unequal`` (task ``addition-steps-unequal``, with ``show_digit_sum``) draws that share of the training
+      problems with a shorter operand (the ``unequal`` family), zero-filled at the root like every shorter operand,
+      so the runs of leading zeros that its sub-problems carry are trained.
+    - ``zero_fill=False`` (tasks ``-unpadded``) does not zero-fill: where one operand is longer, only its leading
+      digit drops (``613807 + 27`` calls ``13807 + 27``) and the step adds that digit to the returned carry alone
+      (``6+1=7.``). Each step's form then depends on which operand is longer. Measured: not learned in 300 steps
+      with 30 % of such problems, and it spoils the equal-length steps (docs/experiments/retune.md).
     - ``output_tags`` (tasks ``addition-steps-tags4``/``-tags6``/``-tags7``, with ``show_digit_sum``) tags only the
       output digits, with letters that cycle every ``output_tags`` places from the units (``"a1f0e0d0c0b0a3"`` for
       1000003 with 6; place 6 is ``a`` again). A run of zeros can then be copied tag by tag instead of counted,
@@ -218,9 +225,10 @@ class Addition(Task):
 
     def __init__(self, show_digit_sum: bool = False, index_hints: bool = False, shift_hints: bool = False,
                  train_runs: float = 0.0, train_hard: float = 0.0, output_tags: int = 0,
-                 train_unequal: float = 0.0) -> None:
+                 train_unequal: float = 0.0, zero_fill: bool = True) -> None:
         self.show_digit_sum, self.shift_hints, self.train_runs = show_digit_sum, shift_hints, train_runs
         self.train_hard, self.output_tags, self.train_unequal = train_hard, output_tags, train_unequal
+        self.zero_fill = zero_fill
         self.index_hints = index_hints or shift_hints
         if output_tags and self.index_hints:
             raise ValueError("output_tags tags the outputs only; index_hints already tags every number")
@@ -231,7 +239,8 @@ class Addition(Task):
             (train_runs, "-runs", f", trained on operands that repeat a digit with probability {train_runs}"),
             (train_hard, "-hard", f", {train_hard:.0%} of training operands from the families hard to copy"),
             (output_tags, f"-tags{output_tags}", f", output digits tagged with letters cycling every {output_tags}"),
-            (train_unequal, "-unequal", f", {train_unequal:.0%} of training problems with a shorter operand"))
+            (train_unequal, "-unequal", f", {train_unequal:.0%} of training problems with a shorter operand"),
+            (not zero_fill, "-unpadded", ", a shorter operand not zero-filled: the longer one recurses alone"))
             if on]
         if variants:
             self.name = "addition" + "".join(suffix for suffix, _ in variants)
@@ -281,10 +290,12 @@ class Addition(Task):
         return f"{self._show(a, start)} + {self._show(b, start)}"
 
     def root(self, problem: tuple[Any, ...]) -> Procedure:
-        """Operands of one length drop their leading digits together. Where one is longer, only its leading digit
-        drops (``613807 + 27`` calls ``13807 + 27``), and the step adds that digit to the returned carry alone: the
-        shorter number is never padded with zeros, whose runs are what a model copies wrongly."""
+        """Operands of one length drop their leading digits together; a shorter operand is zero-filled first
+        (``613807 + 000027``). Unpadded, only a longer operand's leading digit drops (``613807 + 27`` calls
+        ``13807 + 27``) and the step adds that digit to the returned carry alone."""
         a, b, start = *problem[:2], _hint_start(problem)
+        if self.zero_fill:
+            a, b = _same_width(a, b)
 
         def step(returns: list[str]) -> Call | Answer:
             if len(a) == len(b) == 1:
@@ -540,6 +551,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Addition(show_digit_sum=True, shift_hints=True), Addition(show_digit_sum=True, train_runs=0.25),
     Addition(show_digit_sum=True, train_hard=0.3), Addition(show_digit_sum=True, output_tags=4),
     Addition(show_digit_sum=True, train_unequal=0.3), Addition(show_digit_sum=True, output_tags=4, train_unequal=0.3),
+    Addition(show_digit_sum=True, zero_fill=False), Addition(show_digit_sum=True, train_unequal=0.3, zero_fill=False),
     Addition(show_digit_sum=True, output_tags=6), Addition(show_digit_sum=True, output_tags=7),
     Parity(), Parity(show_sum=True), MaxSumNonAdjacent(), MaxSumNonAdjacent(show_steps=True))}
 
