@@ -94,14 +94,16 @@ def evaluate_module(arm: str, module: Path, args, cache: Path) -> dict:
     todo += [("families", family, str(length)) for family in ADDITION_FAMILIES for length in args.lengths
              if length <= args.train_max or family in LONG_FAMILIES]
     for part, key, sub in (item for item in todo if item[0] in parts):
-        if part == "cells":
+        drawn = key
+        if part == "cells":  # each longer length's same-length row is one set of problems (m + m), asked once
             m, k = map(int, key.split("+"))
-            problems = cell_problems(m, k if sub == "different" else m, args.n, args.eval_seed)
+            drawn = f"{m}+{k if sub == 'different' else m}"
+            problems = cell_problems(*map(int, drawn.split("+")), args.n, args.eval_seed)
         else:
             problems = problems_for(task_name, int(sub), args.n, args.eval_seed, key)
         asked = "equal lengths" if all(len(a) == len(b) for a, b in problems) else \
             "zero-filled" if task.zero_fill else "as written"
-        entry = f"{part}/{key}/{sub}/{asked}"
+        entry = f"{part}/{drawn}/{sub}/{asked}"
         if entry not in done:
             if generator is None:
                 loaded = load_for_inference(module, args.model)
