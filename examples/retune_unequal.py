@@ -97,8 +97,8 @@ def evaluate_module(arm: str, module: Path, args, cache: Path) -> dict:
         drawn = key
         if part == "cells":  # each longer length's same-length row is one set of problems (m + m), asked once
             m, k = map(int, key.split("+"))
-            drawn = f"{m}+{k if sub == 'different' else m}"
-            problems = cell_problems(*map(int, drawn.split("+")), args.n, args.eval_seed)
+            shorter = k if sub == "different" else m
+            drawn, problems = f"{m}+{shorter}", cell_problems(m, shorter, args.n, args.eval_seed)
         else:
             problems = problems_for(task_name, int(sub), args.n, args.eval_seed, key)
         asked = "equal lengths" if all(len(a) == len(b) for a, b in problems) else \
