@@ -152,7 +152,11 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--runs", default=str(ROOT / "runs" / "retune-unequal"))
     parser.add_argument("--result", default=str(ROOT / "examples" / "results" / "retune-unequal.json"))
+    parser.add_argument("--tables", action="store_true",
+                        help="print the tables of --result as markdown (docs/experiments/retune.md), no runs")
     args = parser.parse_args()
+    if args.tables:
+        return print_tables(json.loads(Path(args.result).read_text()))
     args.lengths = [*range(1, args.train_max + 1), 2 * args.train_max]
     args.repeat, args.share = None, {}  # retune_experiment's data options, at their defaults
     from peftlab.report import write_json
@@ -175,6 +179,58 @@ def main() -> None:
                 "summary": summarise(per_module, args),
                 "per_seed": {f"{a} seed {s}": v for (a, s), v in per_module.items()}})
     print(f"wrote {args.result}")
+
+
+FIRST_CELL = {m: (m, k) for m, k in reversed(CELLS)}  # the first cell of each longer length m
+
+
+def asked_once(module: dict):
+    """Each set of problems of one module's report once: an m + m set is shown in each of m's cells."""
+    for part, keys in module.items():
+        for key, subs in keys.items():
+            for sub, cell in subs.items():
+                if part == "cells" and sub == "same" and FIRST_CELL[int(key.split("+")[0])] != tuple(
+                        map(int, key.split("+"))):
+                    continue
+                yield cell
+
+
+def print_tables(result: dict) -> None:
+    """The cells, the families and the failures by kind of a result, one markdown table each."""
+    summary = result["summary"]
+    arms = [a for a in ARMS if a in summary]
+
+    def shown(figure: dict | None) -> str:
+        if figure is None:
+            return ""
+        return f"{figure['mean']:.2f}" + (f" ± {figure['std']:.2f}" if len(figure["seeds"]) > 1 else "")
+
+    print("| operands | " + " | ".join(f"{a} (seeds {result['seeds'][a]})" for a in arms) + " |")
+    print("| --- |" + " ---: |" * len(arms))
+    for m, k in CELLS:  # each longer length's m + m row once, after its first m + k row
+        rows = [("different", f"{m} + {k}")] + ([("same", f"{m} + {m}")] if (m, k) == FIRST_CELL[m] else [])
+        for sub, label in rows:
+            print(f"| {label} | " + " | ".join(shown(summary[a]["cells"][f"{m}+{k}"].get(sub)) for a in arms) + " |")
+    lengths = [str(n) for n in result["eval_lengths"]]
+    with_families = [a for a in arms if "families" in summary[a]]
+    print("\n| family | arm | " + " | ".join(lengths) + " |")
+    print("| --- | --- |" + " ---: |" * len(lengths))
+    for family in summary[with_families[0]]["families"]:
+        for a in with_families:
+            row = summary[a]["families"][family]
+            print(f"| {family} | {a} | " + " | ".join(shown(row.get(n)) for n in lengths) + " |")
+    counts = {a: (0, 0.0, Counter()) for a in arms}  # problems asked, right, failures by kind (the engine's)
+    for label, module in result["per_seed"].items():
+        asked, right, kinds = counts[label.rsplit(" seed ", 1)[0]]
+        for cell in asked_once(module):
+            asked, right = asked + cell["n"], right + cell["accuracy"] * cell["n"]
+            kinds.update(cell["failures"])
+        counts[label.rsplit(" seed ", 1)[0]] = asked, right, kinds
+    seen = sorted(set().union(*(kinds for _, _, kinds in counts.values())), key=lambda k: k != "wrong answer")
+    print("\n| arm | problems asked (all seeds) | right | " + " | ".join(seen) + " |")
+    print("| --- | ---: | ---: |" + " ---: |" * len(seen))
+    for a, (asked, right, kinds) in counts.items():
+        print(f"| {a} | {asked} | {round(right)} | " + " | ".join(str(kinds[k]) for k in seen) + " |")
 
 
 if __name__ == "__main__":
