@@ -205,7 +205,9 @@ def print_tables(result: dict) -> None:
             return ""
         return f"{figure['mean']:.2f}" + (f" ± {figure['std']:.2f}" if len(figure["seeds"]) > 1 else "")
 
-    print("| operands | " + " | ".join(f"{a} (seeds {result['seeds'][a]})" for a in arms) + " |")
+    finished = {a: sorted(int(label.rsplit(" seed ", 1)[1]) for label in result["per_seed"]
+                          if label.rsplit(" seed ", 1)[0] == a) for a in arms}
+    print("| operands | " + " | ".join(f"{a} (seeds {finished[a]})" for a in arms) + " |")
     print("| --- |" + " ---: |" * len(arms))
     for m, k in CELLS:  # each longer length's m + m row once, after its first m + k row
         rows = [("different", f"{m} + {k}")] + ([("same", f"{m} + {m}")] if (m, k) == FIRST_CELL[m] else [])
