@@ -181,7 +181,7 @@ def main() -> None:
     print(f"wrote {args.result}")
 
 
-FIRST_CELL = {m: (m, k) for m, k in reversed(CELLS)}  # the first cell of each longer length m
+FIRST_CELLS = {f"{m}+{k}" for m, k in {m: (m, k) for m, k in reversed(CELLS)}.values()}  # each m's first cell
 
 
 def asked_once(module: dict):
@@ -189,10 +189,14 @@ def asked_once(module: dict):
     for part, keys in module.items():
         for key, subs in keys.items():
             for sub, cell in subs.items():
-                if part == "cells" and sub == "same" and FIRST_CELL[int(key.split("+")[0])] != tuple(
-                        map(int, key.split("+"))):
-                    continue
-                yield cell
+                if not (part == "cells" and sub == "same" and key not in FIRST_CELLS):
+                    yield cell
+
+
+def arm_and_seed(label: str) -> tuple[str, int]:
+    """``("after", 1)`` from a per-seed label ``"after seed 1"``."""
+    arm, seed = label.rsplit(" seed ", 1)
+    return arm, int(seed)
 
 
 def print_tables(result: dict) -> None:
@@ -205,12 +209,11 @@ def print_tables(result: dict) -> None:
             return ""
         return f"{figure['mean']:.2f}" + (f" ± {figure['std']:.2f}" if len(figure["seeds"]) > 1 else "")
 
-    finished = {a: sorted(int(label.rsplit(" seed ", 1)[1]) for label in result["per_seed"]
-                          if label.rsplit(" seed ", 1)[0] == a) for a in arms}
+    finished = {a: sorted(s for arm, s in map(arm_and_seed, result["per_seed"]) if arm == a) for a in arms}
     print("| operands | " + " | ".join(f"{a} (seeds {finished[a]})" for a in arms) + " |")
     print("| --- |" + " ---: |" * len(arms))
     for m, k in CELLS:  # each longer length's m + m row once, after its first m + k row
-        rows = [("different", f"{m} + {k}")] + ([("same", f"{m} + {m}")] if (m, k) == FIRST_CELL[m] else [])
+        rows = [("different", f"{m} + {k}")] + ([("same", f"{m} + {m}")] if f"{m}+{k}" in FIRST_CELLS else [])
         for sub, label in rows:
             print(f"| {label} | " + " | ".join(shown(summary[a]["cells"][f"{m}+{k}"].get(sub)) for a in arms) + " |")
     lengths = [str(n) for n in result["eval_lengths"]]
@@ -223,11 +226,12 @@ def print_tables(result: dict) -> None:
             print(f"| {family} | {a} | " + " | ".join(shown(row.get(n)) for n in lengths) + " |")
     counts = {a: (0, 0.0, Counter()) for a in arms}  # problems asked, right, failures by kind (the engine's)
     for label, module in result["per_seed"].items():
-        asked, right, kinds = counts[label.rsplit(" seed ", 1)[0]]
+        arm, _ = arm_and_seed(label)
+        asked, right, kinds = counts[arm]
         for cell in asked_once(module):
             asked, right = asked + cell["n"], right + cell["accuracy"] * cell["n"]
             kinds.update(cell["failures"])
-        counts[label.rsplit(" seed ", 1)[0]] = asked, right, kinds
+        counts[arm] = asked, right, kinds
     seen = sorted(set().union(*(kinds for _, _, kinds in counts.values())), key=lambda k: k != "wrong answer")
     print("\n| arm | problems asked (all seeds) | right | " + " | ".join(seen) + " |")
     print("| --- | ---: | ---: |" + " ---: |" * len(seen))
