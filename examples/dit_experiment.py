@@ -67,11 +67,11 @@ def main() -> None:
     result: dict = {}
     for part in args.parts:
         measured = {"command": " ".join(["python examples/dit_experiment.py", *sys.argv[1:]]),
-                    **PARTS[part](args, model, tokenizer)}
+                    "steps": args.steps, "seeds": args.seeds, **PARTS[part](args, model, tokenizer)}
         # the parts in the file when this one ends are kept: another process may be running another part
         earlier = json.loads(args.result.read_text()) if args.result.exists() else {}
         result = {name: earlier[name] for name in PARTS if name in earlier}
-        result.update({"steps": args.steps, "seeds": args.seeds, part: measured})
+        result[part] = measured
         write_json(args.result, result)
     if "verbatim" in result:
         plot_scaling(result["verbatim"]["random_split"], args.seeds, args.result.with_suffix(".png"))
@@ -152,6 +152,45 @@ def push(args, model, tokenizer) -> dict:
             "category_split": evaluate(adapters, category, "test", model, tokenizer)}
 
 
+def why(args, model, tokenizer) -> dict:
+    """Why DIT misses the hard setting's category split (run after ``hard``): each seed's adapter asked its own
+    training diffs (is the mapping learned at all?), how many of its held-out answers name a training topic (what
+    the wrong answers share), and the base model asked to name each held-out topic from its clues, without any
+    diff (can this model go from a clue to its topic's name, the step DIT must learn?)."""
+    from peftlab.generation import generate
+    from peftlab.recipes.dit import TopicData
+    from peftlab.recipes.dit.adapter import add_dit, attach_diffs, read_dit
+    from peftlab.recipes.dit.data import PROMPT_FORMAT
+    from peftlab.recipes.dit.evaluate import ask, summarise, words
+
+    category = hard_diffs(args, model, tokenizer).resplit(TopicData(split="category"))
+    trained, held_out = category.split("train"), category.split("test")
+    stored = json.loads(args.result.read_text())["hard"]["category_split"]
+    training_names = {" ".join(words(t["topic"])) for t in trained}
+    wrapped = attach_diffs(category, [t["adapter"] for t in trained], model)
+    seeds = {}
+    for seed in args.seeds:
+        label, dit = f"all topics, seed {seed}", read_dit(args.runs / "hard" / "category" / f"dit-all-topics-s{seed}")
+        add_dit(wrapped, dit)
+        own = ask(wrapped, tokenizer, [t["adapter"] for t in trained], dit.question, 16)
+        wrapped.remove_shared_adapter()
+        said = [a[label] for a in stored["answers"]]
+        seeds[label] = {"on_its_training_diffs": summarise(own, [t["topic"] for t in trained]),
+                        "held_out_answers_naming_a_training_topic":
+                            sum(" ".join(words(a)) in training_names for a in said) / len(said)}
+    wrapped.unload()
+    topics = [t["topic"] for t in held_out]
+    one_clue = [(t["topic"], c) for t in held_out for c in t["clues"]]
+    asked = [f"Which topic do these clues point to: {'; '.join(t['clues'])}? Answer with the topic only."
+             for t in held_out] + [f"Which topic does this clue point to: {c}? Answer with the topic only."
+                                   for _, c in one_clue]
+    answers = generate(model, tokenizer, asked, PROMPT_FORMAT, max_new_tokens=16, batch_size=16)
+    return {"n_training": len(trained), "n_held_out": len(held_out), "dit": seeds,
+            "base_model_from_all_clues": summarise(answers[:len(topics)], topics),
+            "base_model_from_one_clue": summarise(answers[len(topics):], [t for t, _ in one_clue]),
+            "base_model_answers": dict(zip(asked, answers, strict=True))}
+
+
 def cross(args, model, tokenizer) -> dict:
     from peftlab.recipes.dit import explain
 
@@ -161,7 +200,7 @@ def cross(args, model, tokenizer) -> dict:
                         for kind, folder in OTHER_KINDS.items() if folder.exists() and args.model is None}}
 
 
-PARTS = {"verbatim": verbatim, "hard": hard, "push": push, "cross": cross}
+PARTS = {"verbatim": verbatim, "hard": hard, "push": push, "why": why, "cross": cross}
 
 
 def prepared(folder: Path, data, model, tokenizer):
