@@ -20,6 +20,8 @@ and paired tests:
 - ``push``: the hard setting's category split again, with what the issue lists to try beside peftlab's DIT
   defaults (``HARD_VARIANTS``: the paper's scale and weight decay, more steps, a higher rank), each seed, paired
   against the defaults on the same diffs. Its own part, so that the headline lands first.
+- ``why``: after ``hard``, why DIT misses its category split: each adapter on its own training diffs, how many
+  held-out answers name a training topic, and whether the base model can name a held-out topic from its clues.
 - ``cross``: the largest verbatim DIT adapter on LoRAs of another kind, where they exist (the paper's failure mode).
 
 Writes examples/results/dit.json (scores, intervals, paired tests and every answer) and dit.png (the curve); the
@@ -157,15 +159,16 @@ def why(args, model, tokenizer) -> dict:
     training diffs (is the mapping learned at all?), how many of its held-out answers name a training topic (what
     the wrong answers share), and the base model asked to name each held-out topic from its clues, without any
     diff (can this model go from a clue to its topic's name, the step DIT must learn?)."""
-    from peftlab.generation import generate
     from peftlab.recipes.dit import TopicData
     from peftlab.recipes.dit.adapter import add_dit, attach_diffs, read_dit
-    from peftlab.recipes.dit.data import PROMPT_FORMAT
     from peftlab.recipes.dit.evaluate import ask, summarise, words
 
     category = hard_diffs(args, model, tokenizer).resplit(TopicData(split="category"))
     trained, held_out = category.split("train"), category.split("test")
-    stored = json.loads(args.result.read_text())["hard"]["category_split"]
+    earlier = json.loads(args.result.read_text()) if args.result.exists() else {}
+    if "hard" not in earlier:
+        raise SystemExit(f"{args.result} has no 'hard' part, whose answers 'why' reads: run --parts hard first")
+    stored = earlier["hard"]["category_split"]
     training_names = {" ".join(words(t["topic"])) for t in trained}
     wrapped = attach_diffs(category, [t["adapter"] for t in trained], model)
     seeds = {}
@@ -179,16 +182,29 @@ def why(args, model, tokenizer) -> dict:
                         "held_out_answers_naming_a_training_topic":
                             sum(" ".join(words(a)) in training_names for a in said) / len(said)}
     wrapped.unload()
-    topics = [t["topic"] for t in held_out]
-    one_clue = [(t["topic"], c) for t in held_out for c in t["clues"]]
-    asked = [f"Which topic do these clues point to: {'; '.join(t['clues'])}? Answer with the topic only."
-             for t in held_out] + [f"Which topic does this clue point to: {c}? Answer with the topic only."
-                                   for _, c in one_clue]
-    answers = generate(model, tokenizer, asked, PROMPT_FORMAT, max_new_tokens=16, batch_size=16)
     return {"n_training": len(trained), "n_held_out": len(held_out), "dit": seeds,
-            "base_model_from_all_clues": summarise(answers[:len(topics)], topics),
-            "base_model_from_one_clue": summarise(answers[len(topics):], [t for t, _ in one_clue]),
-            "base_model_answers": dict(zip(asked, answers, strict=True))}
+            "base_model_naming_a_topic_from_its_clues": named_from_clues(model, tokenizer, trained[:3], held_out)}
+
+
+def named_from_clues(model, tokenizer, shown: list[dict], asked: list[dict]) -> dict:
+    """The base model asked to name each ``asked`` topic from its clues, in two ways: a chat question, and a
+    plain few-shot list whose first entries are the ``shown`` (training) topics with their names. Scored as DIT."""
+    from peftlab.data import PromptFormat
+    from peftlab.generation import generate
+    from peftlab.recipes.dit.data import PROMPT_FORMAT
+    from peftlab.recipes.dit.evaluate import summarise
+
+    topics = [t["topic"] for t in asked]
+    chat = [f"Which topic do these clues point to: {'; '.join(t['clues'])}? Answer with the topic only."
+            for t in asked]
+    examples = "".join(f"Clues: {'; '.join(t['clues'])}\nTopic: {t['topic']}\n\n" for t in shown)
+    few_shot = [f"{examples}Clues: {'; '.join(t['clues'])}\nTopic:" for t in asked]
+    said = {"chat question": generate(model, tokenizer, chat, PROMPT_FORMAT, max_new_tokens=16, batch_size=16),
+            f"{len(shown)}-shot list": [a.split("\n")[0] for a in generate(
+                model, tokenizer, few_shot, PromptFormat(template="plain", plain_format="{prompt}"),
+                max_new_tokens=12, batch_size=16)]}
+    return {way: {**summarise(answers, topics), "answers": dict(zip(topics, answers, strict=True))}
+            for way, answers in said.items()}
 
 
 def cross(args, model, tokenizer) -> dict:
