@@ -16,14 +16,16 @@ Arms (``ARMS``), each a trained task and the task whose root asks it:
   as the root asks them, so the runs of leading zeros in their sub-problems are trained;
 - ``tags``: the fix with output digits tagged by place letters cycling every 4 (``addition-steps-tags4-unequal``),
   the step format that carried the copy of runs past the trained lengths (docs/experiments/retune.md), for the 2x
-  goal.
+  goal;
+- ``hard``: the fix with 30 % of the equal-length rest from the hard families (``addition-steps-hard-unequal``):
+  carry chains, which neither the fix nor more steps of it hold at 5-6 digits.
 Modules are trained as examples/retune.yaml says (``retune_experiment.train_method``: kept in --runs, resumed) and
 evaluated through the engine, greedy:
 - the cells of the issue's table: a longer operand of m digits and a shorter of k (its side random), against two
   m-digit operands;
 - every operand family (tasks.ADDITION_FAMILIES, ``unequal`` included) at each trained length, and the families of
   the 2x goal (uniform, unequal) at twice the longest.
-Every cell records its accuracy, n and failures by kind. ``after`` and ``tags`` run seeds 0-2, ``before`` 0-1
+Every cell records its accuracy, n and failures by kind. ``after``, ``tags`` and ``hard`` run seeds 0-2, ``before`` 0-1
 (the fix's cost needs two), the diagnostics the first of those. Seeds run one after another across the arms, and
 --result is rewritten after each module with the seeds finished so far; a stopped run resumes from the per-module
 files.
@@ -47,8 +49,9 @@ ARMS = {"before": ("addition-steps", "addition-steps", ("cells", "families")),
         "recursion": ("addition-steps", "addition-steps-unpadded", ("cells",)),
         "unpadded": ("addition-steps-unequal-unpadded", "addition-steps-unequal-unpadded", ("cells",)),
         "after": ("addition-steps-unequal", "addition-steps-unequal", ("cells", "families")),
-        "tags": ("addition-steps-tags4-unequal", "addition-steps-tags4-unequal", ("cells", "families"))}
-NEW_RECIPES = ("after", "tags")  # trained at --seeds; before at --seeds-before
+        "tags": ("addition-steps-tags4-unequal", "addition-steps-tags4-unequal", ("cells", "families")),
+        "hard": ("addition-steps-hard-unequal", "addition-steps-hard-unequal", ("cells", "families"))}
+NEW_RECIPES = ("after", "tags", "hard")  # trained at --seeds; before at --seeds-before
 DIAGNOSTICS = ("recursion", "unpadded")  # the first of --seeds-before only
 LONG_FAMILIES = ("uniform", "unequal")  # asked at twice the longest trained length too
 

@@ -441,6 +441,20 @@ def test_the_unequal_variant_trains_on_shorter_operands():
     assert all(len(a) == len(b) for a, b in (task.sample_training(1, rng) for _ in range(20)))
 
 
+def test_the_hard_unequal_variant_trains_shorter_operands_and_the_hard_families(monkeypatch):
+    from peftlab.recipes.retune import tasks
+
+    drawn, operands = [], tasks.operands
+    monkeypatch.setattr(tasks, "operands", lambda n, rng, family: drawn.append(family) or operands(n, rng, family))
+    rng = random.Random(0)
+    for _ in range(1000):
+        TASKS["addition-steps-hard-unequal"].sample_training(6, rng)
+    share = {family: drawn.count(family) / 1000 for family in set(drawn)}
+    assert abs(share["unequal"] - 0.3) < 0.05  # train_unequal=0.3 first, then 30 % of the rest from the hard families
+    assert abs(sum(share[f] for f in tasks.HARD_FAMILIES) - 0.7 * 0.3) < 0.05
+    assert set(drawn) == {"unequal", *tasks.HARD_FAMILIES}
+
+
 def test_the_readme_recipe_draws_the_same_training_problems_as_before_unequal_training_existed():
     """Pinned from the code before ``train_unequal`` (commit 9674932): a recipe that does not train on shorter
     operands makes no extra random draw, so its data, and the standing results trained on them, are unchanged."""

@@ -203,7 +203,9 @@ class Addition(Task):
       uniform: the outputs hold the long runs that uniform data lacks, as in the evaluation families.
     - ``train_unequal`` (task ``addition-steps-unequal``, with ``show_digit_sum``) draws that share of the training
       problems with a shorter operand (the ``unequal`` family), zero-filled at the root like every shorter operand,
-      so the runs of leading zeros that its sub-problems carry are trained.
+      so the runs of leading zeros that its sub-problems carry are trained. With ``train_hard`` too (task
+      ``addition-steps-hard-unequal``), the equal-length rest draws that share from the hard families: the carry
+      chains that more steps of uniform data never fix.
     - ``zero_fill=False`` (tasks ``-unpadded``) does not zero-fill: where one operand is longer, only its leading
       digit drops (``613807 + 27`` calls ``13807 + 27``) and the step adds that digit to the returned carry alone
       (``6+1=7.``). Each step's form then depends on which operand is longer. Measured: not learned in 300 steps
@@ -551,6 +553,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Addition(show_digit_sum=True, shift_hints=True), Addition(show_digit_sum=True, train_runs=0.25),
     Addition(show_digit_sum=True, train_hard=0.3), Addition(show_digit_sum=True, output_tags=4),
     Addition(show_digit_sum=True, train_unequal=0.3), Addition(show_digit_sum=True, output_tags=4, train_unequal=0.3),
+    Addition(show_digit_sum=True, train_hard=0.3, train_unequal=0.3),
     Addition(show_digit_sum=True, zero_fill=False), Addition(show_digit_sum=True, train_unequal=0.3, zero_fill=False),
     Addition(show_digit_sum=True, output_tags=6), Addition(show_digit_sum=True, output_tags=7),
     Parity(), Parity(show_sum=True), MaxSumNonAdjacent(), MaxSumNonAdjacent(show_steps=True))}
