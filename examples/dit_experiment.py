@@ -163,19 +163,20 @@ def why(args, model, tokenizer) -> dict:
     from peftlab.recipes.dit.adapter import add_dit, attach_diffs, read_dit
     from peftlab.recipes.dit.evaluate import ask, summarise, words
 
-    category = hard_diffs(args, model, tokenizer).resplit(TopicData(split="category"))
-    trained, held_out = category.split("train"), category.split("test")
     earlier = json.loads(args.result.read_text()) if args.result.exists() else {}
     if "hard" not in earlier:
         raise SystemExit(f"{args.result} has no 'hard' part, whose answers 'why' reads: run --parts hard first")
     stored = earlier["hard"]["category_split"]
+    category = hard_diffs(args, model, tokenizer).resplit(TopicData(split="category"))
+    trained, held_out = category.split("train"), category.split("test")
     training_names = {" ".join(words(t["topic"])) for t in trained}
-    wrapped = attach_diffs(category, [t["adapter"] for t in trained], model)
+    diffs = [t["adapter"] for t in trained]
+    wrapped = attach_diffs(category, diffs, model)
     seeds = {}
     for seed in args.seeds:
         label, dit = f"all topics, seed {seed}", read_dit(args.runs / "hard" / "category" / f"dit-all-topics-s{seed}")
         add_dit(wrapped, dit)
-        own = ask(wrapped, tokenizer, [t["adapter"] for t in trained], dit.question, 16)
+        own = ask(wrapped, tokenizer, diffs, dit.question, 16)
         wrapped.remove_shared_adapter()
         said = [a[label] for a in stored["answers"]]
         seeds[label] = {"on_its_training_diffs": summarise(own, [t["topic"] for t in trained]),
@@ -194,11 +195,10 @@ def named_from_clues(model, tokenizer, shown: list[dict], asked: list[dict]) -> 
     from peftlab.recipes.dit.data import PROMPT_FORMAT
     from peftlab.recipes.dit.evaluate import summarise
 
-    topics = [t["topic"] for t in asked]
-    chat = [f"Which topic do these clues point to: {'; '.join(t['clues'])}? Answer with the topic only."
-            for t in asked]
+    topics, clues = [t["topic"] for t in asked], ["; ".join(t["clues"]) for t in asked]
+    chat = [f"Which topic do these clues point to: {c}? Answer with the topic only." for c in clues]
     examples = "".join(f"Clues: {'; '.join(t['clues'])}\nTopic: {t['topic']}\n\n" for t in shown)
-    few_shot = [f"{examples}Clues: {'; '.join(t['clues'])}\nTopic:" for t in asked]
+    few_shot = [f"{examples}Clues: {c}\nTopic:" for c in clues]
     said = {"chat question": generate(model, tokenizer, chat, PROMPT_FORMAT, max_new_tokens=16, batch_size=16),
             f"{len(shown)}-shot list": [a.split("\n")[0] for a in generate(
                 model, tokenizer, few_shot, PromptFormat(template="plain", plain_format="{prompt}"),
