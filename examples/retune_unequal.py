@@ -157,9 +157,14 @@ def main() -> None:
     parser.add_argument("--result", default=str(ROOT / "examples" / "results" / "retune-unequal.json"))
     parser.add_argument("--tables", action="store_true",
                         help="print the tables of --result as markdown (docs/experiments/retune.md), no runs")
+    parser.add_argument("--curve", nargs="+", metavar="RESULT",
+                        help="print the learning curve of these results (one per step count) as markdown and "
+                             "plot it beside the first, no runs")
     args = parser.parse_args()
     if args.tables:
         return print_tables(json.loads(Path(args.result).read_text()))
+    if args.curve:
+        return learning_curve([Path(p) for p in args.curve])
     args.lengths = [*range(1, args.train_max + 1), 2 * args.train_max]
     args.repeat, args.share = None, {}  # retune_experiment's data options, at their defaults
     from peftlab.report import write_json
@@ -240,6 +245,54 @@ def print_tables(result: dict) -> None:
     print("| --- | ---: | ---: |" + " ---: |" * len(seen))
     for a, (asked, right, kinds) in counts.items():
         print(f"| {a} | {asked} | {round(right)} | " + " | ".join(str(kinds[k]) for k in seen) + " |")
+
+
+CURVE = (("uniform", "12"), ("unequal", "12"), ("carry-chain", "6"), ("equal-runs", "6"))  # the weak cells
+
+
+def learning_curve(paths: list[Path]) -> None:
+    """Each arm of each result on the 2x goal's cells, the weak trained-length cells and the weakest cell of all
+    at the trained lengths, by step count: a markdown table, and a PNG beside the first result of the arms
+    measured at two step counts or more."""
+    from peftlab.report import plot
+
+    rows = []  # (arm, steps, seeds, {column: figure})
+    for path in paths:
+        result = json.loads(path.read_text())
+        longest = int(result["train_lengths"].split("-")[1])
+        for arm, parts in result["summary"].items():
+            if "families" not in parts:
+                continue
+            families = parts["families"]
+            figures = {f"{family} {n}": families[family][n] for family, n in CURVE}
+            trained = [(f, n) for f in families for n in families[f] if int(n) <= longest]
+            family, n = min(trained, key=lambda cell: families[cell[0]][cell[1]]["mean"])
+            figures["weakest trained"] = {**families[family][n], "cell": f"{family} {n}"}
+            rows.append((arm, result["steps"], families[family][n]["seeds"], figures))
+    rows.sort(key=lambda row: (list(ARMS).index(row[0]), row[1]))
+    columns = [*(f"{family} {n}" for family, n in CURVE), "weakest trained"]
+    print("| arm | steps | seeds | " + " | ".join(columns) + " |")
+    print("| --- | ---: | --- |" + " ---: |" * len(columns))
+    for arm, steps, seeds, figures in rows:
+        cells = [f"{figures[c]['mean']:.2f}" + (f" ± {figures[c]['std']:.2f}" if len(seeds) > 1 else "")
+                 for c in columns]
+        cells[-1] += f" ({figures['weakest trained']['cell']})"
+        print(f"| {arm} | {steps} | {seeds} | " + " | ".join(cells) + " |")
+    png = paths[0].with_name(paths[0].stem + "-curve.png")
+    with plot(png, "optimizer steps (batch 8)", "accuracy (greedy, through the engine)",
+              title="Re-Tuning, trained on 1-6 digits: the weak cells by steps") as ax:
+        for arm in dict.fromkeys(row[0] for row in rows):
+            mine = [row for row in rows if row[0] == arm]
+            if len(mine) < 2:  # a curve needs two step counts
+                continue
+            for column, style in (("uniform 12", "o-"), ("unequal 12", "s--"), ("weakest trained", "^:")):
+                ax.errorbar([row[1] for row in mine], [row[3][column]["mean"] for row in mine],
+                            yerr=[row[3][column]["std"] for row in mine], fmt=style, capsize=3,
+                            label=f"{arm}: {column}")
+        ax.axhline(0.90, color="grey", linewidth=0.8, label="goal at 12 digits (0.90)")
+        ax.axhline(0.95, color="black", linewidth=0.8, label="goal at the trained lengths (0.95)")
+        ax.set_ylim(0, 1.02)
+    print(f"\nwrote {png}")
 
 
 if __name__ == "__main__":

@@ -469,3 +469,30 @@ def test_the_evaluation_counts_engine_failures_by_kind():
                              lambda prompts: ["Call: " + p.split("\n")[0] + "\n" for p in prompts])[3]
     assert result["accuracy"] == 0 and result["failures"] == {"cycle": 5}
     assert result["failure_per_problem"] == ["cycle"] * 5
+
+
+def test_learning_curve_reads_each_step_count_and_finds_the_weakest_trained_cell(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from retune_unequal import learning_curve
+
+    def result(steps: int, carry6: float) -> dict:
+        def figure(mean):
+            return {"mean": mean, "std": 0.0, "seeds": [0], "per_seed": [mean]}
+        families = {f: {str(n): figure(1.0) for n in range(1, 7)} for f in ("uniform", "carry-chain", "equal-runs",
+                                                                         "unequal")}
+        families["carry-chain"]["6"] = figure(carry6)
+        families["uniform"]["12"] = families["unequal"]["12"] = figure(0.5)  # past the trained lengths: not "trained"
+        return {"steps": steps, "train_lengths": "1-6", "summary": {"after": {"families": families}}}
+
+    paths = []
+    for steps, carry6 in ((300, 0.75), (1000, 0.25)):
+        paths.append(tmp_path / f"r{steps}.json")
+        paths[-1].write_text(json.dumps(result(steps, carry6)))
+    learning_curve(paths)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| after")]
+    assert rows == ["| after | 300 | [0] | 0.50 | 0.50 | 0.75 | 1.00 | 0.75 (carry-chain 6) |",
+                    "| after | 1000 | [0] | 0.50 | 0.50 | 0.25 | 1.00 | 0.25 (carry-chain 6) |"]
+    assert (tmp_path / "r300-curve.png").stat().st_size > 0
