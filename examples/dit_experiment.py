@@ -5,6 +5,7 @@ cross-check on other LoRAs.
     python examples/dit_experiment.py                    # every part; each step resumes from runs/dit/
     python examples/dit_experiment.py --parts verbatim   # one part
     python examples/dit_experiment.py --rescore          # the baselines the kept answers determine, no model
+    python examples/dit_experiment.py --tables           # the result's tables as markdown, no model
 
 Parts (``--parts``), each scored with every baseline of `recipes/dit/evaluate.py` (template guesser, black-box
 guesser, shuffled-diff control, chance; with trigger data the roofline and the wrong-code gate), Wilson intervals
@@ -55,12 +56,15 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=RUNS)
     parser.add_argument("--result", type=Path, default=RESULT)
     parser.add_argument("--model", default=None, help="base model (default: the embedded one)")
+    parser.add_argument("--tables", action="store_true", help="print --result's tables as markdown, no model")
     parser.add_argument("--rescore", action="store_true",
                         help="add the baselines the kept answers determine (template guesser, paired tests) to "
                              "--result, without a model")
     args = parser.parse_args()
     if args.rescore:
         return rescore(args.result)
+    if args.tables:
+        return print_tables(json.loads(args.result.read_text()))
 
     from peftlab.models import DEFAULT_MODEL, load_model
     from peftlab.report import write_json
@@ -77,7 +81,7 @@ def main() -> None:
         write_json(args.result, result)
     if "verbatim" in result:
         plot_scaling(result["verbatim"]["random_split"], args.seeds, args.result.with_suffix(".png"))
-    print_summary(result)
+    print_tables(result)
 
 
 def dit_adapters(diffs, folder: Path, args, model, tokenizer, settings: dict[str, dict]) -> dict[str, str]:
@@ -276,18 +280,48 @@ def rescore(path: Path) -> None:
                   f"{paired['only_second']}, loses {paired['only_first']} (McNemar p = {paired['p_value']:.4f})")
 
 
-def print_summary(result: dict) -> None:
+BASELINES = {"template_guesser": "template guesser on the diffed model's answer",
+             "blackbox_guesser": "black-box guesser (6 new questions)",
+             "trigger_roofline": "roofline: the right code, template guesser", "wrong_code": "a wrong code (the gate)",
+             "chance": "chance"}
+
+
+def print_tables(result: dict) -> None:
+    """Each part's splits as markdown (docs/experiments/dit.md): every DIT adapter with its Wilson interval, its
+    shuffled-diff control and its paired tests against the guessers; the baselines; the scaling curve; the
+    cross-check's answers."""
+    def paired(row: dict, key: str) -> str:
+        test = row["paired_exact"].get(f"{key}_vs_dit")
+        return "" if test is None else f"{test['only_second']} / {test['only_first']} (p = {test['p_value']:.2g})"
+
     for part in ("verbatim", "hard", "push"):
         for split in ("random_split", "category_split"):
             if split not in result.get(part, {}):
                 continue
             held_out = result[part][split]
-            print(f"\n{part}, {split}: {held_out['n']} held-out diffs      exact [95% Wilson]")
+            print(f"\n{part}, {split.replace('_', ' ')}: n = {held_out['n']} held-out diffs\n")
+            print("| condition | training topics | exact [95 % Wilson] | control (another topic's diff) | DIT wins / "
+                  "loses against the template guesser | against the black-box guesser |")
+            print("| --- | ---: | ---: | ---: | --- | --- |")
             for label, row in held_out["dit"].items():
-                print(f"DIT, {label:<32} {row['exact']:.3f} {row['exact_ci95']}")
-            for key in ("template_guesser", "blackbox_guesser", "trigger_roofline", "wrong_code", "chance"):
+                low, high = row["exact_ci95"]
+                print(f"| DIT, {label} | {row['trained_topics']} | {row['exact']:.3f} [{low:.3f}, {high:.3f}] "
+                      f"| {row['shuffled_diff_control']['exact']:.3f} | {paired(row, 'template_guesser')} "
+                      f"| {paired(row, 'blackbox_guesser')} |")
+            for key, name in BASELINES.items():
                 if key in held_out:
-                    print(f"{key:<37} {held_out[key]['exact']:.3f}")
+                    low, high = held_out[key].get("exact_ci95", [None, None])
+                    interval = "" if low is None else f" [{low:.3f}, {high:.3f}]"
+                    print(f"| {name} | | {held_out[key]['exact']:.3f}{interval} | | | |")
+            if "scaling" in held_out:
+                sizes = list(held_out["scaling"])
+                print("\n| training topics | " + " | ".join(sizes) + " |")
+                print("| --- |" + " ---: |" * len(sizes))
+                print("| exact, mean ± sd over seeds | " + " | ".join(
+                    f"{held_out['scaling'][n]['mean']:.3f} ± {held_out['scaling'][n]['std']:.3f}" for n in sizes)
+                      + " |")
+                print("| each seed | " + " | ".join(" / ".join(f"{v:.3f}" for v in held_out["scaling"][n]["per_seed"])
+                                                 for n in sizes) + " |")
     for kind, answers in result.get("cross", {}).get("answers", {}).items():
         print(f"\n{kind} (read by {result['cross']['reader']}):")
         for name, answer in answers.items():
