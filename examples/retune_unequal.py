@@ -253,7 +253,7 @@ CURVE = (("uniform", "12"), ("unequal", "12"), ("carry-chain", "6"), ("equal-run
 def learning_curve(paths: list[Path]) -> None:
     """Each arm of each result on the 2x goal's cells, the weak trained-length cells and the weakest cell of all
     at the trained lengths, by step count: a markdown table, and a PNG beside the first result of the arms
-    measured at two step counts or more."""
+    trained for the most steps."""
     from peftlab.report import plot
 
     rows = []  # (arm, steps, seeds, {column: figure})
@@ -281,10 +281,9 @@ def learning_curve(paths: list[Path]) -> None:
     png = paths[0].with_name(paths[0].stem + "-curve.png")
     with plot(png, "optimizer steps (batch 8)", "accuracy (greedy, through the engine)",
               title="Re-Tuning, trained on 1-6 digits: the weak cells by steps") as ax:
-        for arm in dict.fromkeys(row[0] for row in rows):
+        most = max(row[1] for row in rows)
+        for arm in dict.fromkeys(row[0] for row in rows if row[1] == most):  # the arms trained longest
             mine = [row for row in rows if row[0] == arm]
-            if len(mine) < 2:  # a curve needs two step counts
-                continue
             for column, style in (("uniform 12", "o-"), ("unequal 12", "s--"), ("weakest trained", "^:")):
                 ax.errorbar([row[1] for row in mine], [row[3][column]["mean"] for row in mine],
                             yerr=[row[3][column]["std"] for row in mine], fmt=style, capsize=3,
