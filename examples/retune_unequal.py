@@ -18,17 +18,20 @@ Arms (``ARMS``), each a trained task and the task whose root asks it:
   the step format that carried the copy of runs past the trained lengths (docs/experiments/retune.md), for the 2x
   goal;
 - ``hard``: the fix with 30 % of the equal-length rest from the hard families (``addition-steps-hard-unequal``):
-  carry chains, which neither the fix nor more steps of it hold at 5-6 digits.
+  carry chains, which neither the fix nor more steps of it hold at 5-6 digits;
+- ``shifted-tags``: ``hard`` with its output digits tagged by all 26 letters from a random one per problem
+  (``addition-steps-hard-tags26-shifted-unequal``): every letter trained at 1-6 digits and none repeated in a
+  12-place output, for the long copies ``tags`` gets wrong at 12 digits.
 Modules are trained as examples/retune.yaml says (``retune_experiment.train_method``: kept in --runs, resumed) and
 evaluated through the engine, greedy:
 - the cells of the issue's table: a longer operand of m digits and a shorter of k (its side random), against two
   m-digit operands;
 - every operand family (tasks.ADDITION_FAMILIES, ``unequal`` included) at each trained length, and the families of
   the 2x goal (uniform, unequal) at twice the longest.
-Every cell records its accuracy, n and failures by kind. ``after``, ``tags`` and ``hard`` run seeds 0-2, ``before`` 0-1
-(the fix's cost needs two), the diagnostics the first of those. Seeds run one after another across the arms, and
---result is rewritten after each module with the seeds finished so far; a stopped run resumes from the per-module
-files.
+Every cell records its accuracy, n and failures by kind. The new recipes (``NEW_RECIPES``) run --seeds (0-2),
+``before`` 0-1 (the fix's cost needs two), the diagnostics the first of those. Seeds run one after another across
+the arms, and --result is rewritten after each module with the seeds finished so far; a stopped run resumes from
+the per-module files.
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ ARMS = {"before": ("addition-steps", "addition-steps", ("cells", "families")),
         "unpadded": ("addition-steps-unequal-unpadded", "addition-steps-unequal-unpadded", ("cells",)),
         "after": ("addition-steps-unequal", "addition-steps-unequal", ("cells", "families")),
         "tags": ("addition-steps-tags4-unequal", "addition-steps-tags4-unequal", ("cells", "families")),
-        "hard": ("addition-steps-hard-unequal", "addition-steps-hard-unequal", ("cells", "families"))}
-NEW_RECIPES = ("after", "tags", "hard")  # trained at --seeds; before at --seeds-before
+        "hard": ("addition-steps-hard-unequal", "addition-steps-hard-unequal", ("cells", "families")),
+        "shifted-tags": ("addition-steps-hard-tags26-shifted-unequal", "addition-steps-hard-tags26-shifted-unequal",
+                         ("cells", "families"))}
+NEW_RECIPES = ("after", "tags", "hard", "shifted-tags")  # trained at --seeds; before at --seeds-before
 DIAGNOSTICS = ("recursion", "unpadded")  # the first of --seeds-before only
 LONG_FAMILIES = ("uniform", "unequal")  # asked at twice the longest trained length too
 
@@ -143,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="training seeds of 'after' and 'tags' (default: 0 1 2)")
+                        help="training seeds of the new recipes (default: 0 1 2)")
     parser.add_argument("--seeds-before", type=int, nargs="+", default=[0, 1],
                         help="training seeds of 'before'; the diagnostics run the first (default: 0 1)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300, the README's)")

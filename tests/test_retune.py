@@ -107,6 +107,8 @@ def test_dp_solver_matches_brute_force():
 def _oracle_run(task_name, lengths, n, config):
     task = TASKS[task_name]
     problems = [p for length in lengths for p in problems_for(task_name, length, n, seed=7)]
+    if getattr(task, "shift_tags", False):  # a base case's letter is free, so one table answers one offset
+        problems = [(*q[:2], 5) for q in problems]
     table = [(p, r) for q in problems for p, r, _ in task.examples(q, "retune")]
     engine = Engine(Oracle(table), config)
     results = engine.run([task.root(q).text for q in problems])
@@ -496,3 +498,25 @@ def test_learning_curve_reads_each_step_count_and_finds_the_weakest_trained_cell
     assert rows == ["| after | 300 | [0] | 0.50 | 0.50 | 0.75 | 1.00 | 0.75 (carry-chain 6) |",
                     "| after | 1000 | [0] | 0.50 | 0.50 | 0.25 | 1.00 | 0.25 (carry-chain 6) |"]
     assert (tmp_path / "r300-curve.png").stat().st_size > 0
+
+
+def test_shifted_output_tags_train_every_letter_and_repeat_none_in_a_twice_as_long_output():
+    task = TASKS["addition-steps-hard-tags26-shifted-unequal"]
+    examples, output = trace(task.root(("706924", "293079", 24)))  # the units tagged y, then z, a, b, ...
+    assert examples[0][0] == "706924 + 293079\nSolution: "  # the question stays plain: the offset is not asked
+    assert examples[-1][0].endswith("Return: 0+9+1=10. Carry 1, Output c0b0a0z0y3\nAnswer: ")  # a sub-call keeps it
+    assert output == "7+2+1=10. Carry 1, Output d0c0b0a0z0y3" and task.correct(output, ("706924", "293079"), "retune")
+    assert not task.correct("7+2+1=10. Carry 1, Output c0b0a0z0y3", ("706924", "293079"), "retune")  # a lost zero
+    trained = set()  # (letter, the letter written before it) in the outputs of 1-6-digit training steps
+    for length in range(1, 7):
+        for seed in range(40):
+            for _, response, _ in trace(task.root(task.sample_training(length, random.Random(seed))))[0]:
+                tags = [c for c in response.rpartition("Output ")[2] if c.isalpha()] if "Output " in response else []
+                trained |= set(zip(tags, tags[1:], strict=False))  # written from the highest place down
+    assert {after for after, _ in trained} == set("abcdefghijklmnopqrstuvwxyz")
+    assert trained == {(chr(97 + (ord(a) - 96) % 26), a) for a in "abcdefghijklmnopqrstuvwxyz"}  # always the next
+    for start in range(26):  # a 12-digit output tags each place with its own letter, whatever the offset
+        step = trace(task.root(("123456789012", "987654321098", start)))[1].rpartition("Output ")[2]
+        assert len({c for c in step if c.isalpha()}) == 12
+    with pytest.raises(ValueError, match="shift_tags"):
+        Addition(shift_tags=True)

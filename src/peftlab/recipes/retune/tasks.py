@@ -219,6 +219,13 @@ class Addition(Task):
       the 7-digit steps fail). At 1-6 digits those two cycles give the same training data: they differ only in
       what a longer output must look like. A cycle of 4 wraps inside the trained outputs, so training shows the
       wrap (measured: the only variant whose carry chains hold past the trained lengths).
+    - ``shift_tags`` (task ``addition-steps-hard-tags26-shifted-unequal``, with ``output_tags=26``) starts the output
+      tags at a random letter per problem (the problem's third element) and cycles through all 26: training on
+      1-6 digits then shows every letter and every letter after another, and a 12-place output repeats none, where a
+      cycle of 4 repeats each three times (the copy by tag that fails at 12 digits). The question stays plain
+      digits, so the base case's letter is the model's free choice; every later step prepends the letter after the
+      returned one. Step grading (``--step-accuracy``) compares text, so it counts another base-case letter as a
+      wrong step.
     """
 
     name = "addition"
@@ -227,13 +234,15 @@ class Addition(Task):
 
     def __init__(self, show_digit_sum: bool = False, index_hints: bool = False, shift_hints: bool = False,
                  train_runs: float = 0.0, train_hard: float = 0.0, output_tags: int = 0,
-                 train_unequal: float = 0.0, zero_fill: bool = True) -> None:
+                 train_unequal: float = 0.0, zero_fill: bool = True, shift_tags: bool = False) -> None:
         self.show_digit_sum, self.shift_hints, self.train_runs = show_digit_sum, shift_hints, train_runs
         self.train_hard, self.output_tags, self.train_unequal = train_hard, output_tags, train_unequal
-        self.zero_fill = zero_fill
+        self.zero_fill, self.shift_tags = zero_fill, shift_tags
         self.index_hints = index_hints or shift_hints
         if output_tags and self.index_hints:
             raise ValueError("output_tags tags the outputs only; index_hints already tags every number")
+        if output_tags > len(PLACES) or (shift_tags and not output_tags):
+            raise ValueError(f"output_tags cycles through at most {len(PLACES)} letters, and shift_tags shifts them")
         variants = [(suffix, text) for on, suffix, text in (
             (show_digit_sum, "-steps", ", each step writing its one-digit sum (x+y+carry=s) first"),
             (self.index_hints, "-hints", ", every digit tagged with its place (c7b3a1 = 731)"),
@@ -241,6 +250,7 @@ class Addition(Task):
             (train_runs, "-runs", f", trained on operands that repeat a digit with probability {train_runs}"),
             (train_hard, "-hard", f", {train_hard:.0%} of training operands from the families hard to copy"),
             (output_tags, f"-tags{output_tags}", f", output digits tagged with letters cycling every {output_tags}"),
+            (shift_tags, "-shifted", " from a random letter"),
             (train_unequal, "-unequal", f", {train_unequal:.0%} of training problems with a shorter operand"),
             (not zero_fill, "-unpadded", ", a shorter operand not zero-filled: the longer one recurses alone"))
             if on]
@@ -261,7 +271,7 @@ class Addition(Task):
         """An answer's digits as the model writes them: cyclically tagged with ``output_tags``, else as ``_show``."""
         if not self.output_tags:
             return self._show(digits, start)
-        return "".join(PLACES[(len(digits) - 1 - i) % self.output_tags] + d for i, d in enumerate(digits))
+        return "".join(PLACES[(start + len(digits) - 1 - i) % self.output_tags] + d for i, d in enumerate(digits))
 
     def _step(self, x: str, y: str | None, carry: int, output: str, start: int) -> tuple[int, str, str]:
         """(carry out, the step's text, its output digits) of adding digits x and y in front of ``output``; y None:
@@ -275,6 +285,8 @@ class Addition(Task):
                family: str = "uniform") -> tuple[Any, ...]:
         a, b = (_digits(length, rng, runs), _digits(length, rng, runs)) if family == "uniform" else \
             operands(length, rng, family)
+        if self.shift_tags:
+            return a, b, rng.randrange(self.output_tags)
         return (a, b, rng.randint(0, len(PLACES) - length - 1)) if self.shift_hints else (a, b)
 
     def sample_training(self, length: int, rng: random.Random) -> tuple[Any, ...]:
@@ -556,6 +568,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Addition(show_digit_sum=True, train_hard=0.3, train_unequal=0.3),
     Addition(show_digit_sum=True, zero_fill=False), Addition(show_digit_sum=True, train_unequal=0.3, zero_fill=False),
     Addition(show_digit_sum=True, output_tags=6), Addition(show_digit_sum=True, output_tags=7),
+    Addition(show_digit_sum=True, output_tags=26, shift_tags=True, train_hard=0.3, train_unequal=0.3),
     Parity(), Parity(show_sum=True), MaxSumNonAdjacent(), MaxSumNonAdjacent(show_steps=True))}
 
 
