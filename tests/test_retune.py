@@ -473,11 +473,10 @@ def test_the_evaluation_counts_engine_failures_by_kind():
     assert result["failure_per_problem"] == ["cycle"] * 5
 
 
-def test_learning_curve_reads_each_step_count_and_finds_the_weakest_trained_cell(tmp_path, capsys):
-    import sys
+def test_learning_curve_reads_each_step_count_and_finds_the_weakest_trained_cell(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))  # undone after the test
     from retune_unequal import learning_curve
 
     def result(steps: int, carry6: float) -> dict:
