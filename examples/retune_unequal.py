@@ -109,9 +109,7 @@ def evaluate_module(arm: str, module: Path, args, cache: Path) -> dict:
             drawn, problems = f"{m}+{shorter}", cell_problems(m, shorter, args.n, args.eval_seed)
         else:
             problems = problems_for(task_name, int(sub), args.n, args.eval_seed, key)
-        asked = "equal lengths" if all(len(a) == len(b) for a, b in problems) else \
-            "zero-filled" if task.zero_fill else "as written"
-        entry = f"{part}/{drawn}/{sub}/{asked}"
+        entry = f"{part}/{drawn}/{sub}/{asked_as(task, problems)}"
         if entry not in done:
             if generator is None:
                 loaded = load_for_inference(module, args.model)
@@ -122,6 +120,13 @@ def evaluate_module(arm: str, module: Path, args, cache: Path) -> dict:
             print(f"{arm} {module}: {entry}: {done[entry]['accuracy']:.2f}", flush=True)
         out.setdefault(part, {}).setdefault(key, {})[sub] = done[entry]
     return out
+
+
+def asked_as(task, problems: list[tuple]) -> str:
+    """How the root asks these problems (a cache key's last part); a problem may carry its tag offset third."""
+    if all(len(a) == len(b) for a, b, *_ in problems):
+        return "equal lengths"
+    return "zero-filled" if task.zero_fill else "as written"
 
 
 def seeds_of(arm: str, args) -> list[int]:

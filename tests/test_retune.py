@@ -499,6 +499,19 @@ def test_learning_curve_reads_each_step_count_and_finds_the_weakest_trained_cell
     assert (tmp_path / "r300-curve.png").stat().st_size > 0
 
 
+def test_the_unequal_experiment_keys_problems_by_how_the_root_asks_them(monkeypatch):
+    """Shifted-tag problems carry their offset third (the arm's evaluation once crashed unpacking them)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
+    from retune_unequal import asked_as
+
+    shifted = TASKS["addition-steps-hard-tags26-shifted-unequal"]
+    assert asked_as(shifted, [("12", "34", 5), ("999", "111", 0)]) == "equal lengths"
+    assert asked_as(shifted, [("12", "34", 5), ("999", "1", 0)]) == "zero-filled"
+    assert asked_as(TASKS["addition-steps-unequal-unpadded"], [("12", "3")]) == "as written"
+
+
 def test_shifted_output_tags_train_every_letter_and_repeat_none_in_a_twice_as_long_output():
     task = TASKS["addition-steps-hard-tags26-shifted-unequal"]
     examples, output = trace(task.root(("706924", "293079", 24)))  # the units tagged y, then z, a, b, ...
