@@ -262,8 +262,8 @@ CURVE = (("uniform", "12"), ("unequal", "12"), ("carry-chain", "6"), ("equal-run
 
 def learning_curve(paths: list[Path]) -> None:
     """Each arm of each result on the 2x goal's cells, the weak trained-length cells and the weakest cell of all
-    at the trained lengths, by step count: a markdown table, and a PNG beside the first result of the arms
-    trained for the most steps."""
+    at the trained lengths, by step count (from the result with the most seeds): a markdown table, and a PNG
+    beside the first result of the arms trained for the most steps."""
     from peftlab.report import plot
 
     rows = []  # (arm, steps, seeds, {column: figure})
@@ -279,7 +279,10 @@ def learning_curve(paths: list[Path]) -> None:
             family, n = min(trained, key=lambda cell: families[cell[0]][cell[1]]["mean"])
             figures["weakest trained"] = {**families[family][n], "cell": f"{family} {n}"}
             rows.append((arm, result["steps"], families[family][n]["seeds"], figures))
-    rows.sort(key=lambda row: (list(ARMS).index(row[0]), row[1]))
+    most_seeds = {}  # an arm at one step count in several results (one seed first, then all): the most seeds
+    for row in sorted(rows, key=lambda row: len(row[2])):
+        most_seeds[row[0], row[1]] = row
+    rows = sorted(most_seeds.values(), key=lambda row: (list(ARMS).index(row[0]), row[1]))
     columns = [*(f"{family} {n}" for family, n in CURVE), "weakest trained"]
     print("| arm | steps | seeds | " + " | ".join(columns) + " |")
     print("| --- | ---: | --- |" + " ---: |" * len(columns))

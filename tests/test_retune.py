@@ -479,9 +479,9 @@ def test_learning_curve_reads_each_step_count_and_finds_the_weakest_trained_cell
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))  # undone after the test
     from retune_unequal import learning_curve
 
-    def result(steps: int, carry6: float) -> dict:
+    def result(steps: int, carry6: float, seeds: list[int]) -> dict:
         def figure(mean):
-            return {"mean": mean, "std": 0.0, "seeds": [0], "per_seed": [mean]}
+            return {"mean": mean, "std": 0.0, "seeds": seeds, "per_seed": [mean] * len(seeds)}
         families = {f: {str(n): figure(1.0) for n in range(1, 7)} for f in ("uniform", "carry-chain", "equal-runs",
                                                                          "unequal")}
         families["carry-chain"]["6"] = figure(carry6)
@@ -489,13 +489,15 @@ def test_learning_curve_reads_each_step_count_and_finds_the_weakest_trained_cell
         return {"steps": steps, "train_lengths": "1-6", "summary": {"after": {"families": families}}}
 
     paths = []
-    for steps, carry6 in ((300, 0.75), (1000, 0.25)):
-        paths.append(tmp_path / f"r{steps}.json")
-        paths[-1].write_text(json.dumps(result(steps, carry6)))
+    for name, steps, carry6, seeds in (("r300", 300, 0.75, [0]), ("r1000-all", 1000, 0.25, [0, 1]),
+                                       ("r1000-first", 1000, 0.5, [0])):  # the 3-seed result replaces seed 0's
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(result(steps, carry6, seeds)))
     learning_curve(paths)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| after")]
     assert rows == ["| after | 300 | [0] | 0.50 | 0.50 | 0.75 | 1.00 | 0.75 (carry-chain 6) |",
-                    "| after | 1000 | [0] | 0.50 | 0.50 | 0.25 | 1.00 | 0.25 (carry-chain 6) |"]
+                    "| after | 1000 | [0, 1] | 0.50 ± 0.00 | 0.50 ± 0.00 | 0.25 ± 0.00 | 1.00 ± 0.00 | 0.25 ± 0.00 "
+                    "(carry-chain 6) |"]
     assert (tmp_path / "r300-curve.png").stat().st_size > 0
 
 
