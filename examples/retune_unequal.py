@@ -170,7 +170,12 @@ def main() -> None:
     parser.add_argument("--curve", nargs="+", metavar="RESULT",
                         help="print the learning curve of these results (one per step count) as markdown and "
                              "plot it beside the first, no runs")
+    parser.add_argument("--by-shorter", nargs="+", metavar="REPORT",
+                        help="right answers by the shorter operand's length in these `peftlab retune eval --family "
+                             "unequal` reports, as markdown, no runs")
     args = parser.parse_args()
+    if args.by_shorter:
+        return by_shorter([Path(p) for p in args.by_shorter])
     if args.tables:
         return print_tables(json.loads(Path(args.result).read_text()))
     if args.curve:
@@ -258,6 +263,30 @@ def print_tables(result: dict) -> None:
 
 
 CURVE = (("uniform", "12"), ("unequal", "12"), ("carry-chain", "6"), ("equal-runs", "6"))  # the weak cells
+
+
+SHORTER_BANDS = ((1, 4), (5, 8), (9, 11))  # at 12 digits: 8-11, 4-7 and 1-3 leading zeros filled in
+
+
+def by_shorter(paths: list[Path]) -> None:
+    """Right answers of each unequal-family report's longest length, by the shorter operand's length: how many
+    leading zeros the root fills in, the copy that fails."""
+    from peftlab.recipes.retune.evaluate import problems_for
+
+    print("| report | " + " | ".join(f"shorter {low}-{high}" for low, high in SHORTER_BANDS) + " |")
+    print("| --- |" + " ---: |" * len(SHORTER_BANDS))
+    for path in paths:
+        report = json.loads(path.read_text())
+        (label, run), = report["runs"].items()
+        length = max(run["lengths"], key=int)
+        problems = problems_for(report["task"], int(length), report["n"], report["seed"], report["family"])
+        kinds = run["lengths"][length]["failure_per_problem"]
+        cells = []
+        for low, high in SHORTER_BANDS:
+            band = [kind for problem, kind in zip(problems, kinds, strict=True)
+                    if low <= min(len(problem[0]), len(problem[1])) <= high]
+            cells.append(f"{band.count(None)}/{len(band)}")
+        print(f"| {label} at {length} | " + " | ".join(cells) + " |")
 
 
 def learning_curve(paths: list[Path]) -> None:

@@ -514,6 +514,26 @@ def test_the_unequal_experiment_keys_problems_by_how_the_root_asks_them(monkeypa
     assert asked_as(TASKS["addition-steps-unequal-unpadded"], [("12", "3")]) == "as written"
 
 
+def test_right_answers_are_counted_by_the_shorter_operands_length(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from peftlab.recipes.retune.evaluate import problems_for
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
+    from retune_unequal import by_shorter
+
+    problems = problems_for("addition-steps-unequal", 12, 20, 3, "unequal")
+    kinds = [None if min(len(a), len(b)) > 4 else "cycle" for a, b in problems]  # fail every long zero run
+    report = {"task": "addition-steps-unequal", "n": 20, "seed": 3, "family": "unequal",
+              "runs": {"retune (m)": {"lengths": {"2": {}, "12": {"failure_per_problem": kinds}}}}}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    by_shorter([tmp_path / "r.json"])
+    counts = [sum(low <= min(len(a), len(b)) <= high for a, b in problems) for low, high in ((1, 4), (5, 8), (9, 11))]
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row == f"| retune (m) at 12 | 0/{counts[0]} | {counts[1]}/{counts[1]} | {counts[2]}/{counts[2]} |"
+    assert counts[0] and counts[1]  # the draw has both kinds
+
+
 def test_shifted_output_tags_train_every_letter_and_repeat_none_in_a_twice_as_long_output():
     task = TASKS["addition-steps-hard-tags26-shifted-unequal"]
     examples, output = trace(task.root(("706924", "293079", 24)))  # the units tagged y, then z, a, b, ...
