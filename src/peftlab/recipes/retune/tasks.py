@@ -225,7 +225,8 @@ class Addition(Task):
       cycle of 4 repeats each three times (the copy by tag that fails at 12 digits). The question stays plain
       digits, so the base case's letter is the model's free choice; every later step prepends the letter after the
       returned one. Step grading (``--step-accuracy``) compares text, so it counts another base-case letter as a
-      wrong step.
+      wrong step. Measured (one seed, 1,000 steps): 1.00 on 12-digit uniform sums, 0.80 on unequal ones, whose
+      misses all zero-fill a 1-4-digit operand (the operands' zero runs are not tagged).
     """
 
     name = "addition"
