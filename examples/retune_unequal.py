@@ -21,7 +21,9 @@ Arms (``ARMS``), each a trained task and the task whose root asks it:
   carry chains, which neither the fix nor more steps of it hold at 5-6 digits;
 - ``shifted-tags``: ``hard`` with its output digits tagged by all 26 letters from a random one per problem
   (``addition-steps-hard-tags26-shifted-unequal``): every letter trained at 1-6 digits and none repeated in a
-  12-place output, for the long copies ``tags`` gets wrong at 12 digits.
+  12-place output, for the long copies ``tags`` gets wrong at 12 digits;
+- ``shifted-tags-unpadded``: ``shifted-tags`` without zero filling (``...-unequal-unpadded``): its 12-digit misses
+  all zero-fill a 1-4-digit operand, a run of filled-in zeros longer than any trained.
 Modules are trained as examples/retune.yaml says (``retune_experiment.train_method``: kept in --runs, resumed) and
 evaluated through the engine, greedy:
 - the cells of the issue's table: a longer operand of m digits and a shorter of k (its side random), against two
@@ -55,8 +57,11 @@ ARMS = {"before": ("addition-steps", "addition-steps", ("cells", "families")),
         "tags": ("addition-steps-tags4-unequal", "addition-steps-tags4-unequal", ("cells", "families")),
         "hard": ("addition-steps-hard-unequal", "addition-steps-hard-unequal", ("cells", "families")),
         "shifted-tags": ("addition-steps-hard-tags26-shifted-unequal", "addition-steps-hard-tags26-shifted-unequal",
-                         ("cells", "families"))}
-NEW_RECIPES = ("after", "tags", "hard", "shifted-tags")  # trained at --seeds; before at --seeds-before
+                         ("cells", "families")),
+        "shifted-tags-unpadded": ("addition-steps-hard-tags26-shifted-unequal-unpadded",
+                                  "addition-steps-hard-tags26-shifted-unequal-unpadded", ("cells", "families"))}
+# trained at --seeds; before at --seeds-before
+NEW_RECIPES = ("after", "tags", "hard", "shifted-tags", "shifted-tags-unpadded")
 DIAGNOSTICS = ("recursion", "unpadded")  # the first of --seeds-before only
 LONG_FAMILIES = ("uniform", "unequal")  # asked at twice the longest trained length too
 

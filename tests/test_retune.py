@@ -514,6 +514,15 @@ def test_the_unequal_experiment_keys_problems_by_how_the_root_asks_them(monkeypa
     assert asked_as(TASKS["addition-steps-unequal-unpadded"], [("12", "3")]) == "as written"
 
 
+def test_shifted_tags_unpadded_calls_no_filled_in_zeros_and_keeps_its_tags():
+    task = TASKS["addition-steps-hard-tags26-shifted-unequal-unpadded"]
+    examples, output = trace(task.root(("613807", "27", 24)))
+    calls = [response.strip() for _, response, _ in examples if response.startswith("Call: ")]
+    assert calls[:4] == ["Call: 13807 + 27", "Call: 3807 + 27", "Call: 807 + 27", "Call: 07 + 27"]
+    assert output == "6+0=6. Carry 0, Output d6c1b3a8z3y4" and task.correct(output, ("613807", "27"), "retune")
+    assert not task.correct("6+0=6. Carry 0, Output c1b3a8z3y4", ("613807", "27"), "retune")
+
+
 def test_right_answers_are_counted_by_the_shorter_operands_length(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 

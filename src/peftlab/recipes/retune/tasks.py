@@ -226,7 +226,8 @@ class Addition(Task):
       digits, so the base case's letter is the model's free choice; every later step prepends the letter after the
       returned one. Step grading (``--step-accuracy``) compares text, so it counts another base-case letter as a
       wrong step. Measured (one seed, 1,000 steps): 1.00 on 12-digit uniform sums, 0.80 on unequal ones, whose
-      misses all zero-fill a 1-4-digit operand (the operands' zero runs are not tagged).
+      misses all zero-fill a 1-4-digit operand (the operands' zero runs are not tagged). Unpadded too (task
+      ``addition-steps-hard-tags26-shifted-unequal-unpadded``), no call copies a run of filled-in zeros.
     """
 
     name = "addition"
@@ -570,6 +571,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Addition(show_digit_sum=True, zero_fill=False), Addition(show_digit_sum=True, train_unequal=0.3, zero_fill=False),
     Addition(show_digit_sum=True, output_tags=6), Addition(show_digit_sum=True, output_tags=7),
     Addition(show_digit_sum=True, output_tags=26, shift_tags=True, train_hard=0.3, train_unequal=0.3),
+    Addition(show_digit_sum=True, output_tags=26, shift_tags=True, train_hard=0.3, train_unequal=0.3, zero_fill=False),
     Parity(), Parity(show_sum=True), MaxSumNonAdjacent(), MaxSumNonAdjacent(show_steps=True))}
 
 
