@@ -473,11 +473,18 @@ def test_the_evaluation_counts_engine_failures_by_kind():
     assert result["failure_per_problem"] == ["cycle"] * 5
 
 
-def test_learning_curve_reads_each_step_count_and_finds_the_weakest_trained_cell(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def unequal_script(monkeypatch):
+    """examples/retune_unequal.py as a module (examples/ on sys.path for this test only)."""
+    import importlib
     from pathlib import Path
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))  # undone after the test
-    from retune_unequal import learning_curve
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
+    return importlib.import_module("retune_unequal")
+
+
+def test_learning_curve_reads_each_step_count_and_finds_the_weakest_trained_cell(tmp_path, capsys, unequal_script):
+    learning_curve = unequal_script.learning_curve
 
     def result(steps: int, carry6: float, seeds: list[int]) -> dict:
         def figure(mean):
@@ -501,12 +508,9 @@ def test_learning_curve_reads_each_step_count_and_finds_the_weakest_trained_cell
     assert (tmp_path / "r300-curve.png").stat().st_size > 0
 
 
-def test_the_unequal_experiment_keys_problems_by_how_the_root_asks_them(monkeypatch):
+def test_the_unequal_experiment_keys_problems_by_how_the_root_asks_them(unequal_script):
     """Shifted-tag problems carry their offset third (the arm's evaluation once crashed unpacking them)."""
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
-    from retune_unequal import asked_as
+    asked_as = unequal_script.asked_as
 
     shifted = TASKS["addition-steps-hard-tags26-shifted-unequal"]
     assert asked_as(shifted, [("12", "34", 5), ("999", "111", 0)]) == "equal lengths"
@@ -523,13 +527,10 @@ def test_shifted_tags_unpadded_calls_no_filled_in_zeros_and_keeps_its_tags():
     assert not task.correct("6+0=6. Carry 0, Output c1b3a8z3y4", ("613807", "27"), "retune")
 
 
-def test_right_answers_are_counted_by_the_shorter_operands_length(tmp_path, capsys, monkeypatch):
-    from pathlib import Path
-
+def test_right_answers_are_counted_by_the_shorter_operands_length(tmp_path, capsys, unequal_script):
     from peftlab.recipes.retune.evaluate import problems_for
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
-    from retune_unequal import by_shorter
+    by_shorter = unequal_script.by_shorter
 
     problems = problems_for("addition-steps-unequal", 12, 20, 3, "unequal")
     kinds = [None if min(len(a), len(b)) > 4 else "cycle" for a, b in problems]  # fail every long zero run
