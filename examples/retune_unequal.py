@@ -4,6 +4,7 @@ families, and the 2x-length goal (issue 34; docs/experiments/retune.md).
     python examples/retune_unequal.py                                  # every arm (hours on a CPU)
     python examples/retune_unequal.py --arms after --seeds 0           # the new recipe, one seed
     python examples/retune_unequal.py --steps 2 --n 4 --seeds 0 --seeds-before 0 --model TINY_DIR --runs /tmp/r
+    python examples/retune_unequal.py --merge S0.json S1.json --result ALL.json  # seeds run apart, as one result
 
 Arms (``ARMS``), each a trained task and the task whose root asks it:
 - ``before``: the README's recipe (``addition-steps``, trained on equal lengths only), its shorter operand
@@ -33,7 +34,8 @@ evaluated through the engine, greedy:
 Every cell records its accuracy, n and failures by kind. The new recipes (``NEW_RECIPES``) run --seeds (0-2),
 ``before`` 0-1 (the fix's cost needs two), the diagnostics the first of those. Seeds run one after another across
 the arms, and --result is rewritten after each module with the seeds finished so far; a stopped run resumes from
-the per-module files.
+the per-module files. Seeds trained apart (other sessions, other machines) join with --merge, which checks that
+their results come from one experiment (the same steps, data, model and evaluation problems).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -154,7 +157,7 @@ def summarise(per_module: dict, args) -> dict:
     return summary
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -178,13 +181,22 @@ def main() -> None:
     parser.add_argument("--by-shorter", nargs="+", metavar="REPORT",
                         help="right answers by the shorter operand's length in these `peftlab retune eval --family "
                              "unequal` reports, as markdown, no runs")
-    args = parser.parse_args()
+    parser.add_argument("--merge", nargs="+", metavar="RESULT",
+                        help="write --result from these results of one experiment, run apart (their seeds side by "
+                             "side, summarised again), no runs")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.by_shorter:
         return by_shorter([Path(p) for p in args.by_shorter])
     if args.tables:
         return print_tables(json.loads(Path(args.result).read_text()))
     if args.curve:
         return learning_curve([Path(p) for p in args.curve])
+    if args.merge:
+        return merge([Path(p) for p in args.merge], Path(args.result))
     args.lengths = [*range(1, args.train_max + 1), 2 * args.train_max]
     args.repeat, args.share = None, {}  # retune_experiment's data options, at their defaults
     from peftlab.report import write_json
@@ -198,15 +210,51 @@ def main() -> None:
             run = Path(args.runs) / f"{ARMS[arm][0]}-seed{seed}"
             module = train_method(ARMS[arm][0], "retune", run, args)
             per_module[arm, seed] = evaluate_module(arm, module, args, run / f"eval-n{args.n}.json")
-            write_json(args.result, {
-                "command": " ".join(["python examples/retune_unequal.py", *sys.argv[1:]]),
-                "arms": {a: {"task": ARMS[a][0], "asked_by": ARMS[a][1], "asked": ARMS[a][2]} for a in args.arms},
-                "seeds": {a: seeds_of(a, args) for a in args.arms},
-                "steps": args.steps, "n": args.n, "train_lengths": f"1-{args.train_max}",
-                "eval_lengths": args.lengths, "long_families": list(LONG_FAMILIES),
-                "summary": summarise(per_module, args),
-                "per_seed": {f"{a} seed {s}": v for (a, s), v in per_module.items()}})
+            write_json(args.result, experiment_result(per_module, args, sys.argv[1:]))
     print(f"wrote {args.result}")
+
+
+def experiment_result(per_module: dict, args, argv: list[str]) -> dict:
+    """The result file: how it was run, each arm's seeds summarised, and each module's cells."""
+    return {"command": shlex.join(["python", "examples/retune_unequal.py", *argv]),
+            "arms": {a: {"task": ARMS[a][0], "asked_by": ARMS[a][1], "asked": ARMS[a][2]} for a in args.arms},
+            "seeds": {a: seeds_of(a, args) for a in args.arms},
+            "steps": args.steps, "n": args.n, "train_lengths": f"1-{args.train_max}",
+            "eval_lengths": args.lengths, "long_families": list(LONG_FAMILIES),
+            "summary": summarise(per_module, args),
+            "per_seed": {f"{a} seed {s}": v for (a, s), v in per_module.items()}}
+
+
+SAME_EXPERIMENT = ("steps", "per_length", "train_max", "n", "eval_seed", "model", "config")  # options of --merge's runs
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """Write ``out`` from results of one experiment run apart: each result's command is parsed again, and its
+    options that decide the modules and the problems (``SAME_EXPERIMENT``) must match the first's."""
+    from peftlab.report import write_json
+
+    per_module, commands, first = {}, [], None
+    for path in paths:
+        result = json.loads(path.read_text())
+        args = build_parser().parse_args(shlex.split(result["command"])[2:])
+        options = {name: getattr(args, name) for name in SAME_EXPERIMENT}
+        first = first or (path, options)
+        differ = [f"{name} {options[name]} (not {first[1][name]})" for name in SAME_EXPERIMENT
+                  if options[name] != first[1][name]]
+        if differ:
+            raise SystemExit(f"{path}: not the experiment of {first[0]}: its {', '.join(differ)}")
+        for label, module in result["per_seed"].items():
+            if arm_and_seed(label) in per_module:
+                raise SystemExit(f"{path}: {label} is in an earlier result too; merge each seed once")
+            per_module[arm_and_seed(label)] = module
+        commands.append(result["command"])
+    args.arms = [a for a in ARMS if any(arm == a for arm, _ in per_module)]
+    args.seeds = sorted({s for a, s in per_module if a in NEW_RECIPES})
+    args.seeds_before = sorted({s for a, s in per_module if a not in NEW_RECIPES})
+    args.lengths = [*range(1, args.train_max + 1), 2 * args.train_max]
+    argv = ["--merge", *map(str, paths), "--result", str(out)]
+    write_json(out, {**experiment_result(per_module, args, argv), "merged": commands})
+    print(f"wrote {out}: {', '.join(f'{a} seed {s}' for a, s in sorted(per_module))}")
 
 
 FIRST_CELLS = {f"{m}+{k}" for m, k in {m: (m, k) for m, k in reversed(CELLS)}.values()}  # each m's first cell

@@ -518,6 +518,27 @@ def test_the_unequal_experiment_keys_problems_by_how_the_root_asks_them(unequal_
     assert asked_as(TASKS["addition-steps-unequal-unpadded"], [("12", "3")]) == "as written"
 
 
+def test_merged_seeds_are_summarised_again_and_only_from_one_experiment(tmp_path, unequal_script):
+    def result(name: str, seeds: list[int], extra: str = ""):
+        per_seed = {f"shifted-tags seed {s}": {"families": {"uniform": {"12": {"accuracy": s / 10}}}} for s in seeds}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"command": f"python examples/retune_unequal.py --arms shifted-tags --seeds "
+                                               f"{' '.join(map(str, seeds))} --steps 1000{extra}",
+                                    "per_seed": per_seed}))
+        return path
+
+    out = tmp_path / "all.json"
+    unequal_script.merge([result("s0", [0]), result("s12", [1, 2])], out)
+    merged = json.loads(out.read_text())
+    figure = merged["summary"]["shifted-tags"]["families"]["uniform"]["12"]
+    assert figure["seeds"] == [0, 1, 2] and figure["per_seed"] == [0.0, 0.1, 0.2]
+    assert merged["steps"] == 1000 and merged["seeds"] == {"shifted-tags": [0, 1, 2]} and len(merged["merged"]) == 2
+    with pytest.raises(SystemExit, match=r"s3\.json: not the experiment of .*s0\.json: its steps 300 \(not 1000\)"):
+        unequal_script.merge([result("s0", [0]), result("s3", [3], " --steps 300")], out)
+    with pytest.raises(SystemExit, match=r"again\.json: shifted-tags seed 0 is in an earlier result too"):
+        unequal_script.merge([result("s0", [0]), result("again", [0, 1])], out)
+
+
 def test_shifted_tags_unpadded_calls_no_filled_in_zeros_and_keeps_its_tags():
     task = TASKS["addition-steps-hard-tags26-shifted-unequal-unpadded"]
     examples, output = trace(task.root(("613807", "27", 24)))
