@@ -197,7 +197,7 @@ def main() -> None:
         return learning_curve([Path(p) for p in args.curve])
     if args.merge:
         return merge([Path(p) for p in args.merge], Path(args.result))
-    args.lengths = [*range(1, args.train_max + 1), 2 * args.train_max]
+    args.lengths = eval_lengths(args.train_max)
     args.repeat, args.share = None, {}  # retune_experiment's data options, at their defaults
     from peftlab.report import write_json
 
@@ -212,6 +212,11 @@ def main() -> None:
             per_module[arm, seed] = evaluate_module(arm, module, args, run / f"eval-n{args.n}.json")
             write_json(args.result, experiment_result(per_module, args, sys.argv[1:]))
     print(f"wrote {args.result}")
+
+
+def eval_lengths(train_max: int) -> list[int]:
+    """Every trained length, and twice the longest (the 2x goal)."""
+    return [*range(1, train_max + 1), 2 * train_max]
 
 
 def experiment_result(per_module: dict, args, argv: list[str]) -> dict:
@@ -233,25 +238,25 @@ def merge(paths: list[Path], out: Path) -> None:
     options that decide the modules and the problems (``SAME_EXPERIMENT``) must match the first's."""
     from peftlab.report import write_json
 
-    per_module, commands, first = {}, [], None
+    per_module, commands, first, args = {}, [], None, None
     for path in paths:
         result = json.loads(path.read_text())
-        args = build_parser().parse_args(shlex.split(result["command"])[2:])
-        options = {name: getattr(args, name) for name in SAME_EXPERIMENT}
-        first = first or (path, options)
-        differ = [f"{name} {options[name]} (not {first[1][name]})" for name in SAME_EXPERIMENT
-                  if options[name] != first[1][name]]
+        options = build_parser().parse_args(shlex.split(result["command"])[2:])
+        first, args = first or path, args or options  # the first result's options are the merged file's
+        differ = [f"{name} {getattr(options, name)} (not {getattr(args, name)})" for name in SAME_EXPERIMENT
+                  if getattr(options, name) != getattr(args, name)]
         if differ:
-            raise SystemExit(f"{path}: not the experiment of {first[0]}: its {', '.join(differ)}")
+            raise SystemExit(f"{path}: not the experiment of {first}: its {', '.join(differ)}")
         for label, module in result["per_seed"].items():
-            if arm_and_seed(label) in per_module:
+            key = arm_and_seed(label)
+            if key in per_module:
                 raise SystemExit(f"{path}: {label} is in an earlier result too; merge each seed once")
-            per_module[arm_and_seed(label)] = module
+            per_module[key] = module
         commands.append(result["command"])
     args.arms = [a for a in ARMS if any(arm == a for arm, _ in per_module)]
     args.seeds = sorted({s for a, s in per_module if a in NEW_RECIPES})
     args.seeds_before = sorted({s for a, s in per_module if a not in NEW_RECIPES})
-    args.lengths = [*range(1, args.train_max + 1), 2 * args.train_max]
+    args.lengths = eval_lengths(args.train_max)
     argv = ["--merge", *map(str, paths), "--result", str(out)]
     write_json(out, {**experiment_result(per_module, args, argv), "merged": commands})
     print(f"wrote {out}: {', '.join(f'{a} seed {s}' for a, s in sorted(per_module))}")
